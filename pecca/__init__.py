@@ -1,0 +1,18 @@
+"""pecca: LLaMA-family language models on the CPU, with Cython kernels.
+
+    import pecca
+    m = pecca.load("stories260K")
+    print(m.generate("Once upon a time", max_tokens=64, temperature=0))
+"""
+__version__ = "0.1.0"
+
+from pecca.config import ModelConfig
+from pecca.errors import (ContextLengthError, InvalidArgumentError, ModelFormatError,
+                          ModelNotFoundError, PeccaError, TokenizerFormatError,
+                          TokenizerMismatchError, UnsupportedModelError)
+from pecca.llm import LLM, load
+from pecca.tokenizers import Tokenizer
+
+__all__ = ["load", "LLM", "ModelConfig", "Tokenizer", "PeccaError", "ModelFormatError",
+           "UnsupportedModelError", "TokenizerMismatchError", "TokenizerFormatError",
+           "ModelNotFoundError", "InvalidArgumentError", "ContextLengthError", "__version__"]

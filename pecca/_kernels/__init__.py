@@ -1,0 +1,24 @@
+"""pecca's compiled kernels (Cython + C, OpenMP).
+
+Modules: ``f32`` (matrix-vector product), ``ops`` (rmsnorm, softmax, RoPE, SwiGLU,
+attention), ``runtime`` (OpenMP and SIMD information).
+"""
+import os
+
+from pecca._kernels import f32, ops, runtime
+
+SIMD_PATHS = runtime.SIMD_NAMES
+
+
+def set_simd_path(name):
+    """Force a SIMD path ('portable', 'avx2', 'avx512'; capped at what the CPU has) or
+    None for the best one. Returns the path now in use."""
+    if name is None:
+        os.environ.pop("PECCA_SIMD", None)
+    else:
+        if name not in SIMD_PATHS:
+            raise ValueError(f"unknown SIMD path {name!r}; expected one of {SIMD_PATHS}")
+        os.environ["PECCA_SIMD"] = name
+    for module in (f32, ops):
+        module._reset_simd()
+    return runtime.reset_simd()

@@ -1,0 +1,54 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""f32 matrix-vector product.
+
+Notes
+-----
+By far the most time of a decode step is spent here (llama2.c says the same of its matmul).
+Rows are split into one contiguous block per thread (``schedule='static'``), each a multiple
+of 4 rows so the SIMD kernel's 4-row blocking stays intact; each thread streams its own slab
+of the weight matrix. Small products run serially: waking a thread team costs more than it
+saves below a few tens of thousands of multiply-adds.
+"""
+from cython.parallel cimport prange
+from pecca._kernels.kernels cimport pecca_simd_reset, matvec_f32_rows
+
+# below this many weights a product runs on one thread
+cdef long PARALLEL_MIN_WEIGHTS = 32768
+
+
+cdef void matvec_ptr(const float *w, const float *x, float *out, long rows, long n,
+                     int num_threads) noexcept nogil:
+    cdef long b, r0, r1, blocks4
+    cdef int nt = num_threads
+    if nt <= 1 or rows * n < PARALLEL_MIN_WEIGHTS or rows < 8 * nt:
+        matvec_f32_rows(w, x, out, n, 0, rows)
+        return
+    blocks4 = rows // 4
+    for b in prange(nt, schedule='static', num_threads=nt):
+        r0 = (blocks4 * b // nt) * 4
+        r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        matvec_f32_rows(w, x, out, n, r0, r1)
+
+
+def matvec(const float[:, ::1] w, const float[::1] x, float[::1] out, int num_threads=1):
+    """out = w @ x.
+
+    w : IN (rows, n) float32, C-contiguous (may be a read-only memmap)
+    x : IN (n,) float32
+    out : OUT (rows,) float32, must not alias x
+    """
+    cdef long rows = w.shape[0], n = w.shape[1]
+    if x.shape[0] != n or out.shape[0] != rows:
+        raise ValueError(f"matvec: w is {rows}x{n}, x has {x.shape[0]}, out has {out.shape[0]}")
+    if rows == 0:
+        return
+    if n == 0:
+        out[:] = 0
+        return
+    with nogil:
+        matvec_ptr(&w[0, 0], &x[0], &out[0], rows, n, num_threads)
+
+
+def _reset_simd():
+    """Re-read PECCA_SIMD in this module (each extension keeps its own choice)."""
+    pecca_simd_reset()

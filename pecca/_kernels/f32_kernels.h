@@ -1,0 +1,262 @@
+/* f32 kernels: dot product, matrix-vector product over a range of rows, attention for
+ * one head. Each comes in a portable version and AVX2+FMA / AVX-512 versions, picked by
+ * pecca_simd_level() (simd.h). The Cython callers split work across OpenMP threads; these
+ * functions are serial and touch only their own output rows.
+ *
+ * Summation order differs from a naive loop (several accumulators), so results match a
+ * float64 reference to ~1e-6 relative, not bit-for-bit.
+ */
+#ifndef PECCA_F32_KERNELS_H
+#define PECCA_F32_KERNELS_H
+
+#include <math.h>
+#include "simd.h"
+
+/* ---------------- portable ---------------- */
+
+static inline float dot_portable(const float *a, const float *b, long n) {
+    /* eight independent partial sums: lets the compiler vectorise with SSE2 without
+     * -ffast-math, and keeps the rounding independent of the vector width. */
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    long j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[j + k] * b[j + k];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+static void matvec_rows_portable(const float *w, const float *x, float *out,
+                                 long n, long r0, long r1) {
+    for (long i = r0; i < r1; i++) out[i] = dot_portable(w + i * n, x, n);
+}
+
+static void axpy_portable(float *y, float a, const float *x, long n) {
+    for (long j = 0; j < n; j++) y[j] += a * x[j];
+}
+
+#if PECCA_X86
+/* ---------------- AVX2 + FMA ---------------- */
+
+__attribute__((target("avx2,fma")))
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+__attribute__((target("avx2,fma")))
+static inline __m256i tail_mask256(long r) {
+    /* lanes 0..r-1 set, for r in [0, 8) */
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), idx);
+}
+
+__attribute__((target("avx2,fma")))
+static float dot_avx2(const float *a, const float *b, long n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    long j = 0;
+    for (; j + 16 <= n; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    for (; j + 8 <= n; j += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    if (j < n) {
+        __m256i m = tail_mask256(n - j);
+        s1 = _mm256_fmadd_ps(_mm256_maskload_ps(a + j, m), _mm256_maskload_ps(b + j, m), s1);
+    }
+    return hsum256(_mm256_add_ps(s0, s1));
+}
+
+/* Four rows at a time share each load of x; two accumulators per row hide FMA latency. */
+__attribute__((target("avx2,fma")))
+static void matvec_rows_avx2(const float *w, const float *x, float *out,
+                             long n, long r0, long r1) {
+    long i = r0;
+    long n16 = n & ~15L, n8 = n & ~7L;
+    __m256i m = tail_mask256(n - n8);
+    for (; i + 4 <= r1; i += 4) {
+        const float *w0 = w + i * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+        __m256 b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+        long j = 0;
+        for (; j < n16; j += 16) {
+            __m256 xa = _mm256_loadu_ps(x + j), xb = _mm256_loadu_ps(x + j + 8);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xa, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xa, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xa, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xa, a3);
+            b0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j + 8), xb, b0);
+            b1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j + 8), xb, b1);
+            b2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j + 8), xb, b2);
+            b3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j + 8), xb, b3);
+        }
+        for (; j < n8; j += 8) {
+            __m256 xa = _mm256_loadu_ps(x + j);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xa, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xa, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xa, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xa, a3);
+        }
+        if (j < n) {
+            __m256 xa = _mm256_maskload_ps(x + j, m);
+            b0 = _mm256_fmadd_ps(_mm256_maskload_ps(w0 + j, m), xa, b0);
+            b1 = _mm256_fmadd_ps(_mm256_maskload_ps(w1 + j, m), xa, b1);
+            b2 = _mm256_fmadd_ps(_mm256_maskload_ps(w2 + j, m), xa, b2);
+            b3 = _mm256_fmadd_ps(_mm256_maskload_ps(w3 + j, m), xa, b3);
+        }
+        out[i] = hsum256(_mm256_add_ps(a0, b0));
+        out[i + 1] = hsum256(_mm256_add_ps(a1, b1));
+        out[i + 2] = hsum256(_mm256_add_ps(a2, b2));
+        out[i + 3] = hsum256(_mm256_add_ps(a3, b3));
+    }
+    for (; i < r1; i++) out[i] = dot_avx2(w + i * n, x, n);
+}
+
+__attribute__((target("avx2,fma")))
+static void axpy_avx2(float *y, float a, const float *x, long n) {
+    __m256 va = _mm256_set1_ps(a);
+    long j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+    for (; j < n; j++) y[j] += a * x[j];
+}
+
+/* ---------------- AVX-512 ---------------- */
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static float dot_avx512(const float *a, const float *b, long n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    long j = 0;
+    for (; j + 32 <= n; j += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(b + j + 16), s1);
+    }
+    for (; j + 16 <= n; j += 16)
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
+    if (j < n) {
+        __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static void matvec_rows_avx512(const float *w, const float *x, float *out,
+                               long n, long r0, long r1) {
+    long i = r0;
+    long n32 = n & ~31L, n16 = n & ~15L;
+    __mmask16 m = (__mmask16)((1u << (n - n16)) - 1u);
+    for (; i + 4 <= r1; i += 4) {
+        const float *w0 = w + i * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        __m512 b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+        long j = 0;
+        for (; j < n32; j += 32) {
+            __m512 xa = _mm512_loadu_ps(x + j), xb = _mm512_loadu_ps(x + j + 16);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + j), xa, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + j), xa, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + j), xa, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + j), xa, a3);
+            b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + j + 16), xb, b0);
+            b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + j + 16), xb, b1);
+            b2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + j + 16), xb, b2);
+            b3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + j + 16), xb, b3);
+        }
+        for (; j < n16; j += 16) {
+            __m512 xa = _mm512_loadu_ps(x + j);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + j), xa, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + j), xa, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + j), xa, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + j), xa, a3);
+        }
+        if (j < n) {
+            __m512 xa = _mm512_maskz_loadu_ps(m, x + j);
+            b0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + j), xa, b0);
+            b1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + j), xa, b1);
+            b2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w2 + j), xa, b2);
+            b3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w3 + j), xa, b3);
+        }
+        out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+        out[i + 1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+        out[i + 2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+        out[i + 3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+    }
+    for (; i < r1; i++) out[i] = dot_avx512(w + i * n, x, n);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static void axpy_avx512(float *y, float a, const float *x, long n) {
+    __m512 va = _mm512_set1_ps(a);
+    long j = 0;
+    for (; j + 16 <= n; j += 16)
+        _mm512_storeu_ps(y + j, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + j), _mm512_loadu_ps(y + j)));
+    if (j < n) {
+        __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+        __m512 yv = _mm512_maskz_loadu_ps(m, y + j);
+        _mm512_mask_storeu_ps(y + j, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + j), yv));
+    }
+}
+#endif /* PECCA_X86 */
+
+/* ---------------- dispatch ---------------- */
+
+static float dot_f32(const float *a, const float *b, long n) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512) return dot_avx512(a, b, n);
+    if (level == PECCA_SIMD_AVX2) return dot_avx2(a, b, n);
+#endif
+    return dot_portable(a, b, n);
+}
+
+static void axpy_f32(float *y, float a, const float *x, long n) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512) { axpy_avx512(y, a, x, n); return; }
+    if (level == PECCA_SIMD_AVX2) { axpy_avx2(y, a, x, n); return; }
+#endif
+    axpy_portable(y, a, x, n);
+}
+
+/* out[r0:r1] = W[r0:r1, :] @ x, W row-major (rows, n). */
+static void matvec_f32_rows(const float *w, const float *x, float *out,
+                            long n, long r0, long r1) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512) { matvec_rows_avx512(w, x, out, n, r0, r1); return; }
+    if (level == PECCA_SIMD_AVX2) { matvec_rows_avx2(w, x, out, n, r0, r1); return; }
+#endif
+    matvec_rows_portable(w, x, out, n, r0, r1);
+}
+
+/* Causal attention of one query head over positions 0..pos of the cache.
+ * q: (head_size,), k/v: first row of this head's keys/values, rows `stride` floats apart,
+ * att: scratch (pos + 1,), out: (head_size,). */
+static void attention_head_f32(const float *q, const float *k, const float *v,
+                               float *att, float *out, long pos, long head_size,
+                               long stride, float scale) {
+    float maxv = -INFINITY;
+    for (long t = 0; t <= pos; t++) {
+        float s = dot_f32(q, k + t * stride, head_size) * scale;
+        att[t] = s;
+        if (s > maxv) maxv = s;
+    }
+    float sum = 0.0f;
+    for (long t = 0; t <= pos; t++) {
+        att[t] = expf(att[t] - maxv);
+        sum += att[t];
+    }
+    float inv = 1.0f / sum;
+    for (long i = 0; i < head_size; i++) out[i] = 0.0f;
+    for (long t = 0; t <= pos; t++) axpy_f32(out, att[t] * inv, v + t * stride, head_size);
+}
+
+#endif

@@ -1,0 +1,13 @@
+# Declarations of the C kernels in f32_kernels.h / simd.h, shared by the .pyx modules.
+cdef extern from "simd.h" nogil:
+    int pecca_simd_level() noexcept
+    int pecca_simd_supported() noexcept
+    void pecca_simd_reset() noexcept
+
+cdef extern from "f32_kernels.h" nogil:
+    float dot_f32(const float *a, const float *b, long n) noexcept
+    void matvec_f32_rows(const float *w, const float *x, float *out,
+                         long n, long r0, long r1) noexcept
+    void attention_head_f32(const float *q, const float *k, const float *v,
+                            float *att, float *out, long pos, long head_size,
+                            long stride, float scale) noexcept

@@ -1,0 +1,161 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The small ops of a transformer layer: rmsnorm, softmax, RoPE, SwiGLU, attention.
+
+Notes
+-----
+These touch a few thousand floats per call, so they run serially, except attention, which
+reads the whole KV cache of a layer and runs one head per iteration of a ``prange``.
+Formulas follow llama2.c's run.c (float32, ``expf``, ``powf``/``cosf``/``sinf`` for RoPE)
+so that pecca reproduces its tokens; softmax sums sequentially as run.c does, because
+sampling compares a random coin against cumulative probabilities.
+"""
+from cython.parallel cimport prange
+from libc.math cimport expf, powf, cosf, sinf, sqrt
+from pecca._kernels.kernels cimport pecca_simd_reset, attention_head_f32
+
+
+def rmsnorm(float[::1] out, const float[::1] x, const float[::1] weight, float eps):
+    """out = weight * x / sqrt(mean(x**2) + eps).
+
+    out : OUT (n,) float32 (may alias x)
+    x, weight : IN (n,) float32
+    """
+    cdef Py_ssize_t n = x.shape[0], i
+    if out.shape[0] != n or weight.shape[0] != n or n == 0:
+        raise ValueError("rmsnorm: out, x and weight must have the same non-zero length")
+    cdef double ss = 0.0
+    cdef float scale
+    with nogil:
+        for i in range(n):
+            ss += <double>x[i] * x[i]
+        scale = <float>(1.0 / sqrt(ss / n + eps))
+        for i in range(n):
+            out[i] = weight[i] * (scale * x[i])
+
+
+def softmax(float[::1] x):
+    """In place: x = exp(x - max) / sum. Sequential float32 sum, as run.c.
+
+    x : IN/OUT (n,) float32, n >= 1
+    """
+    cdef Py_ssize_t n = x.shape[0], i
+    if n == 0:
+        raise ValueError("softmax of an empty vector")
+    cdef float maxv = x[0], s = 0.0
+    with nogil:
+        for i in range(1, n):
+            if x[i] > maxv:
+                maxv = x[i]
+        for i in range(n):
+            x[i] = expf(x[i] - maxv)
+            s += x[i]
+        for i in range(n):
+            x[i] = x[i] / s
+
+
+def rope_table(int pos, int head_size, float theta, float[::1] cos_out, float[::1] sin_out):
+    """cos/sin of the RoPE angles at `pos`, one per pair in a head (run.c's formula).
+
+    cos_out, sin_out : OUT (head_size // 2,) float32
+    """
+    cdef int half = head_size // 2, i
+    cdef float freq, val, one = 1.0
+    if cos_out.shape[0] < half or sin_out.shape[0] < half:
+        raise ValueError("rope_table: output too short")
+    with nogil:
+        for i in range(half):
+            freq = one / powf(theta, <float>(2 * i) / <float>head_size)
+            val = pos * freq
+            cos_out[i] = cosf(val)
+            sin_out[i] = sinf(val)
+
+
+def rope(float[::1] vec, int head_size, const float[::1] cos_t, const float[::1] sin_t):
+    """Rotate each head of `vec` in place; pairs are adjacent (vec[2i], vec[2i+1]),
+    the layout of Meta's and llama2.c's checkpoints.
+
+    vec : IN/OUT (n_heads * head_size,) float32
+    cos_t, sin_t : IN (head_size // 2,) from rope_table
+    """
+    cdef Py_ssize_t n = vec.shape[0], h, i, j
+    cdef int half = head_size // 2
+    cdef float v0, v1, c, s
+    if head_size <= 0 or head_size % 2 or n % head_size or cos_t.shape[0] < half or sin_t.shape[0] < half:
+        raise ValueError("rope: bad head_size or table length")
+    with nogil:
+        for h in range(n // head_size):
+            i = h * head_size
+            for j in range(half):
+                c = cos_t[j]
+                s = sin_t[j]
+                v0 = vec[i + 2 * j]
+                v1 = vec[i + 2 * j + 1]
+                vec[i + 2 * j] = v0 * c - v1 * s
+                vec[i + 2 * j + 1] = v0 * s + v1 * c
+
+
+def swiglu(float[::1] h, const float[::1] g):
+    """In place: h = silu(h) * g.
+
+    h : IN/OUT (n,) float32 (the gate projection, w1 x)
+    g : IN (n,) float32 (the up projection, w3 x)
+    """
+    cdef Py_ssize_t n = h.shape[0], i
+    cdef float v, one = 1.0
+    if g.shape[0] != n:
+        raise ValueError("swiglu: length mismatch")
+    with nogil:
+        for i in range(n):
+            v = h[i]
+            v = v * (one / (one + expf(-v)))
+            h[i] = v * g[i]
+
+
+def add(float[::1] x, const float[::1] y):
+    """In place: x += y (the residual connection)."""
+    cdef Py_ssize_t n = x.shape[0], i
+    if y.shape[0] != n:
+        raise ValueError("add: length mismatch")
+    with nogil:
+        for i in range(n):
+            x[i] += y[i]
+
+
+def attention(float[::1] out, const float[::1] q, const float[:, ::1] k_cache,
+              const float[:, ::1] v_cache, float[:, ::1] att, int pos, int n_heads,
+              int n_kv_heads, int num_threads=1):
+    """Causal multi-head attention of one query over cache rows 0..pos.
+
+    out : OUT (n_heads * head_size,) float32
+    q : IN (n_heads * head_size,) float32, already rotated
+    k_cache, v_cache : IN (seq_len, n_kv_heads * head_size) float32, rows 0..pos filled
+    att : scratch (n_heads, >= pos + 1) float32
+    Query head h reads kv head h // (n_heads // n_kv_heads) (grouped-query attention).
+    """
+    cdef Py_ssize_t dim = q.shape[0], kv_dim = k_cache.shape[1]
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or dim % n_heads:
+        raise ValueError("attention: bad head counts")
+    cdef long head_size = dim // n_heads
+    if (out.shape[0] != dim or kv_dim != n_kv_heads * head_size or v_cache.shape[1] != kv_dim
+            or pos < 0 or pos >= k_cache.shape[0] or pos >= v_cache.shape[0]
+            or att.shape[0] < n_heads or att.shape[1] <= pos):
+        raise ValueError("attention: shapes disagree")
+    cdef int kv_mul = n_heads // n_kv_heads, h
+    cdef float scale = 1.0 / sqrt(head_size)
+    cdef const float *qp = &q[0]
+    cdef const float *kp = &k_cache[0, 0]
+    cdef const float *vp = &v_cache[0, 0]
+    cdef float *ap = &att[0, 0]
+    cdef float *op = &out[0]
+    cdef long att_stride = att.shape[1]
+    cdef int nt = num_threads if num_threads > 1 and (pos + 1) * dim >= 16384 else 1
+    with nogil:
+        for h in prange(n_heads, schedule='static', num_threads=nt):
+            attention_head_f32(qp + h * head_size, kp + (h // kv_mul) * head_size,
+                               vp + (h // kv_mul) * head_size, ap + h * att_stride,
+                               op + h * head_size, pos, head_size, kv_dim, scale)
+
+
+def _reset_simd():
+    """Re-read PECCA_SIMD in this module (each extension keeps its own choice)."""
+    pecca_simd_reset()

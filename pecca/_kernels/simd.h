@@ -1,0 +1,58 @@
+/* Run-time CPU feature detection for pecca's kernels.
+ *
+ * Kernels are compiled once for baseline x86-64 (no -march=native); the AVX2+FMA and
+ * AVX-512 variants live in functions marked with __attribute__((target(...))) and are
+ * chosen here, once, from the CPU's features. PECCA_SIMD=portable|avx2|avx512 forces a
+ * lower path (a request above what the CPU has is capped), so tests can cover each path.
+ */
+#ifndef PECCA_SIMD_H
+#define PECCA_SIMD_H
+
+#include <stdlib.h>
+#include <string.h>
+
+#define PECCA_SIMD_PORTABLE 0
+#define PECCA_SIMD_AVX2 1
+#define PECCA_SIMD_AVX512 2
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define PECCA_X86 1
+#include <immintrin.h>
+#else
+#define PECCA_X86 0
+#endif
+
+static int pecca_simd_supported(void) {
+#if PECCA_X86
+    __builtin_cpu_init();
+    /* AVX-512 path needs F (float ops, masks); BW/VL are used by later int8 kernels. */
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+        return PECCA_SIMD_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return PECCA_SIMD_AVX2;
+#endif
+    return PECCA_SIMD_PORTABLE;
+}
+
+static int pecca_simd_level_cached = -1;
+
+static int pecca_simd_level(void) {
+    if (pecca_simd_level_cached >= 0) return pecca_simd_level_cached;
+    int level = pecca_simd_supported();
+    const char *force = getenv("PECCA_SIMD");
+    if (force && *force) {
+        int want = level;
+        if (strcmp(force, "portable") == 0) want = PECCA_SIMD_PORTABLE;
+        else if (strcmp(force, "avx2") == 0) want = PECCA_SIMD_AVX2;
+        else if (strcmp(force, "avx512") == 0) want = PECCA_SIMD_AVX512;
+        if (want < level) level = want;
+    }
+    pecca_simd_level_cached = level;
+    return level;
+}
+
+/* Re-read PECCA_SIMD (tests switch paths inside one process). */
+static void pecca_simd_reset(void) { pecca_simd_level_cached = -1; }
+
+#endif

@@ -1,0 +1,34 @@
+"""The errors pecca raises. Every reader and command uses these; the CLI prints them as
+one line and exits non-zero. Messages name the file, the field and what was expected."""
+
+
+class PeccaError(Exception):
+    """Base class of every error pecca raises on purpose."""
+
+
+class ModelFormatError(PeccaError):
+    """A model file is malformed: wrong magic, truncated, sizes that disagree."""
+
+
+class UnsupportedModelError(PeccaError):
+    """A well-formed file of a kind or version pecca does not (yet) run."""
+
+
+class TokenizerMismatchError(PeccaError):
+    """The tokenizer does not fit the model (e.g. vocabulary sizes differ)."""
+
+
+class TokenizerFormatError(PeccaError):
+    """A tokenizer file is malformed or of an unknown kind."""
+
+
+class ModelNotFoundError(PeccaError):
+    """A model path or name could not be found locally nor downloaded."""
+
+
+class InvalidArgumentError(PeccaError, ValueError):
+    """A nonsense argument: negative temperature, top-p outside (0, 1], ..."""
+
+
+class ContextLengthError(InvalidArgumentError):
+    """The prompt does not fit the model's context window."""

@@ -1,0 +1,29 @@
+"""Model file readers. Each returns a LoadedModel: config, weights (views into a memmap),
+and facts about the file; all validation happens here, before any kernel sees the data."""
+import os
+from dataclasses import dataclass, field
+
+from pecca.config import ModelConfig
+from pecca.errors import ModelFormatError, ModelNotFoundError
+from pecca.weights import Weights
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: Weights
+    path: str
+    format: str  # e.g. "llama2c-v0"
+    file_size: int
+    extra: dict = field(default_factory=dict)
+
+
+def open_model(path: str) -> LoadedModel:
+    """Read the model file at `path`, choosing the reader from its contents."""
+    from pecca.formats import llama2c
+
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ModelFormatError(f"{path}: is a directory; give a model file")
+    return llama2c.read(path)

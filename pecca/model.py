@@ -1,0 +1,101 @@
+"""The transformer forward pass, over buffers and a KV cache allocated once.
+
+Reads top to bottom like llama2.c's forward(): each layer is
+rmsnorm -> q/k/v -> RoPE -> attention over the cache -> o -> residual ->
+rmsnorm -> gate/up -> SwiGLU -> down -> residual. The linear layers are objects that know
+their own kernel, so nothing here depends on the weight precision.
+"""
+import os
+
+import numpy as np
+
+from pecca._kernels import ops
+from pecca.config import ModelConfig
+from pecca.errors import ContextLengthError, InvalidArgumentError, PeccaError
+from pecca.weights import Weights
+
+
+class RunState:
+    """Every activation buffer and the KV cache, allocated once per model."""
+
+    def __init__(self, c: ModelConfig, seq_len: int):
+        f = np.float32
+        self.x = np.zeros(c.dim, f)  # residual stream
+        self.xb = np.zeros(c.dim, f)  # inside a residual branch
+        self.xb2 = np.zeros(c.dim, f)
+        self.hb = np.zeros(c.hidden_dim, f)  # ffn gate
+        self.hb2 = np.zeros(c.hidden_dim, f)  # ffn up
+        self.q = np.zeros(c.dim, f)
+        self.att = np.zeros((c.n_heads, seq_len), f)  # attention scores
+        self.logits = np.zeros(c.vocab_size, f)
+        self.key_cache = np.zeros((c.n_layers, seq_len, c.kv_dim), f)
+        self.value_cache = np.zeros((c.n_layers, seq_len, c.kv_dim), f)
+        self.rope_cos = np.zeros(c.head_size // 2, f)
+        self.rope_sin = np.zeros(c.head_size // 2, f)
+
+
+def kv_cache_bytes(c: ModelConfig, seq_len: int) -> int:
+    return 2 * 4 * c.n_layers * seq_len * c.kv_dim
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not available on this OS
+        return 1 << 62
+
+
+class Model:
+    """A transformer ready to run: config, weights and its RunState.
+
+    `seq_len` may be lowered below the model's context length to save KV-cache memory.
+    """
+
+    def __init__(self, config: ModelConfig, weights: Weights, threads: int = 1, seq_len=None):
+        self.config = config
+        self.weights = weights
+        self.threads = max(1, int(threads))
+        self.seq_len = config.seq_len if seq_len is None else int(seq_len)
+        if not 0 < self.seq_len <= config.seq_len:
+            raise InvalidArgumentError(
+                f"context length {self.seq_len} must be in 1..{config.seq_len} (the model's seq_len)")
+        need = kv_cache_bytes(config, self.seq_len)
+        if need > _total_memory():
+            raise PeccaError(
+                f"the KV cache for {self.seq_len} positions needs {need / 2**30:.1f} GiB, more than this "
+                "machine has; pass a smaller context length (ctx=...)")
+        self.state = RunState(config, self.seq_len)
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        """Run one token at position `pos`; returns the logits buffer (overwritten by the
+        next call: copy it to keep it)."""
+        c, w, s, nt = self.config, self.weights, self.state, self.threads
+        if not 0 <= token < c.vocab_size:
+            raise InvalidArgumentError(f"token id {token} is outside the vocabulary 0..{c.vocab_size - 1}")
+        if not 0 <= pos < self.seq_len:
+            raise ContextLengthError(f"position {pos} is outside the context 0..{self.seq_len - 1}")
+        x = s.x
+        x[:] = w.token_embedding[token]
+        ops.rope_table(pos, c.head_size, c.rope_theta, s.rope_cos, s.rope_sin)
+        for l, layer in enumerate(w.layers):
+            k = s.key_cache[l, pos]
+            v = s.value_cache[l, pos]
+            ops.rmsnorm(s.xb, x, layer.attn_norm, c.norm_eps)
+            layer.wq(s.xb, s.q, nt)
+            layer.wk(s.xb, k, nt)
+            layer.wv(s.xb, v, nt)
+            ops.rope(s.q, c.head_size, s.rope_cos, s.rope_sin)
+            ops.rope(k, c.head_size, s.rope_cos, s.rope_sin)
+            ops.attention(s.xb, s.q, s.key_cache[l], s.value_cache[l], s.att, pos,
+                          c.n_heads, c.n_kv_heads, nt)
+            layer.wo(s.xb, s.xb2, nt)
+            ops.add(x, s.xb2)
+            ops.rmsnorm(s.xb, x, layer.ffn_norm, c.norm_eps)
+            layer.w1(s.xb, s.hb, nt)
+            layer.w3(s.xb, s.hb2, nt)
+            ops.swiglu(s.hb, s.hb2)
+            layer.w2(s.hb, s.xb, nt)
+            ops.add(x, s.xb)
+        ops.rmsnorm(x, x, w.norm, c.norm_eps)
+        w.output(x, s.logits, nt)
+        return s.logits

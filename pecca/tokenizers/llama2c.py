@@ -1,0 +1,87 @@
+"""llama2.c's `tokenizer.bin`, encoding exactly as run.c's encode() does.
+
+File: uint32 max_token_length, then per token: float32 score, int32 length, bytes.
+Encoding: BOS, a dummy-prefix " " token (non-empty text), each UTF-8 code point as a token
+or as <0xXX> byte tokens (id = byte + 3), then repeatedly merge the adjacent pair whose
+concatenation is in the vocabulary with the highest score (the leftmost on ties).
+"""
+import struct
+from typing import List
+
+import numpy as np
+
+from pecca.errors import TokenizerFormatError
+from pecca.tokenizers.base import Tokenizer
+
+
+class Llama2cTokenizer(Tokenizer):
+    def __init__(self, pieces: List[bytes], scores: List[float], max_token_length: int, path=""):
+        self.pieces = pieces
+        self.scores = np.asarray(scores, dtype=np.float32)
+        self.max_token_length = max_token_length
+        self.vocab_size = len(pieces)
+        self.path = path
+        # run.c finds pieces by binary search in a sorted copy; with duplicate pieces that
+        # returns any of them, here the lowest id.
+        self.lookup = {}
+        for i, p in enumerate(pieces):
+            self.lookup.setdefault(p, i)
+
+    @classmethod
+    def from_file(cls, path: str) -> "Llama2cTokenizer":
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) < 4:
+            raise TokenizerFormatError(f"{path}: too short for a llama2.c tokenizer")
+        max_len = struct.unpack_from("<I", data, 0)[0]
+        pieces, scores, off = [], [], 4
+        while off < len(data):
+            if off + 8 > len(data):
+                raise TokenizerFormatError(f"{path}: truncated entry at byte {off} (token {len(pieces)})")
+            score, n = struct.unpack_from("<fi", data, off)
+            off += 8
+            if n < 0 or off + n > len(data):
+                raise TokenizerFormatError(
+                    f"{path}: token {len(pieces)} has length {n}, beyond the end of the file")
+            pieces.append(data[off:off + n])
+            scores.append(score)
+            off += n
+        if len(pieces) < 3:
+            raise TokenizerFormatError(f"{path}: not a llama2.c tokenizer ({len(pieces)} tokens)")
+        return cls(pieces, scores, max_len, path)
+
+    def piece(self, token: int) -> bytes:
+        return self.pieces[token]
+
+    def encode(self, text: str, add_bos: bool = True) -> List[int]:
+        raw = text.encode("utf-8")
+        tokens = [self.bos_id] if add_bos else []
+        if raw:
+            tokens.append(self.lookup[b" "])
+        # split into code points as run.c does (at most 4 bytes, stray continuations alone)
+        i = 0
+        while i < len(raw):
+            j = i + 1
+            while j < len(raw) and (raw[j] & 0xC0) == 0x80 and j - i < 4:
+                j += 1
+            cp = raw[i:j]
+            tid = self.lookup.get(cp)
+            if tid is not None:
+                tokens.append(tid)
+            else:
+                tokens.extend(b + 3 for b in cp)
+            i = j
+        return self._merge(tokens)
+
+    def _merge(self, tokens: List[int]) -> List[int]:
+        pieces, scores, lookup = self.pieces, self.scores, self.lookup
+        # BOS takes part in merging like any token, as in run.c
+        while True:
+            best_score, best_id, best_idx = -1e10, -1, -1
+            for i in range(len(tokens) - 1):
+                tid = lookup.get(pieces[tokens[i]] + pieces[tokens[i + 1]])
+                if tid is not None and scores[tid] > best_score:
+                    best_score, best_id, best_idx = scores[tid], tid, i
+            if best_idx < 0:
+                return tokens
+            tokens[best_idx:best_idx + 2] = [best_id]

@@ -1,0 +1,29 @@
+"""A sentencepiece `tokenizer.model`, through the sentencepiece package."""
+from typing import List
+
+from pecca.errors import TokenizerFormatError
+from pecca.tokenizers.base import Tokenizer
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: str):
+        import sentencepiece
+
+        self.path = path
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(path)
+        except (OSError, RuntimeError) as e:
+            raise TokenizerFormatError(f"{path}: not a sentencepiece model ({e})") from None
+        self.vocab_size = self.sp.GetPieceSize()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self._pieces = [self.sp.IdToPiece(i).replace("\u2581", " ").encode("utf-8")
+                        for i in range(self.vocab_size)]
+
+    def encode(self, text: str, add_bos: bool = True) -> List[int]:
+        ids = self.sp.EncodeAsIds(text)
+        return ([self.bos_id] if add_bos else []) + list(ids)
+
+    def piece(self, token: int) -> bytes:
+        return self._pieces[token]
