@@ -6,9 +6,11 @@ Only then is a download tried, with short timeouts; when it fails the error name
 path searched.
 """
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
+from urllib.parse import urlparse
 
 from pecca.errors import ModelNotFoundError
 
@@ -66,23 +68,43 @@ def resolve_name(name: str) -> Tuple[str, Optional[str]]:
     return download(known, searched)
 
 
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
+    """Raise OSError at once when the hub cannot be reached (huggingface_hub itself would
+    retry with back-off for half a minute before giving up)."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    socket.create_connection((url.hostname, port), timeout=timeout).close()
+
+
 def download(known: KnownModel, searched: str) -> Tuple[str, Optional[str]]:
     """Fetch `known` from the hub into the cache; a clear error when that is impossible."""
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    endpoint = hub_endpoint()
     target = cache_dir() / known.name
+    hint = (f"Put {Path(known.model_file).name} and {known.tokenizer_file} in a directory "
+            "listed in PECCA_MODELS")
+    where = f"{known.name}: not found locally (searched {searched})"
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise ModelNotFoundError(f"{where} and HF_HUB_OFFLINE is set. {hint}")
+    try:
+        check_reachable(endpoint)
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise ModelNotFoundError(f"{where} and {endpoint} cannot be reached ({reason}). {hint}") from None
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import disable_progress_bars  # noqa: F401  (bar stays on)
+        from huggingface_hub.utils import logging as hf_logging
 
+        hf_logging.set_verbosity_error()
         model = hf_hub_download(HUB_REPO, known.model_file, local_dir=str(target))
         tok = None
         if known.tokenizer_hub_file:
             tok = hf_hub_download(HUB_REPO, known.tokenizer_hub_file, local_dir=str(target))
-    except Exception as e:  # network, DNS, offline mode, HTTP errors: all end the same way
+    except Exception as e:  # network, HTTP and hub errors all end the same way
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFoundError(
-            f"{known.name}: not found locally (searched {searched}) and the download from "
-            f"huggingface.co/{HUB_REPO} failed: {reason[:200]}. Put {Path(known.model_file).name} "
-            f"and {known.tokenizer_file} in a directory listed in PECCA_MODELS") from None
+            f"{where} and the download from {endpoint}/{HUB_REPO} failed: {reason[:200]}. {hint}") from None
     return model, tok

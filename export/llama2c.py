@@ -1,0 +1,105 @@
+"""Write llama2.c checkpoints (the layouts of llama2.c's export.py `legacy_export` and
+`version1_export`), tensor by tensor so memory stays near one tensor.
+
+`tensors` maps llama2.c's names to float32 arrays in PyTorch (out, in) layout:
+tok_embeddings (V, D); per layer i: attention_norm.i (D,), wq.i (D, D), wk.i (KV, D),
+wv.i (KV, D), wo.i (D, D), ffn_norm.i (D,), w1.i (H, D), w2.i (D, H), w3.i (H, D);
+norm (D,); output (V, D) when the classifier is not shared.
+"""
+import os
+import struct
+from typing import Callable, Dict, Iterable
+
+import numpy as np
+
+from pecca.config import ModelConfig
+
+MAGIC = 0x616B3432
+
+
+def tensor_order(c: ModelConfig, version: int, shared: bool) -> Iterable[str]:
+    L = range(c.n_layers)
+    per = lambda name: [f"{name}.{i}" for i in L]  # noqa: E731
+    if version == 0:
+        names = (["tok_embeddings"] + per("attention_norm") + per("wq") + per("wk") + per("wv")
+                 + per("wo") + per("ffn_norm") + per("w1") + per("w2") + per("w3") + ["norm"]
+                 + ["freq_cis_real", "freq_cis_imag"])
+    else:
+        names = (per("attention_norm") + per("ffn_norm") + ["norm", "tok_embeddings"] + per("wq")
+                 + per("wk") + per("wv") + per("wo") + per("w1") + per("w2") + per("w3"))
+    return names + ([] if shared else ["output"])
+
+
+def freq_cis(c: ModelConfig):
+    """llama2.c model.py precompute_freqs_cis (stored in version-0 files, unused by run.c)."""
+    hs = c.head_size
+    freqs = 1.0 / (c.rope_theta ** (np.arange(0, hs, 2)[: hs // 2].astype(np.float32) / hs))
+    ang = np.outer(np.arange(c.seq_len, dtype=np.float32), freqs).astype(np.float32)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def write_llama2c(path: str, c: ModelConfig, get: Callable[[str], np.ndarray],
+                  version: int = 0, shared: bool = True) -> None:
+    """Write a llama2.c file. `get(name)` returns each tensor when it is needed (so a big
+    model streams); the file appears under `path` only once complete."""
+    if version not in (0, 1):
+        raise ValueError("version must be 0 or 1")
+    fields = [c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len]
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            if version == 0:
+                if not shared:
+                    fields[5] = -fields[5]
+                f.write(struct.pack("<7i", *fields))
+            else:
+                head = struct.pack("<Ii7iB", MAGIC, 1, *fields, int(shared))
+                f.write(head + b"\0" * (256 - len(head)))
+            cos, sin = freq_cis(c) if version == 0 else (None, None)
+            for name in tensor_order(c, version, shared):
+                if name == "freq_cis_real":
+                    arr = cos
+                elif name == "freq_cis_imag":
+                    arr = sin
+                else:
+                    arr = get(name)
+                f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def shapes(c: ModelConfig) -> Dict[str, tuple]:
+    d, h, kv, V = c.dim, c.hidden_dim, c.kv_dim, c.vocab_size
+    out = {"tok_embeddings": (V, d), "norm": (d,), "output": (V, d)}
+    for i in range(c.n_layers):
+        out.update({f"attention_norm.{i}": (d,), f"ffn_norm.{i}": (d,), f"wq.{i}": (d, d),
+                    f"wk.{i}": (kv, d), f"wv.{i}": (kv, d), f"wo.{i}": (d, d),
+                    f"w1.{i}": (h, d), f"w2.{i}": (d, h), f"w3.{i}": (h, d)})
+    return out
+
+
+def random_weights(c: ModelConfig, seed: int = 0) -> Callable[[str], np.ndarray]:
+    """Deterministic random tensors at the scale of a trained model (norms near 1, matrices
+    ~ N(0, 1/in_features)), so activations stay in a realistic range."""
+    shp = shapes(c)
+
+    def get(name: str) -> np.ndarray:
+        rng = np.random.default_rng([seed, sum(map(ord, name)), len(name)])
+        s = shp[name]
+        if len(s) == 1:
+            return (1.0 + 0.1 * rng.standard_normal(s)).astype(np.float32)
+        return (rng.standard_normal(s) / np.sqrt(s[1])).astype(np.float32)
+
+    return get
+
+
+STORIES_SHAPES = {
+    "stories15M": ModelConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6,
+                              vocab_size=32000, seq_len=256),
+    "stories42M": ModelConfig(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8,
+                              vocab_size=32000, seq_len=1024),
+    "stories110M": ModelConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12,
+                               vocab_size=32000, seq_len=1024),
+}

@@ -1,0 +1,5 @@
+import sys
+
+from pecca.cli import main
+
+sys.exit(main())

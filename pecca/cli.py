@@ -1,0 +1,135 @@
+"""The `pecca` command: generate, info, bench.
+
+Errors pecca raises on purpose (bad files, bad arguments, missing models) are printed as
+one line on stderr with a non-zero exit, never as a traceback.
+"""
+import itertools
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+import pecca
+from pecca import generate as gen
+from pecca._kernels import runtime
+from pecca.sampling import Sampler
+from pecca.errors import InvalidArgumentError, PeccaError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Run LLaMA-family language models on the CPU.")
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="model file or known name (e.g. stories260K)"),
+    prompt: str = typer.Argument("", help="text to continue"),
+    max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="new tokens at most"),
+    temperature: float = typer.Option(1.0, "-t", "--temperature", help="0 = greedy"),
+    top_p: float = typer.Option(0.9, "--top-p", help="nucleus sampling, in (0, 1]; 1 = off"),
+    top_k: int = typer.Option(0, "--top-k", help="keep the k most likely tokens; 0 = off"),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="RNG seed (default: random)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="kernel threads"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="context length (default: the model's)"),
+    echo: bool = typer.Option(True, "--echo/--no-echo", help="print the prompt first"),
+):
+    """Continue PROMPT, streaming text to stdout; timings go to stderr."""
+    if max_tokens < 0:
+        raise InvalidArgumentError(f"--max-tokens must be >= 0, got {max_tokens}")
+    m = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=ctx)
+    sampler = Sampler(m.config.vocab_size, temperature, top_p, top_k, seed)
+    prompt_ids = m.tokenizer.encode(prompt, add_bos=True)
+    stats = gen.GenerationStats()
+    ids = m.stream_ids(prompt_ids, sampler, max_tokens, stats)
+    if echo:
+        pieces = gen.stream_text(m.tokenizer, prompt_ids[0],
+                                            itertools.chain(prompt_ids[1:], ids))
+    else:
+        pieces = gen.stream_text(m.tokenizer, prompt_ids[-1], ids)
+    out = sys.stdout
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    _err(f"load: {m.load_seconds * 1000:.0f} ms | prefill: {stats.prompt_tokens} tokens, "
+         f"{stats.prefill_tok_s:.1f} tok/s | decode: {stats.generated_tokens} tokens, "
+         f"{stats.decode_tok_s:.1f} tok/s | threads {m.threads}, {runtime.simd_path()}")
+    if stats.stop_reason == "context":
+        _err(f"stopped: the context of {m.model.seq_len} positions is full")
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="model file or known name"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Print the model's config, format, precision, size and the kernel features in use."""
+    m = pecca.load(model, threads=threads, tokenizer=tokenizer)
+    d = m.info()
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    c = d.pop("config")
+    for k, v in c.items():
+        print(f"{k:>20}: {v}")
+    d["file_size"] = f"{d['file_size']:,} bytes ({d['file_size'] / 2**20:.1f} MiB)"
+    d["n_params"] = f"{d['n_params']:,}"
+    d["openmp"] = "yes" if d["openmp"] else "NO (built without OpenMP: single-threaded)"
+    for k, v in d.items():
+        print(f"{k:>20}: {v}")
+
+
+def parse_threads(spec: str) -> List[int]:
+    try:
+        out = [int(t) for t in spec.split(",") if t.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"--threads must be a comma-separated list of integers, got {spec!r}")
+    if not out or any(t <= 0 for t in out):
+        raise InvalidArgumentError(f"--threads must list positive integers, got {spec!r}")
+    return out
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="model file or known name"),
+    threads: str = typer.Option("1,2", "--threads", help="comma-separated thread counts"),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", "-p"),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", "-n"),
+    reps: int = typer.Option(3, "--reps", "-r"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Measure prefill (pp) and decode (tg) tok/s, like llama-bench."""
+    from pecca.bench import run_bench, format_table
+
+    thread_list = parse_threads(threads)
+    results = run_bench(model, thread_list, prompt_tokens, gen_tokens, reps, tokenizer)
+    print(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+def main(argv=None) -> int:
+    """Entry point: click handles usage errors (exit 2); pecca's errors become one line."""
+    try:
+        app(args=argv)
+    except PeccaError as e:
+        _err(f"error: {e}")
+        return 1
+    except (OSError, MemoryError) as e:
+        _err(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""f32 matrix-vector product vs a float64 NumPy reference, on every SIMD path this CPU has."""
+import numpy as np
+import pytest
+
+from pecca import _kernels
+from pecca._kernels import f32, runtime
+
+SIZES = [(1, 1), (1, 7), (7, 1), (7, 33), (33, 7), (288, 288), (768, 288), (288, 768),
+         (17, 1000), (5, 4099), (1, 768)]
+ORDER = ["portable", "avx2", "avx512"]
+PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
+
+
+@pytest.fixture(params=PATHS)
+def simd(request):
+    assert _kernels.set_simd_path(request.param) == request.param
+    yield request.param
+    _kernels.set_simd_path(None)
+
+
+def test_paths_cover_this_cpu():
+    assert runtime.simd_supported() in PATHS
+    assert PATHS[0] == "portable"
+
+
+@pytest.mark.parametrize("rows,n", SIZES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matvec_matches_float64(simd, rows, n, threads):
+    rng = np.random.default_rng(rows * 1000 + n)
+    w = rng.standard_normal((rows, n)).astype(np.float32)
+    x = rng.standard_normal(n).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    f32.matvec(w, x, out, threads)
+    ref = w.astype(np.float64) @ x.astype(np.float64)
+    # error bound of a float32 dot product: ~ n * eps * sum |w_j x_j|
+    bound = 4 * np.finfo(np.float32).eps * np.sqrt(n) * (np.abs(w) @ np.abs(x)) + 1e-30
+    assert np.all(np.abs(out - ref) <= bound + 1e-6 * np.abs(ref))
+
+
+def test_matvec_reads_readonly_memmap(tmp_path, simd):
+    w = np.arange(35, dtype=np.float32).reshape(5, 7)
+    p = tmp_path / "w.bin"
+    w.tofile(p)
+    mm = np.memmap(p, dtype=np.float32, mode="r", shape=(5, 7))
+    x = np.ones(7, np.float32)
+    out = np.zeros(5, np.float32)
+    f32.matvec(mm, x, out, 2)
+    np.testing.assert_array_equal(out, w.sum(axis=1))
+
+
+def test_matvec_rejects_shape_mismatch():
+    w = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError):
+        f32.matvec(w, np.zeros(5, np.float32), np.zeros(3, np.float32))
+    with pytest.raises(ValueError):
+        f32.matvec(w, np.zeros(4, np.float32), np.zeros(2, np.float32))
