@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     """Entry point: click handles usage errors (exit 2); pecca's errors become one line."""
     try:
         app(args=argv)
+    except SystemExit as e:  # click ends by exiting, also on success
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except PeccaError as e:
         _err(f"error: {e}")
         return 1
