@@ -237,26 +237,70 @@ static void matvec_f32_rows(const float *w, const float *x, float *out,
     matvec_rows_portable(w, x, out, n, r0, r1);
 }
 
-/* Causal attention of one query head over positions 0..pos of the cache.
- * q: (head_size,), k/v: first row of this head's keys/values, rows `stride` floats apart,
- * att: scratch (pos + 1,), out: (head_size,). */
-static void attention_head_f32(const float *q, const float *k, const float *v,
-                               float *att, float *out, long pos, long head_size,
-                               long stride, float scale) {
-    float maxv = -INFINITY;
-    for (long t = 0; t <= pos; t++) {
-        float s = dot_f32(q, k + t * stride, head_size) * scale;
-        att[t] = s;
-        if (s > maxv) maxv = s;
+/* The KV cache has been pushed out of the caches by the weights streamed since the last
+ * layer; cache rows are read in order, so fetch a few rows ahead. */
+#define PREFETCH_ROWS 4
+static inline void prefetch_span(const float *p, long n) {
+    for (long i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+}
+
+/* Causal attention at position `pos` for query heads [h0, h1).
+ * q: (n_heads * head_size,); kc, vc: this layer's caches (seq_len, kv_dim), rows 0..pos filled;
+ * att: scores (n_heads, att_stride); out: (n_heads * head_size,).
+ * The loops run over cache rows outermost, so each row is read once, front to back, for all
+ * heads of the range (a head-outer loop would stride through the cache once per head).
+ * One body, instantiated per SIMD path so that its dot/axpy inline. */
+#define ATTENTION_BODY(DOT, AXPY)                                                              \
+    long kv_lo = (h0 / kv_mul) * head_size, kv_hi = ((h1 - 1) / kv_mul + 1) * head_size;        \
+    for (long t = 0; t <= pos; t++) {                                                          \
+        const float *krow = kc + t * kv_dim;                                                   \
+        if (PREFETCH_ROWS && t + PREFETCH_ROWS <= pos) prefetch_span(krow + PREFETCH_ROWS * kv_dim + kv_lo, kv_hi - kv_lo); \
+        for (long h = h0; h < h1; h++)                                                         \
+            att[h * att_stride + t] = DOT(q + h * head_size, krow + (h / kv_mul) * head_size,  \
+                                          head_size) * scale;                                  \
+    }                                                                                          \
+    for (long h = h0; h < h1; h++) {                                                           \
+        float *a = att + h * att_stride;                                                       \
+        float maxv = a[0], sum = 0.0f;                                                         \
+        for (long t = 1; t <= pos; t++) if (a[t] > maxv) maxv = a[t];                          \
+        for (long t = 0; t <= pos; t++) { a[t] = expf(a[t] - maxv); sum += a[t]; }             \
+        float inv = 1.0f / sum;                                                                \
+        for (long t = 0; t <= pos; t++) a[t] *= inv;                                           \
+        for (long i = 0; i < head_size; i++) out[h * head_size + i] = 0.0f;                    \
+    }                                                                                          \
+    for (long t = 0; t <= pos; t++) {                                                          \
+        const float *vrow = vc + t * kv_dim;                                                   \
+        if (PREFETCH_ROWS && t + PREFETCH_ROWS <= pos) prefetch_span(vrow + PREFETCH_ROWS * kv_dim + kv_lo, kv_hi - kv_lo); \
+        for (long h = h0; h < h1; h++)                                                         \
+            AXPY(out + h * head_size, att[h * att_stride + t],                                 \
+                 vrow + (h / kv_mul) * head_size, head_size);                                  \
     }
-    float sum = 0.0f;
-    for (long t = 0; t <= pos; t++) {
-        att[t] = expf(att[t] - maxv);
-        sum += att[t];
+
+#define ATTENTION_ARGS const float *q, const float *kc, const float *vc, float *att,            \
+    long att_stride, float *out, long h0, long h1, long pos, long head_size, long kv_dim,      \
+    long kv_mul, float scale
+
+static void attention_heads_portable(ATTENTION_ARGS) { ATTENTION_BODY(dot_portable, axpy_portable) }
+#if PECCA_X86
+__attribute__((target("avx2,fma")))
+static void attention_heads_avx2(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx2, axpy_avx2) }
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static void attention_heads_avx512(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx512, axpy_avx512) }
+#endif
+
+static void attention_heads_f32(ATTENTION_ARGS) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512) {
+        attention_heads_avx512(q, kc, vc, att, att_stride, out, h0, h1, pos, head_size, kv_dim, kv_mul, scale);
+        return;
     }
-    float inv = 1.0f / sum;
-    for (long i = 0; i < head_size; i++) out[i] = 0.0f;
-    for (long t = 0; t <= pos; t++) axpy_f32(out, att[t] * inv, v + t * stride, head_size);
+    if (level == PECCA_SIMD_AVX2) {
+        attention_heads_avx2(q, kc, vc, att, att_stride, out, h0, h1, pos, head_size, kv_dim, kv_mul, scale);
+        return;
+    }
+#endif
+    attention_heads_portable(q, kc, vc, att, att_stride, out, h0, h1, pos, head_size, kv_dim, kv_mul, scale);
 }
 
 #endif

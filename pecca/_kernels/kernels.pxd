@@ -8,6 +8,7 @@ cdef extern from "f32_kernels.h" nogil:
     float dot_f32(const float *a, const float *b, long n) noexcept
     void matvec_f32_rows(const float *w, const float *x, float *out,
                          long n, long r0, long r1) noexcept
-    void attention_head_f32(const float *q, const float *k, const float *v,
-                            float *att, float *out, long pos, long head_size,
-                            long stride, float scale) noexcept
+    void attention_heads_f32(const float *q, const float *kc, const float *vc,
+                             float *att, long att_stride, float *out, long h0, long h1,
+                             long pos, long head_size, long kv_dim, long kv_mul,
+                             float scale) noexcept

@@ -4,14 +4,15 @@
 Notes
 -----
 These touch a few thousand floats per call, so they run serially, except attention, which
-reads the whole KV cache of a layer and runs one head per iteration of a ``prange``.
+reads the KV cache of a layer row by row (each row once, for all heads) and splits the
+heads into one contiguous block per thread.
 Formulas follow llama2.c's run.c (float32, ``expf``, ``powf``/``cosf``/``sinf`` for RoPE)
 so that pecca reproduces its tokens; softmax sums sequentially as run.c does, because
 sampling compares a random coin against cumulative probabilities.
 """
 from cython.parallel cimport prange
 from libc.math cimport expf, powf, cosf, sinf, sqrt
-from pecca._kernels.kernels cimport pecca_simd_reset, attention_head_f32
+from pecca._kernels.kernels cimport pecca_simd_reset, attention_heads_f32
 
 
 def rmsnorm(float[::1] out, const float[::1] x, const float[::1] weight, float eps):
@@ -140,7 +141,7 @@ def attention(float[::1] out, const float[::1] q, const float[:, ::1] k_cache,
             or pos < 0 or pos >= k_cache.shape[0] or pos >= v_cache.shape[0]
             or att.shape[0] < n_heads or att.shape[1] <= pos):
         raise ValueError("attention: shapes disagree")
-    cdef int kv_mul = n_heads // n_kv_heads, h
+    cdef long kv_mul = n_heads // n_kv_heads, b, h0, h1
     cdef float scale = 1.0 / sqrt(head_size)
     cdef const float *qp = &q[0]
     cdef const float *kp = &k_cache[0, 0]
@@ -148,13 +149,19 @@ def attention(float[::1] out, const float[::1] q, const float[:, ::1] k_cache,
     cdef float *ap = &att[0, 0]
     cdef float *op = &out[0]
     cdef long att_stride = att.shape[1]
-    cdef int nt = num_threads if num_threads > 1 and (pos + 1) * dim >= 16384 else 1
+    # one contiguous block of heads per thread; small caches are not worth a thread team
+    cdef int nt = min(num_threads, n_heads) if (pos + 1) * dim >= 16384 else 1
+    if nt <= 1:
+        with nogil:
+            attention_heads_f32(qp, kp, vp, ap, att_stride, op, 0, n_heads, pos, head_size,
+                                kv_dim, kv_mul, scale)
+        return
     with nogil:
-        for h in prange(n_heads, schedule='static', num_threads=nt):
-            attention_head_f32(qp + h * head_size, kp + (h // kv_mul) * head_size,
-                               vp + (h // kv_mul) * head_size, ap + h * att_stride,
-                               op + h * head_size, pos, head_size, kv_dim, scale)
-
+        for b in prange(nt, schedule='static', num_threads=nt):
+            h0 = n_heads * b // nt
+            h1 = n_heads * (b + 1) // nt
+            attention_heads_f32(qp, kp, vp, ap, att_stride, op, h0, h1, pos, head_size,
+                                kv_dim, kv_mul, scale)
 
 def _reset_simd():
     """Re-read PECCA_SIMD in this module (each extension keeps its own choice)."""
