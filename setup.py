@@ -72,7 +72,8 @@ class BuildExt(build_ext):
 extensions = [
     Extension(f"pecca._kernels.{name}", [f"pecca/_kernels/{name}.pyx"],
               include_dirs=["pecca/_kernels"], depends=["pecca/_kernels/simd.h",
-                                                         "pecca/_kernels/f32_kernels.h"])
+                                                         "pecca/_kernels/f32_kernels.h",
+                                                         "pecca/_kernels/f32_gemm.h"])
     for name in KERNELS
 ]
 

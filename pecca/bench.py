@@ -1,6 +1,7 @@
 """Speed measurement, in the spirit of llama-bench: prefill (pp) and decode (tg) tok/s.
 
-Prefill feeds `prompt_tokens` fixed pseudo-random tokens at positions 0..N-1; decode then
+Prefill feeds `prompt_tokens` fixed pseudo-random tokens at positions 0..N-1 (in batches,
+as `pecca generate` does); decode then
 generates `gen_tokens` greedily. Each (threads) case is repeated and reported as mean and
 standard deviation. Nothing here asserts a speed: it measures.
 """
@@ -23,8 +24,7 @@ def time_model(m: "pecca.LLM", prompt_tokens: int, gen_tokens: int, rng_seed: in
     ids = np.random.default_rng(rng_seed).integers(3, m.config.vocab_size, n_p).tolist()
     sampler = Sampler(m.config.vocab_size, temperature=0.0)
     t0 = time.perf_counter()
-    for pos, tok in enumerate(ids):
-        logits = model.forward(tok, pos)
+    logits = model.prefill(ids, 0)
     t1 = time.perf_counter()
     tok = sampler.sample(logits)
     for pos in range(n_p, n_p + n_g):

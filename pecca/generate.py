@@ -56,8 +56,7 @@ def generate_ids(model: Model, prompt_ids: List[int], sampler: Sampler, max_toke
         stats.stop_reason = "length"
         return
     t0 = time.perf_counter()
-    for pos, tok in enumerate(prompt_ids):
-        logits = model.forward(tok, pos)
+    logits = model.prefill(prompt_ids, 0)
     stats.prefill_seconds = time.perf_counter() - t0
     pos = len(prompt_ids) - 1
     t1 = time.perf_counter()

@@ -34,6 +34,21 @@ class RunState:
         self.rope_sin = np.zeros(c.head_size // 2, f)
 
 
+class BatchState:
+    """Buffers for up to `batch` tokens processed together (prefill), one row per token."""
+
+    def __init__(self, c: ModelConfig, batch: int, seq_len: int, threads: int):
+        f = np.float32
+        self.batch, self.threads = batch, threads
+        self.x = np.zeros((batch, c.dim), f)
+        self.xb = np.zeros((batch, c.dim), f)
+        self.xb2 = np.zeros((batch, c.dim), f)
+        self.q = np.zeros((batch, c.dim), f)
+        self.hb = np.zeros((batch, c.hidden_dim), f)
+        self.hb2 = np.zeros((batch, c.hidden_dim), f)
+        self.att = np.zeros((threads, c.n_heads, seq_len), f)  # one slab per thread
+
+
 def kv_cache_bytes(c: ModelConfig, seq_len: int) -> int:
     return 2 * 4 * c.n_layers * seq_len * c.kv_dim
 
@@ -49,7 +64,11 @@ class Model:
     """A transformer ready to run: config, weights and its RunState.
 
     `seq_len` may be lowered below the model's context length to save KV-cache memory.
+    A prompt goes through `prefill` in batches of up to `PREFILL_BATCH` tokens: each weight
+    matrix is then read once per batch instead of once per token.
     """
+
+    PREFILL_BATCH = 64
 
     def __init__(self, config: ModelConfig, weights: Weights, threads: int = 1, seq_len=None):
         self.config = config
@@ -65,6 +84,7 @@ class Model:
                 f"the KV cache for {self.seq_len} positions needs {need / 2**30:.1f} GiB, more than this "
                 "machine has; pass a smaller context length (ctx=...)")
         self.state = RunState(config, self.seq_len)
+        self.batch_state = None  # allocated by the first prefill
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Run one token at position `pos`; returns the logits buffer (overwritten by the
@@ -99,3 +119,61 @@ class Model:
         ops.rmsnorm(x, x, w.norm, c.norm_eps)
         w.output(x, s.logits, nt)
         return s.logits
+
+    def _batch_state(self) -> BatchState:
+        bs = self.batch_state
+        if bs is None or bs.threads < self.threads:
+            bs = self.batch_state = BatchState(self.config, self.PREFILL_BATCH, self.seq_len,
+                                               self.threads)
+        return bs
+
+    def prefill(self, tokens, pos0: int = 0) -> np.ndarray:
+        """Feed `tokens` at positions pos0, pos0 + 1, ...; returns the logits after the last
+        one (the same buffer `forward` returns)."""
+        tokens = list(tokens)
+        c = self.config
+        if not tokens:
+            raise InvalidArgumentError("prefill needs at least one token")
+        if pos0 < 0 or pos0 + len(tokens) > self.seq_len:
+            raise ContextLengthError(
+                f"positions {pos0}..{pos0 + len(tokens) - 1} do not fit the context of {self.seq_len}")
+        bad = [t for t in tokens if not 0 <= t < c.vocab_size]
+        if bad:
+            raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary 0..{c.vocab_size - 1}")
+        if len(tokens) == 1:
+            return self.forward(tokens[0], pos0)
+        B = self.PREFILL_BATCH
+        for start in range(0, len(tokens), B):
+            self._forward_batch(tokens[start:start + B], pos0 + start)
+        return self.state.logits
+
+    def _forward_batch(self, tokens, pos0: int) -> None:
+        """The forward pass for T tokens at positions pos0..pos0+T-1, all layers at once;
+        leaves the last token's logits in state.logits."""
+        c, w, nt = self.config, self.weights, self.threads
+        bs, s = self._batch_state(), self.state
+        T = len(tokens)
+        x, xb, xb2, q = bs.x[:T], bs.xb[:T], bs.xb2[:T], bs.q[:T]
+        hb, hb2 = bs.hb[:T], bs.hb2[:T]
+        np.take(w.token_embedding, tokens, axis=0, out=x)
+        for l, layer in enumerate(w.layers):
+            k = s.key_cache[l, pos0:pos0 + T]
+            v = s.value_cache[l, pos0:pos0 + T]
+            ops.rmsnorm_rows(xb, x, layer.attn_norm, c.norm_eps)
+            layer.wq.batch(xb, q, nt)
+            layer.wk.batch(xb, k, nt)
+            layer.wv.batch(xb, v, nt)
+            ops.rope_rows(q, c.head_size, pos0, c.rope_theta)
+            ops.rope_rows(k, c.head_size, pos0, c.rope_theta)
+            ops.attention_rows(xb, q, s.key_cache[l], s.value_cache[l], bs.att, pos0,
+                               c.n_heads, c.n_kv_heads, nt)
+            layer.wo.batch(xb, xb2, nt)
+            ops.add(x.reshape(-1), xb2.reshape(-1))
+            ops.rmsnorm_rows(xb, x, layer.ffn_norm, c.norm_eps)
+            layer.w1.batch(xb, hb, nt)
+            layer.w3.batch(xb, hb2, nt)
+            ops.swiglu(hb.reshape(-1), hb2.reshape(-1))
+            layer.w2.batch(hb, xb, nt)
+            ops.add(x.reshape(-1), xb.reshape(-1))
+        ops.rmsnorm(s.x, x[T - 1], w.norm, c.norm_eps)
+        w.output(s.x, s.logits, nt)

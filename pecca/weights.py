@@ -23,7 +23,12 @@ class F32Linear:
         self.out_features, self.in_features = w.shape
 
     def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (out_features,) = W x, x (in_features,)"""
         f32.matvec(self.w, x, out, threads)
+
+    def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
+        f32.matmul(self.w, x, out, threads)
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,7 @@ of the weight matrix. Small products run serially: waking a thread team costs mo
 saves below a few tens of thousands of multiply-adds.
 """
 from cython.parallel cimport prange
-from pecca._kernels.kernels cimport pecca_simd_reset, matvec_f32_rows
+from pecca._kernels.kernels cimport pecca_simd_reset, matvec_f32_rows, gemm_f32_rows
 
 # below this many weights a product runs on one thread
 cdef long PARALLEL_MIN_WEIGHTS = 32768
@@ -48,6 +48,39 @@ def matvec(const float[:, ::1] w, const float[::1] x, float[::1] out, int num_th
     with nogil:
         matvec_ptr(&w[0, 0], &x[0], &out[0], rows, n, num_threads)
 
+
+
+def matmul(const float[:, ::1] w, const float[:, ::1] x, float[:, ::1] out, int num_threads=1):
+    """out = x @ w.T: the products of all T tokens of a batch with one weight matrix.
+
+    w : IN (rows, n) float32, C-contiguous (may be a read-only memmap)
+    x : IN (T, n) float32, one token per row
+    out : OUT (T, rows) float32, must not alias x
+    Rows of w are split into one contiguous block per thread (multiples of 4); each block
+    meets every token while it is in cache.
+    """
+    cdef long rows = w.shape[0], n = w.shape[1], T = x.shape[0], b, r0, r1, blocks4
+    if x.shape[1] != n or out.shape[0] != T or out.shape[1] != rows:
+        raise ValueError(f"matmul: w is {rows}x{n}, x is {T}x{x.shape[1]}, "
+                         f"out is {out.shape[0]}x{out.shape[1]}")
+    if rows == 0 or T == 0:
+        return
+    if n == 0:
+        out[:, :] = 0
+        return
+    cdef const float *wp = &w[0, 0]
+    cdef const float *xp = &x[0, 0]
+    cdef float *op = &out[0, 0]
+    cdef int nt = num_threads if num_threads > 1 and rows >= 8 * num_threads else 1
+    blocks4 = rows // 4
+    with nogil:
+        if nt == 1:
+            gemm_f32_rows(wp, xp, op, n, T, rows, 0, rows)
+        else:
+            for b in prange(nt, schedule='static', num_threads=nt):
+                r0 = (blocks4 * b // nt) * 4
+                r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+                gemm_f32_rows(wp, xp, op, n, T, rows, r0, r1)
 
 def _reset_simd():
     """Re-read PECCA_SIMD in this module (each extension keeps its own choice)."""

@@ -12,3 +12,7 @@ cdef extern from "f32_kernels.h" nogil:
                              float *att, long att_stride, float *out, long h0, long h1,
                              long pos, long head_size, long kv_dim, long kv_mul,
                              float scale) noexcept
+
+cdef extern from "f32_gemm.h" nogil:
+    void gemm_f32_rows(const float *w, const float *x, float *out, long n, long T,
+                       long ldo, long r0, long r1) noexcept

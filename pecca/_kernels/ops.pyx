@@ -10,7 +10,7 @@ Formulas follow llama2.c's run.c (float32, ``expf``, ``powf``/``cosf``/``sinf`` 
 so that pecca reproduces its tokens; softmax sums sequentially as run.c does, because
 sampling compares a random coin against cumulative probabilities.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport expf, powf, cosf, sinf, sqrt
 from pecca._kernels.kernels cimport pecca_simd_reset, attention_heads_f32
 
@@ -162,6 +162,87 @@ def attention(float[::1] out, const float[::1] q, const float[:, ::1] k_cache,
             h1 = n_heads * (b + 1) // nt
             attention_heads_f32(qp, kp, vp, ap, att_stride, op, h0, h1, pos, head_size,
                                 kv_dim, kv_mul, scale)
+
+
+# ---- batched forms, for prefill: one row per token -------------------------------------
+
+def rmsnorm_rows(float[:, ::1] out, const float[:, ::1] x, const float[::1] weight, float eps):
+    """rmsnorm of each row. out, x : (T, n) (out may alias x); weight : IN (n,)"""
+    cdef Py_ssize_t T = x.shape[0], n = x.shape[1], t, i
+    if out.shape[0] != T or out.shape[1] != n or weight.shape[0] != n or n == 0:
+        raise ValueError("rmsnorm_rows: shapes disagree")
+    cdef double ss
+    cdef float scale
+    with nogil:
+        for t in range(T):
+            ss = 0.0
+            for i in range(n):
+                ss += <double>x[t, i] * x[t, i]
+            scale = <float>(1.0 / sqrt(ss / n + eps))
+            for i in range(n):
+                out[t, i] = weight[i] * (scale * x[t, i])
+
+
+def rope_rows(float[:, ::1] vec, int head_size, int pos0, float theta):
+    """RoPE of row t at position pos0 + t, in place (adjacent pairs, as `rope`).
+
+    vec : IN/OUT (T, n_heads * head_size) float32
+    """
+    cdef Py_ssize_t T = vec.shape[0], n = vec.shape[1], t, h, j, i
+    cdef int half = head_size // 2
+    cdef float freq, val, c, s_, v0, v1, one = 1.0
+    if head_size <= 0 or head_size % 2 or n % head_size:
+        raise ValueError("rope_rows: bad head_size")
+    with nogil:
+        for t in range(T):
+            for j in range(half):
+                freq = one / powf(theta, <float>(2 * j) / <float>head_size)
+                val = (pos0 + t) * freq
+                c = cosf(val)
+                s_ = sinf(val)
+                for h in range(n // head_size):
+                    i = h * head_size + 2 * j
+                    v0 = vec[t, i]
+                    v1 = vec[t, i + 1]
+                    vec[t, i] = v0 * c - v1 * s_
+                    vec[t, i + 1] = v0 * s_ + v1 * c
+
+
+def attention_rows(float[:, ::1] out, const float[:, ::1] q, const float[:, ::1] k_cache,
+                   const float[:, ::1] v_cache, float[:, :, ::1] att, int pos0, int n_heads,
+                   int n_kv_heads, int num_threads=1):
+    """Causal attention of T queries: row t sits at position pos0 + t and attends to cache
+    rows 0..pos0 + t (the batch's own keys must already be in the cache).
+
+    out : OUT (T, n_heads * head_size); q : IN (T, n_heads * head_size), rotated
+    k_cache, v_cache : IN (seq_len, n_kv_heads * head_size)
+    att : scratch (>= num_threads, n_heads, >= pos0 + T), one slab per thread
+    """
+    cdef Py_ssize_t T = q.shape[0], dim = q.shape[1], kv_dim = k_cache.shape[1]
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or dim % n_heads:
+        raise ValueError("attention_rows: bad head counts")
+    cdef long head_size = dim // n_heads
+    cdef int nt = max(1, min(num_threads, T))
+    if (out.shape[0] != T or out.shape[1] != dim or kv_dim != n_kv_heads * head_size
+            or v_cache.shape[1] != kv_dim or pos0 < 0 or pos0 + T > k_cache.shape[0]
+            or pos0 + T > v_cache.shape[0] or att.shape[0] < nt or att.shape[1] < n_heads
+            or att.shape[2] < pos0 + T):
+        raise ValueError("attention_rows: shapes disagree")
+    if T == 0:
+        return
+    cdef long kv_mul = n_heads // n_kv_heads, t
+    cdef float scale = 1.0 / sqrt(head_size)
+    cdef const float *qp = &q[0, 0]
+    cdef const float *kp = &k_cache[0, 0]
+    cdef const float *vp = &v_cache[0, 0]
+    cdef float *ap = &att[0, 0, 0]
+    cdef float *op = &out[0, 0]
+    cdef long att_stride = att.shape[2], slab = att.shape[1] * att.shape[2]
+    with nogil:
+        for t in prange(T, schedule='dynamic', num_threads=nt):
+            attention_heads_f32(qp + t * dim, kp, vp, ap + threadid() * slab, att_stride,
+                                op + t * dim, 0, n_heads, pos0 + t, head_size, kv_dim,
+                                kv_mul, scale)
 
 def _reset_simd():
     """Re-read PECCA_SIMD in this module (each extension keeps its own choice)."""

@@ -54,3 +54,37 @@ def test_matvec_rejects_shape_mismatch():
         f32.matvec(w, np.zeros(5, np.float32), np.zeros(3, np.float32))
     with pytest.raises(ValueError):
         f32.matvec(w, np.zeros(4, np.float32), np.zeros(2, np.float32))
+
+
+GEMM_SIZES = [(1, 1, 1), (1, 7, 3), (7, 1, 2), (7, 33, 5), (33, 7, 4), (288, 288, 9),
+              (768, 288, 1), (5, 4099, 6), (9, 31, 7), (4, 16, 4), (64, 172, 64)]
+
+
+@pytest.mark.parametrize("rows,n,T", GEMM_SIZES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_matches_float64(simd, rows, n, T, threads):
+    rng = np.random.default_rng(rows * 7 + n * 3 + T)
+    w = rng.standard_normal((rows, n)).astype(np.float32)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    out = np.full((T, rows), np.nan, np.float32)
+    f32.matmul(w, x, out, threads)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    bound = 4 * np.finfo(np.float32).eps * np.sqrt(n) * (np.abs(x) @ np.abs(w).T) + 1e-30
+    assert np.all(np.abs(out - ref) <= bound + 1e-6 * np.abs(ref))
+
+
+def test_matmul_writes_into_a_cache_slice():
+    """prefill writes keys straight into rows of the KV cache: a contiguous 2-D slice."""
+    w = np.random.default_rng(0).standard_normal((12, 10)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((3, 10)).astype(np.float32)
+    cache = np.zeros((2, 8, 12), np.float32)
+    f32.matmul(w, x, cache[1, 4:7], 2)
+    np.testing.assert_allclose(cache[1, 4:7], x @ w.T, rtol=1e-5, atol=1e-5)
+    assert not cache[0].any() and not cache[1, :4].any() and not cache[1, 7:].any()
+
+
+def test_matmul_rejects_shape_mismatch():
+    with pytest.raises(ValueError):
+        f32.matmul(np.zeros((3, 4), np.float32), np.zeros((2, 5), np.float32), np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError):
+        f32.matmul(np.zeros((3, 4), np.float32), np.zeros((2, 4), np.float32), np.zeros((3, 2), np.float32))

@@ -109,3 +109,48 @@ def test_attention_rejects_bad_shapes():
         ops.attention(np.zeros(16, np.float32), q, kc, kc, att, 4, 2, 1)  # pos past the cache
     with pytest.raises(ValueError):
         ops.attention(np.zeros(16, np.float32), q, kc, kc, att, 0, 3, 1)  # heads do not divide
+
+
+# ---- batched forms (prefill) against the one-token forms and float64 -----------------------
+
+@pytest.mark.parametrize("T,n", [(1, 7), (5, 33), (13, 288)])
+def test_rmsnorm_rows(T, n):
+    x = np.random.default_rng(T).standard_normal((T, n)).astype(np.float32)
+    w = rand(n, 9)
+    out = np.empty_like(x)
+    ops.rmsnorm_rows(out, x, w, 1e-5)
+    x64 = x.astype(np.float64)
+    close(out, w * x64 / np.sqrt(np.mean(x64 ** 2, axis=1, keepdims=True) + 1e-5))
+
+
+@pytest.mark.parametrize("n_heads,head_size,pos0,T", [(3, 8, 0, 5), (6, 48, 17, 9), (1, 2, 3, 1)])
+def test_rope_rows_equals_rope_per_position(n_heads, head_size, pos0, T):
+    x = np.random.default_rng(pos0).standard_normal((T, n_heads * head_size)).astype(np.float32)
+    want = x.copy()
+    cos, sin = np.empty(head_size // 2, np.float32), np.empty(head_size // 2, np.float32)
+    for t in range(T):
+        ops.rope_table(pos0 + t, head_size, 10000.0, cos, sin)
+        ops.rope(want[t], head_size, cos, sin)
+    ops.rope_rows(x, head_size, pos0, 10000.0)
+    np.testing.assert_array_equal(x, want)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("n_heads,n_kv,head_size,pos0,T", [(8, 4, 8, 0, 7), (6, 6, 48, 10, 33),
+                                                           (12, 3, 64, 0, 1), (2, 1, 6, 5, 3)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_rows_is_causal_per_token(simd, n_heads, n_kv, head_size, pos0, T, threads):
+    _kernels.set_simd_path(simd)
+    try:
+        seq = pos0 + T + 3
+        rng = np.random.default_rng(T + pos0)
+        q = rng.standard_normal((T, n_heads * head_size)).astype(np.float32)
+        kc = rng.standard_normal((seq, n_kv * head_size)).astype(np.float32)
+        vc = rng.standard_normal((seq, n_kv * head_size)).astype(np.float32)
+        att = np.zeros((threads, n_heads, seq), np.float32)
+        out = np.zeros_like(q)
+        ops.attention_rows(out, q, kc, vc, att, pos0, n_heads, n_kv, threads)
+        for t in range(T):
+            close(out[t], attention_ref(q[t], kc, vc, pos0 + t, n_heads, n_kv), 1e-5)
+    finally:
+        _kernels.set_simd_path(None)
