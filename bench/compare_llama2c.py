@@ -274,11 +274,29 @@ def bench_model(name, exe, tok_path, args):
 
 # ---------------------------------------------------------------- output
 
+def read_bandwidth(threads, mib: int = 512, reps: int = 5) -> float:
+    """STREAM-style read bandwidth, GB/s: pecca's f32 matvec over a matrix far larger than
+    any cache (the same access pattern as a decode step). The ceiling for f32 decode."""
+    from pecca._kernels import f32
+
+    n = 4096
+    w = np.ones((mib * 2**20 // (4 * n), n), np.float32)
+    x = np.ones(n, np.float32)
+    out = np.empty(w.shape[0], np.float32)
+    f32.matvec(w, x, out, threads)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f32.matvec(w, x, out, threads)
+        best = min(best, time.perf_counter() - t)
+    return w.nbytes / best / 1e9
+
+
 def fmt(mean, std, prec=1):
     return f"{mean:.{prec}f} ± {std:.{prec}f}"
 
 
-def format_table(rows, checks, n_p, n_g, reps) -> str:
+def format_table(rows, checks, n_p, n_g, reps, bandwidth=None) -> str:
     cols = ["model", "thr", "pecca pp", "pecca tg", "run.c pp", "run.c tg", "tg pecca/run.c",
             "pecca GB/s", "run.c GB/s"]
     widths = [12, 3, 15, 15, 15, 15, 15, 10, 10]
@@ -295,6 +313,9 @@ def format_table(rows, checks, n_p, n_g, reps) -> str:
                    + (f"  ({r['reps_kept_busy']} reps on a busy machine)"
                       if r["reps_kept_busy"] else ""))
     out.append("GB/s = fp32 bytes of all layer matrices + classifier per token x decode tok/s")
+    if bandwidth:
+        out.append("memory read bandwidth (512 MiB matvec, best of 5): " + ", ".join(
+            f"{t} thread{'s' if t > 1 else ''} {gbs:.1f} GB/s" for t, gbs in bandwidth.items()))
     redone = sum(r["reps_redone"] for r in rows)
     if redone:
         out.append(f"{redone} reps were redone because other processes used the CPU")
@@ -340,14 +361,16 @@ def main(argv=None) -> int:
         r, k = bench_model(name, exe, tok_path, args)
         rows += r
         checks.append(k)
+    bandwidth = {t: read_bandwidth(t) for t in args.threads}
     log(f"done in {time.perf_counter() - t0:.0f} s")
-    result = {"pecca": pecca.__version__, "rows": rows, "greedy_checks": checks}
+    result = {"pecca": pecca.__version__, "rows": rows, "greedy_checks": checks,
+              "read_bandwidth_gb_s": bandwidth}
     (args.out_dir / "compare_llama2c.json").write_text(json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         n_p, n_g = (rows[0]["prompt_tokens"], rows[0]["gen_tokens"]) if rows else (0, 0)
-        print(format_table(rows, checks, n_p, n_g, args.reps))
+        print(format_table(rows, checks, n_p, n_g, args.reps, bandwidth))
     return 0
 
 
