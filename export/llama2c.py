@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterable
 import numpy as np
 
 from pecca.config import ModelConfig
+from pecca.progress import progress
 
 MAGIC = 0x616B3432
 
@@ -56,14 +57,17 @@ def write_llama2c(path: str, c: ModelConfig, get: Callable[[str], np.ndarray],
                 head = struct.pack("<Ii7iB", MAGIC, 1, *fields, int(shared))
                 f.write(head + b"\0" * (256 - len(head)))
             cos, sin = freq_cis(c) if version == 0 else (None, None)
-            for name in tensor_order(c, version, shared):
-                if name == "freq_cis_real":
-                    arr = cos
-                elif name == "freq_cis_imag":
-                    arr = sin
-                else:
-                    arr = get(name)
-                f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+            names = tensor_order(c, version, shared)
+            with progress(f"writing {os.path.basename(path)}", len(names)) as advance:
+                for name in names:
+                    if name == "freq_cis_real":
+                        arr = cos
+                    elif name == "freq_cis_imag":
+                        arr = sin
+                    else:
+                        arr = get(name)
+                    f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+                    advance()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -13,6 +13,7 @@ import numpy as np
 
 import pecca
 from pecca._kernels import runtime
+from pecca.progress import progress
 from pecca.sampling import Sampler
 
 
@@ -38,24 +39,31 @@ def run_bench(model_path: str, threads: List[int], prompt_tokens: int, gen_token
     m = pecca.load(model_path, threads=threads[0], tokenizer=tokenizer)
     info = m.info()
     results = []
-    for nt in threads:
-        m.threads = nt
-        time_model(m, min(prompt_tokens, 8), min(gen_tokens, 8))  # warm-up: page in weights
-        pp, tg = [], []
-        for r in range(max(1, reps)):
-            a, b, n_p, n_g = time_model(m, prompt_tokens, gen_tokens, r)
-            pp.append(a)
-            tg.append(b)
-        results.append({
-            "model": info["path"], "format": info["format"], "precision": info["precision"],
-            "n_params": info["n_params"], "threads": m.threads, "simd": runtime.simd_path(),
-            "openmp": runtime.openmp_enabled(), "pecca": pecca.__version__,
-            "prompt_tokens": n_p, "gen_tokens": n_g, "reps": len(pp),
-            "pp_tok_s": statistics.mean(pp), "pp_std": statistics.pstdev(pp),
-            "tg_tok_s": statistics.mean(tg), "tg_std": statistics.pstdev(tg),
-            "weights_gb_s": statistics.mean(tg) * m.loaded.weights.nbytes / 1e9,
-        })
+    reps = max(1, reps)
+    with progress(f"bench {info['path'].rsplit('/', 1)[-1]}", len(threads) * reps) as advance:
+        for nt in threads:
+            results.append(_bench_threads(m, info, nt, prompt_tokens, gen_tokens, reps, advance))
     return results
+
+
+def _bench_threads(m, info, nt, prompt_tokens, gen_tokens, reps, advance) -> dict:
+    m.threads = nt
+    time_model(m, min(prompt_tokens, 8), min(gen_tokens, 8))  # warm-up: page in weights
+    pp, tg = [], []
+    for r in range(reps):
+        a, b, n_p, n_g = time_model(m, prompt_tokens, gen_tokens, r)
+        pp.append(a)
+        tg.append(b)
+        advance()
+    return {
+        "model": info["path"], "format": info["format"], "precision": info["precision"],
+        "n_params": info["n_params"], "threads": m.threads, "simd": runtime.simd_path(),
+        "openmp": runtime.openmp_enabled(), "pecca": pecca.__version__,
+        "prompt_tokens": n_p, "gen_tokens": n_g, "reps": len(pp),
+        "pp_tok_s": statistics.mean(pp), "pp_std": statistics.pstdev(pp),
+        "tg_tok_s": statistics.mean(tg), "tg_std": statistics.pstdev(tg),
+        "weights_gb_s": statistics.mean(tg) * m.loaded.weights.nbytes / 1e9,
+    }
 
 
 def format_table(results: List[dict]) -> str:

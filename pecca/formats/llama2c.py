@@ -41,6 +41,8 @@ def read(path: str) -> LoadedModel:
         raise ModelFormatError(f"{path}: file is {size} bytes, too short for a llama2.c header")
     with open(path, "rb") as f:
         head = f.read(V1_HEADER)
+    if head[:4] == b"GGUF":
+        raise UnsupportedModelError(f"{path}: a GGUF file; pecca reads llama2.c checkpoints so far")
     magic = struct.unpack_from("<I", head)[0]
     if magic in (MAGIC, MAGIC_ASCII):
         if size < V1_HEADER:

@@ -80,8 +80,11 @@ def test_empty_and_tiny_files(tmp_path):
 
 def test_wrong_magic_is_a_clear_error(tmp_path):
     p = tmp_path / "junk.bin"
-    p.write_bytes(b"GGUF" + b"\xff" * 400)  # neither llama2.c magic nor a sane legacy header
+    p.write_bytes(b"XXXX" + b"\xff" * 400)  # neither llama2.c magic nor a sane legacy header
     with pytest.raises(ModelFormatError, match="header field"):
+        open_model(str(p))
+    p.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\0" * 400)
+    with pytest.raises(UnsupportedModelError, match="GGUF"):
         open_model(str(p))
 
 
