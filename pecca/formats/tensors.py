@@ -1,0 +1,41 @@
+"""RawTensor: a tensor as stored in a checkpoint (a view, never a copy), and its dtype.
+
+numpy has no bfloat16, so bf16 data is held as uint16 bit patterns; `to_f32()` converts
+(a copy: only for export and tests, never on the inference path).
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+
+
+@dataclass
+class RawTensor:
+    data: np.ndarray  # float32, float16, or uint16 (bf16 bits)
+    dtype: str  # "f32", "f16" or "bf16"
+
+    def __post_init__(self):
+        if self.dtype not in NUMPY_DTYPES or self.data.dtype != NUMPY_DTYPES[self.dtype]:
+            raise ValueError(f"RawTensor: {self.dtype} data must be {NUMPY_DTYPES.get(self.dtype)}, "
+                             f"got {self.data.dtype}")
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self.data.shape
+
+    def to_f32(self) -> np.ndarray:
+        if self.dtype == "bf16":
+            return (self.data.astype(np.uint32) << 16).view(np.float32)
+        return self.data.astype(np.float32)
+
+
+def bf16_from_f32(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounding to nearest even, as torch does."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    out[nan] = 0x7FC0
+    return out
