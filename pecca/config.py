@@ -1,5 +1,7 @@
 """ModelConfig: the blueprint of a LLaMA-family transformer."""
+import math
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -15,6 +17,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     bos_id: int = 1
     eos_id: int = 2
+    # RoPE frequency divisors, one per pair of a head (Llama 3's rope scaling, linear scaling);
+    # None means plain RoPE with rope_theta
+    rope_freq_factors: Optional[Tuple[float, ...]] = None
 
     @property
     def head_size(self) -> int:
@@ -34,3 +39,24 @@ class ModelConfig:
         per_layer = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * h
         return (self.vocab_size * d * (1 if shared_classifier else 2)
                 + self.n_layers * per_layer + d)
+
+
+def llama3_rope_factors(head_size: int, theta: float, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_context: int) -> Tuple[float, ...]:
+    """Divisors of the RoPE frequencies for rope_scaling type "llama3" (as transformers'
+    _compute_llama3_parameters and llama.cpp's rope_freqs tensor): long wavelengths are
+    slowed by `factor`, short ones kept, the band between interpolated."""
+    low_wavelen = original_context / low_freq_factor
+    high_wavelen = original_context / high_freq_factor
+    out = []
+    for i in range(0, head_size, 2):
+        freq = 1.0 / theta ** (i / head_size)
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(float(factor))
+        else:
+            smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(out)

@@ -32,6 +32,16 @@ class RunState:
         self.value_cache = np.zeros((c.n_layers, seq_len, c.kv_dim), f)
         self.rope_cos = np.zeros(c.head_size // 2, f)
         self.rope_sin = np.zeros(c.head_size // 2, f)
+        self.rope_freqs = rope_frequencies(c)
+
+
+def rope_frequencies(c: ModelConfig) -> np.ndarray:
+    """float32 frequency of each pair of a head, with the model's rope scaling applied."""
+    freqs = np.zeros(c.head_size // 2, np.float32)
+    ops.rope_freqs(c.head_size, c.rope_theta, freqs)
+    if c.rope_freq_factors is not None:
+        freqs /= np.asarray(c.rope_freq_factors, np.float32)
+    return freqs
 
 
 class BatchState:
@@ -96,7 +106,7 @@ class Model:
             raise ContextLengthError(f"position {pos} is outside the context 0..{self.seq_len - 1}")
         x = s.x
         x[:] = w.token_embedding[token]
-        ops.rope_table(pos, c.head_size, c.rope_theta, s.rope_cos, s.rope_sin)
+        ops.rope_table(pos, s.rope_freqs, s.rope_cos, s.rope_sin)
         for l, layer in enumerate(w.layers):
             k = s.key_cache[l, pos]
             v = s.value_cache[l, pos]
@@ -163,8 +173,8 @@ class Model:
             layer.wq.batch(xb, q, nt)
             layer.wk.batch(xb, k, nt)
             layer.wv.batch(xb, v, nt)
-            ops.rope_rows(q, c.head_size, pos0, c.rope_theta)
-            ops.rope_rows(k, c.head_size, pos0, c.rope_theta)
+            ops.rope_rows(q, c.head_size, pos0, s.rope_freqs)
+            ops.rope_rows(k, c.head_size, pos0, s.rope_freqs)
             ops.attention_rows(xb, q, s.key_cache[l], s.value_cache[l], bs.att, pos0,
                                c.n_heads, c.n_kv_heads, nt)
             layer.wo.batch(xb, xb2, nt)

@@ -54,19 +54,34 @@ def softmax(float[::1] x):
             x[i] = x[i] / s
 
 
-def rope_table(int pos, int head_size, float theta, float[::1] cos_out, float[::1] sin_out):
-    """cos/sin of the RoPE angles at `pos`, one per pair in a head (run.c's formula).
+def rope_freqs(int head_size, float theta, float[::1] out):
+    """RoPE frequency of each pair of a head: 1 / theta**(2i / head_size), computed in float32
+    with powf exactly as llama2.c's run.c.
 
-    cos_out, sin_out : OUT (head_size // 2,) float32
+    out : OUT (head_size // 2,) float32
     """
     cdef int half = head_size // 2, i
-    cdef float freq, val, one = 1.0
+    cdef float one = 1.0
+    if out.shape[0] < half:
+        raise ValueError("rope_freqs: output too short")
+    with nogil:
+        for i in range(half):
+            out[i] = one / powf(theta, <float>(2 * i) / <float>head_size)
+
+
+def rope_table(int pos, const float[::1] freqs, float[::1] cos_out, float[::1] sin_out):
+    """cos/sin of the RoPE angles pos * freq at position `pos`, one per pair in a head.
+
+    freqs : IN (half,) from rope_freqs (possibly rescaled)
+    cos_out, sin_out : OUT (half,) float32
+    """
+    cdef Py_ssize_t half = freqs.shape[0], i
+    cdef float val
     if cos_out.shape[0] < half or sin_out.shape[0] < half:
         raise ValueError("rope_table: output too short")
     with nogil:
         for i in range(half):
-            freq = one / powf(theta, <float>(2 * i) / <float>head_size)
-            val = pos * freq
+            val = pos * freqs[i]
             cos_out[i] = cosf(val)
             sin_out[i] = sinf(val)
 
@@ -183,21 +198,21 @@ def rmsnorm_rows(float[:, ::1] out, const float[:, ::1] x, const float[::1] weig
                 out[t, i] = weight[i] * (scale * x[t, i])
 
 
-def rope_rows(float[:, ::1] vec, int head_size, int pos0, float theta):
+def rope_rows(float[:, ::1] vec, int head_size, int pos0, const float[::1] freqs):
     """RoPE of row t at position pos0 + t, in place (adjacent pairs, as `rope`).
 
     vec : IN/OUT (T, n_heads * head_size) float32
+    freqs : IN (head_size // 2,) from rope_freqs
     """
     cdef Py_ssize_t T = vec.shape[0], n = vec.shape[1], t, h, j, i
     cdef int half = head_size // 2
-    cdef float freq, val, c, s_, v0, v1, one = 1.0
-    if head_size <= 0 or head_size % 2 or n % head_size:
-        raise ValueError("rope_rows: bad head_size")
+    cdef float val, c, s_, v0, v1
+    if head_size <= 0 or head_size % 2 or n % head_size or freqs.shape[0] < half:
+        raise ValueError("rope_rows: bad head_size or frequency table")
     with nogil:
         for t in range(T):
             for j in range(half):
-                freq = one / powf(theta, <float>(2 * j) / <float>head_size)
-                val = (pos0 + t) * freq
+                val = (pos0 + t) * freqs[j]
                 c = cosf(val)
                 s_ = sinf(val)
                 for h in range(n // head_size):

@@ -45,7 +45,9 @@ def test_softmax(n):
 def test_rope(n_heads, head_size, pos):
     vec = rand(n_heads * head_size, pos + head_size)
     cos, sin = np.empty(head_size // 2, np.float32), np.empty(head_size // 2, np.float32)
-    ops.rope_table(pos, head_size, 10000.0, cos, sin)
+    freqs = np.empty(head_size // 2, np.float32)
+    ops.rope_freqs(head_size, 10000.0, freqs)
+    ops.rope_table(pos, freqs, cos, sin)
     ref = vec.astype(np.float64).reshape(n_heads, head_size // 2, 2).copy()
     ang = pos / 10000.0 ** (np.arange(0, head_size, 2) / head_size)
     c, s = np.cos(ang), np.sin(ang)
@@ -128,10 +130,13 @@ def test_rope_rows_equals_rope_per_position(n_heads, head_size, pos0, T):
     x = np.random.default_rng(pos0).standard_normal((T, n_heads * head_size)).astype(np.float32)
     want = x.copy()
     cos, sin = np.empty(head_size // 2, np.float32), np.empty(head_size // 2, np.float32)
+    freqs = np.empty(head_size // 2, np.float32)
+    ops.rope_freqs(head_size, 10000.0, freqs)
+    freqs /= np.linspace(1, 3, head_size // 2).astype(np.float32)  # as a rope scaling would
     for t in range(T):
-        ops.rope_table(pos0 + t, head_size, 10000.0, cos, sin)
+        ops.rope_table(pos0 + t, freqs, cos, sin)
         ops.rope(want[t], head_size, cos, sin)
-    ops.rope_rows(x, head_size, pos0, 10000.0)
+    ops.rope_rows(x, head_size, pos0, freqs)
     np.testing.assert_array_equal(x, want)
 
 
