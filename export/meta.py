@@ -1,0 +1,289 @@
+"""Meta's LLaMA checkpoint directories (llama, llama3 and codellama repositories' downloads):
+
+    params.json            {"dim", "n_layers", "n_heads", "norm_eps", "vocab_size",
+                            optional "n_kv_heads", "multiple_of", "ffn_dim_multiplier",
+                            "rope_theta", "use_scaled_rope"}; vocab_size is -1 in Llama 1/2
+    consolidated.00.pth    one torch.save state dict per model-parallel rank
+    ...                    (7B/8B: 1 shard, 13B: 2, 70B: 8)
+    tokenizer.model
+
+Each shard holds every tensor, split the way fairscale's parallel layers split them:
+    tok_embeddings.weight        (V, D)   ParallelEmbedding: along dim 1 (Llama 1/2);
+                                          VocabParallelEmbedding: along dim 0 (Llama 3)
+    output.weight                (V, D)   ColumnParallelLinear: along dim 0
+    layers.N.attention.wq/wk/wv  (out, D) ColumnParallelLinear: along dim 0
+    layers.N.feed_forward.w1/w3  (H, D)   ColumnParallelLinear: along dim 0
+    layers.N.attention.wo        (D, D)   RowParallelLinear: along dim 1
+    layers.N.feed_forward.w2     (D, H)   RowParallelLinear: along dim 1
+    norms (attention_norm, ffn_norm, norm)  replicated: shard 0's is taken
+    rope.freqs                   (Llama 1 only) recomputed by everyone: skipped
+The tok_embeddings axis is read from the shapes: its shards are (V, D/n) or (V/n, D).
+
+`iter_merged_tensors` checks every shard's names, dtypes and shapes against each other and
+against params.json before yielding anything, then merges one tensor at a time: memory stays
+near one tensor (the shards themselves are memory-mapped views).
+"""
+import json
+import os
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from pecca.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from pecca.formats.pth import read_pth
+from pecca.formats.tensors import RawTensor
+
+SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+# How each tensor is split across model-parallel shards: the concatenation axis, or None for
+# a tensor replicated on every shard. tok_embeddings is decided from its shapes (see above).
+COLUMN, ROW, REPLICATED = 0, 1, None
+SPLIT_AXIS = {
+    "output.weight": COLUMN,
+    "norm.weight": REPLICATED,
+    "attention.wq.weight": COLUMN, "attention.wk.weight": COLUMN, "attention.wv.weight": COLUMN,
+    "attention.wo.weight": ROW,
+    "feed_forward.w1.weight": COLUMN, "feed_forward.w3.weight": COLUMN,
+    "feed_forward.w2.weight": ROW,
+    "attention_norm.weight": REPLICATED, "ffn_norm.weight": REPLICATED,
+}
+SKIPPED = {"rope.freqs"}
+
+REQUIRED = ("dim", "n_layers", "n_heads", "norm_eps", "vocab_size")
+DEFAULTS = {"n_kv_heads": None, "multiple_of": 256, "ffn_dim_multiplier": None,
+            "rope_theta": 10000.0, "use_scaled_rope": False}
+
+
+# --- params.json ---------------------------------------------------------------------------
+
+def read_params(directory: str) -> dict:
+    """params.json, validated, with every optional field filled in (n_kv_heads defaults to
+    n_heads, as in Meta's model.py). A vocab_size of -1 is resolved from tok_embeddings."""
+    params = _read_params_json(directory)
+    if params["vocab_size"] == -1:
+        params["vocab_size"] = _vocab_from_shards(directory, params, _open_shards(directory))
+    return params
+
+
+def hidden_dim(params: dict) -> int:
+    """The feed-forward width, computed as Meta's model.py FeedForward does (float maths
+    included, so it rounds exactly the same way)."""
+    hidden = 4 * params["dim"]
+    hidden = int(2 * hidden / 3)
+    multiplier = params.get("ffn_dim_multiplier")
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    multiple_of = params.get("multiple_of") or DEFAULTS["multiple_of"]
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _read_params_json(directory) -> dict:
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise ModelNotFoundError(f"{directory}: no such directory")
+    path = os.path.join(directory, "params.json")
+    if not os.path.isfile(path):
+        raise ModelFormatError(f"{directory}: no params.json; not a Meta checkpoint directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{path}: holds a JSON {type(raw).__name__}, not an object")
+    for name in REQUIRED:
+        if name not in raw:
+            raise ModelFormatError(f"{path}: required field {name!r} is missing")
+
+    def positive_int(name, allow=()):
+        v = raw[name]
+        if type(v) is not int or not (v > 0 or v in allow):
+            raise ModelFormatError(f"{path}: {name} = {v!r} must be a positive integer"
+                                   + (f" or one of {list(allow)}" if allow else ""))
+        return v
+
+    def positive_number(name):
+        v = raw[name]
+        if type(v) not in (int, float) or not v > 0:
+            raise ModelFormatError(f"{path}: {name} = {v!r} must be a positive number")
+        return float(v)
+
+    p = {"dim": positive_int("dim"), "n_layers": positive_int("n_layers"),
+         "n_heads": positive_int("n_heads"), "norm_eps": positive_number("norm_eps"),
+         "vocab_size": positive_int("vocab_size", allow=(-1,))}
+    p["n_kv_heads"] = positive_int("n_kv_heads") if raw.get("n_kv_heads") is not None else p["n_heads"]
+    p["multiple_of"] = (positive_int("multiple_of") if raw.get("multiple_of") is not None
+                        else DEFAULTS["multiple_of"])
+    p["ffn_dim_multiplier"] = (positive_number("ffn_dim_multiplier")
+                               if raw.get("ffn_dim_multiplier") is not None else None)
+    p["rope_theta"] = (positive_number("rope_theta") if raw.get("rope_theta") is not None
+                       else DEFAULTS["rope_theta"])
+    scaled = raw.get("use_scaled_rope", False)
+    if type(scaled) is not bool:
+        raise ModelFormatError(f"{path}: use_scaled_rope = {scaled!r} must be true or false")
+    p["use_scaled_rope"] = scaled
+    dim, n_heads, n_kv = p["dim"], p["n_heads"], p["n_kv_heads"]
+    if dim % n_heads:
+        raise ModelFormatError(f"{path}: dim {dim} is not a multiple of n_heads {n_heads}")
+    if n_heads % n_kv:
+        raise ModelFormatError(f"{path}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
+    if (dim // n_heads) % 2:
+        raise ModelFormatError(f"{path}: head size {dim // n_heads} is odd; RoPE needs pairs")
+    return p
+
+
+# --- the shards ----------------------------------------------------------------------------
+
+def shard_paths(directory: str) -> List[str]:
+    """consolidated.00.pth ... consolidated.NN.pth, in rank order; every rank present."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise ModelNotFoundError(f"{directory}: no such directory")
+    ranks: Dict[int, str] = {}
+    for entry in sorted(os.listdir(directory)):
+        m = SHARD_NAME.match(entry)
+        if m:
+            rank = int(m.group(1))
+            if rank in ranks:
+                raise ModelFormatError(f"{directory}: {ranks[rank]} and {entry} are both shard {rank}")
+            ranks[rank] = entry
+    if not ranks:
+        raise ModelFormatError(f"{directory}: no consolidated.NN.pth shards")
+    missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+    if missing:
+        raise ModelFormatError(
+            f"{directory}: shard(s) {', '.join(f'{r:02d}' for r in missing)} missing "
+            f"(found {', '.join(ranks[r] for r in sorted(ranks))})")
+    return [os.path.join(directory, ranks[r]) for r in sorted(ranks)]
+
+
+def _open_shards(directory) -> List[Tuple[str, Dict[str, RawTensor]]]:
+    """(path, state dict of memmap views) for each shard: reads only the pickles."""
+    return [(p, read_pth(p)) for p in shard_paths(directory)]
+
+
+def _vocab_from_shards(directory, params, shards) -> int:
+    path, sd = shards[0]
+    tok = sd.get("tok_embeddings.weight")
+    if tok is None:
+        raise ModelFormatError(f"{path}: no tok_embeddings.weight to take vocab_size (-1 in "
+                               "params.json) from")
+    return tok.shape[0] * len(shards) if _tok_axis(path, params["dim"], shards) == 0 else tok.shape[0]
+
+
+def _tok_axis(directory, dim, shards) -> int:
+    """tok_embeddings' split axis: 1 when each shard holds (V, D/n), 0 when (V/n, D)."""
+    n = len(shards)
+    shape = shards[0][1]["tok_embeddings.weight"].shape
+    if len(shape) != 2:
+        raise ModelFormatError(f"{directory}: tok_embeddings.weight has shape {shape}, not 2-D")
+    cols = shape[1]
+    if cols == dim:
+        return 0
+    if n > 1 and cols * n == dim:
+        return 1
+    raise ModelFormatError(f"{directory}: tok_embeddings.weight shard shape {shape} fits neither (V, {dim}) "
+                           f"nor (V, {dim}/{n})")
+
+
+# --- merging -------------------------------------------------------------------------------
+
+def expected_shapes(params: dict) -> Dict[str, tuple]:
+    """Every tensor's full (merged) shape, in Meta's names."""
+    d, V, H = params["dim"], params["vocab_size"], hidden_dim(params)
+    kv = params["n_kv_heads"] * (d // params["n_heads"])
+    out = {"tok_embeddings.weight": (V, d)}
+    for i in range(params["n_layers"]):
+        pre = f"layers.{i}."
+        out.update({pre + "attention.wq.weight": (d, d), pre + "attention.wk.weight": (kv, d),
+                    pre + "attention.wv.weight": (kv, d), pre + "attention.wo.weight": (d, d),
+                    pre + "feed_forward.w1.weight": (H, d), pre + "feed_forward.w2.weight": (d, H),
+                    pre + "feed_forward.w3.weight": (H, d), pre + "attention_norm.weight": (d,),
+                    pre + "ffn_norm.weight": (d,)})
+    out.update({"norm.weight": (d,), "output.weight": (V, d)})
+    return out
+
+
+def _split_axis(name: str) -> Optional[int]:
+    if name in SPLIT_AXIS:
+        return SPLIT_AXIS[name]
+    return SPLIT_AXIS[name.split(".", 2)[2]]  # layers.N.<rest>
+
+
+def _plan(directory, shards, params) -> List[Tuple[str, Optional[int]]]:
+    """Check the shards against each other and params.json; (name, axis) in shard 0's order."""
+    names0 = [n for n in shards[0][1] if n not in SKIPPED]
+    keys0 = set(shards[0][1])
+    for path, sd in shards[1:]:
+        if set(sd) != keys0:
+            only0, only_this = sorted(keys0 - set(sd)), sorted(set(sd) - keys0)
+            raise ModelFormatError(
+                f"{directory}: {os.path.basename(path)} and {os.path.basename(shards[0][0])} hold "
+                f"different tensors (only in shard 0: {only0[:5]}; only in this one: {only_this[:5]})")
+    expected = expected_shapes(params)
+    missing = [n for n in expected if n not in keys0]
+    if missing:
+        raise ModelFormatError(f"{directory}: tensors missing from the shards: {missing[:8]}"
+                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    unknown = [n for n in names0 if n not in expected]
+    if unknown:
+        raise UnsupportedModelError(f"{directory}: tensors pecca does not know: {unknown[:8]}"
+                                    + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))
+    tok_axis = _tok_axis(directory, params["dim"], shards)
+    plan = []
+    for name in names0:
+        parts = [sd[name] for _, sd in shards]
+        axis = tok_axis if name == "tok_embeddings.weight" else _split_axis(name)
+        dtypes = {t.dtype for t in parts}
+        if len(dtypes) > 1:
+            raise ModelFormatError(f"{directory}: {name} has different dtypes across shards: "
+                                   f"{[t.dtype for t in parts]}")
+        merged = _merged_shape(directory, name, [t.shape for t in parts], axis)
+        if merged != expected[name]:
+            what = (f"hidden_dim {hidden_dim(params)} (dim={params['dim']}, multiple_of="
+                    f"{params['multiple_of']}, ffn_dim_multiplier={params['ffn_dim_multiplier']})"
+                    if "feed_forward" in name else "params.json")
+            raise ModelFormatError(f"{directory}: {name} merges to shape {merged}, but {what} "
+                                   f"implies {expected[name]}")
+        plan.append((name, axis))
+    return plan
+
+
+def _merged_shape(directory, name, shapes, axis) -> tuple:
+    if axis is None or len(shapes) == 1:
+        if any(s != shapes[0] for s in shapes):
+            raise ModelFormatError(f"{directory}: {name} is replicated, yet its shards have "
+                                   f"different shapes {shapes}")
+        return shapes[0]
+    first = shapes[0]
+    for s in shapes:
+        if len(s) != len(first) or len(s) <= axis or any(
+                a != b for k, (a, b) in enumerate(zip(s, first)) if k != axis):
+            raise ModelFormatError(f"{directory}: {name} shards of shapes {shapes} cannot be "
+                                   f"concatenated along dim {axis}")
+    return first[:axis] + (sum(s[axis] for s in shapes),) + first[axis + 1:]
+
+
+def iter_merged_tensors(directory: str, params: Optional[dict] = None) -> Iterator[Tuple[str, RawTensor]]:
+    """(name, RawTensor) for every tensor of the checkpoint, its model-parallel shards merged,
+    in Meta's names and order (rope.freqs skipped). `params` is read_params' result (read from
+the directory when not given). Everything is checked before the first
+    tensor is yielded; each merged tensor is a new array (one at a time), a single shard's are
+    the memmap views themselves."""
+    if params is None:
+        params = _read_params_json(directory)
+    shards = _open_shards(directory)
+    if params["vocab_size"] == -1:
+        params = dict(params, vocab_size=_vocab_from_shards(directory, params, shards))
+    plan = _plan(os.fspath(directory), shards, params)
+    return _merge(shards, plan)
+
+
+def _merge(shards, plan):
+    for name, axis in plan:
+        parts = [sd[name] for _, sd in shards]
+        if len(parts) == 1 or axis is None:
+            yield name, parts[0]
+        else:
+            yield name, RawTensor(np.concatenate([t.data for t in parts], axis=axis), parts[0].dtype)
