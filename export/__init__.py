@@ -1,8 +1,42 @@
-"""Writers that turn checkpoints into files pecca runs.
+"""Export: turn the checkpoints people have into pecca's model file (GGUF) or llama2.c files.
 
-Now: llama2.c `.bin` files (versions 0 and 1), used for random-weight benchmark models and
-for test fixtures. The GGUF writers and the HF / Meta / GPTQ converters come next.
+`open_source(path)` picks the reader from what `path` is:
+  - a directory with config.json: a HuggingFace Llama checkpoint (export.hf)
+  - a directory with params.json and consolidated.*.pth: a Meta checkpoint (export.meta)
+  - a llama2.c .bin file, versions 0 and 1 (export.llama2c)
+`write_gguf(out, source, dtype)` (export.gguf) writes it tensor by tensor.
 """
-from export.llama2c import random_weights, write_llama2c
+import os
 
-__all__ = ["random_weights", "write_llama2c"]
+from pecca.errors import ModelFormatError, ModelNotFoundError
+
+
+def open_source(path: str, tokenizer: str = None):
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            from export.hf import HFSource
+            return HFSource(path, tokenizer)
+        if os.path.isfile(os.path.join(path, "params.json")):
+            from export.meta import MetaSource
+            return MetaSource(path, tokenizer)
+        raise ModelFormatError(f"{path}: neither a HuggingFace (config.json) nor a Meta (params.json) "
+                               "checkpoint directory")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        raise ModelFormatError(f"{path}: already a GGUF file")
+    from export.llama2c import Llama2cSource
+    from pecca.formats import llama2c
+    from pecca.llm import find_tokenizer
+
+    if tokenizer is None:
+        tokenizer = find_tokenizer(path, llama2c.read(path).config.vocab_size).path
+    return Llama2cSource(path, tokenizer)
+
+
+def export(src: str, out: str, dtype: str = "f32", tokenizer: str = None) -> None:
+    from export.gguf import write_gguf
+
+    write_gguf(out, open_source(src, tokenizer), dtype)

@@ -107,3 +107,37 @@ STORIES_SHAPES = {
     "stories110M": ModelConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12,
                                vocab_size=32000, seq_len=1024),
 }
+
+
+class Llama2cSource:
+    """A llama2.c checkpoint (versions 0 and 1) as an export source. Its q/k rows are already
+    in Meta's order, which is GGUF's."""
+
+    def __init__(self, path: str, tokenizer_path: str):
+        from export.vocab import vocab_from_llama2c, vocab_from_sentencepiece
+        from pecca.formats import llama2c as reader
+
+        self.loaded = reader.read(path)
+        self.config = self.loaded.config
+        self.tied = self.loaded.weights.shared_classifier
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.vocab = (vocab_from_sentencepiece(tokenizer_path) if tokenizer_path.endswith(".model")
+                      else vocab_from_llama2c(tokenizer_path))
+
+    def tensor(self, name: str):
+        from pecca.formats.tensors import RawTensor
+
+        w = self.loaded.weights
+        if name == "token_embd.weight":
+            return RawTensor(w.token_embedding, "f32")
+        if name == "output_norm.weight":
+            return RawTensor(w.norm, "f32")
+        if name == "output.weight":
+            return RawTensor(w.output.w, "f32")
+        _, i, what, _ = name.split(".")
+        layer = w.layers[int(i)]
+        attr = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "wq", "attn_k": "wk",
+                "attn_v": "wv", "attn_output": "wo", "ffn_gate": "w1", "ffn_down": "w2",
+                "ffn_up": "w3"}[what]
+        value = getattr(layer, attr)
+        return RawTensor(value if isinstance(value, np.ndarray) else value.w, "f32")

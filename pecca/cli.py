@@ -5,6 +5,7 @@ one line on stderr with a non-zero exit, never as a traceback.
 """
 import itertools
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -43,7 +44,7 @@ def generate(
         raise InvalidArgumentError(f"--max-tokens must be >= 0, got {max_tokens}")
     m = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=ctx)
     sampler = Sampler(m.config.vocab_size, temperature, top_p, top_k, seed)
-    prompt_ids = m.tokenizer.encode(prompt, add_bos=True)
+    prompt_ids = gen.prompt_tokens(m.tokenizer, prompt)
     stats = gen.GenerationStats()
     ids = m.stream_ids(prompt_ids, sampler, max_tokens, stats)
     if echo:
@@ -85,6 +86,25 @@ def info(
     d["openmp"] = "yes" if d["openmp"] else "NO (built without OpenMP: single-threaded)"
     for k, v in d.items():
         print(f"{k:>20}: {v}")
+
+
+@app.command("export")
+def export_cmd(
+    src: str = typer.Argument(..., help="HF directory, Meta directory, or llama2.c .bin"),
+    out: str = typer.Argument(..., help="the GGUF file to write"),
+    dtype: str = typer.Option("f32", "--dtype", help="f32 or f16 (norms stay f32)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
+):
+    """Convert a checkpoint into pecca's model file (GGUF, readable by llama.cpp too)."""
+    import time
+
+    from export import export as run_export
+
+    t0 = time.perf_counter()
+    run_export(src, out, dtype, tokenizer)
+    size = os.path.getsize(out)
+    dt = time.perf_counter() - t0
+    _err(f"wrote {out}: {size / 2**20:.1f} MiB in {dt:.1f} s ({size / 2**20 / max(dt, 1e-9):.0f} MiB/s)")
 
 
 def parse_threads(spec: str) -> List[int]:

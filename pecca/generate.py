@@ -36,6 +36,13 @@ class GenerationStats:
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
 
+def prompt_tokens(tokenizer: Tokenizer, text: str) -> List[int]:
+    """The ids a prompt starts from: BOS when the model wants it, and at least one token
+    (BOS) even for an empty prompt of a model that adds none."""
+    ids = tokenizer.encode(text, add_bos=tokenizer.add_bos_default)
+    return ids or [tokenizer.bos_id]
+
+
 def check_prompt(prompt_ids: List[int], seq_len: int) -> None:
     if not prompt_ids:
         raise InvalidArgumentError("the prompt has no tokens (not even BOS)")

@@ -10,7 +10,7 @@ from pecca import hub
 from pecca._kernels import runtime
 from pecca.errors import ModelNotFoundError, TokenizerMismatchError
 from pecca.formats import LoadedModel, open_model
-from pecca.generate import GenerationStats, generate_ids, stream_text
+from pecca.generate import GenerationStats, generate_ids, prompt_tokens, stream_text
 from pecca.model import Model
 from pecca.sampling import Sampler
 from pecca.threads import resolve_threads
@@ -74,7 +74,7 @@ class LLM:
         """Continue `prompt`. Returns the new text, or with stream=True yields it in pieces.
         Statistics of the last call are in `self.last_stats`."""
         sampler = Sampler(self.config.vocab_size, temperature, top_p, top_k, seed)
-        prompt_ids = self.tokenizer.encode(prompt, add_bos=True)
+        prompt_ids = prompt_tokens(self.tokenizer, prompt)
         pieces = self._stream(prompt_ids, sampler, max_tokens)
         if stream:
             return pieces
@@ -93,13 +93,22 @@ class LLM:
 
     def info(self) -> dict:
         c = self.config
+        config = {k: getattr(c, k) for k in c.__dataclass_fields__ if k != "rope_freq_factors"}
+        factors = c.rope_freq_factors
+        extra = self.loaded.extra
         return {
             "path": self.loaded.path,
             "format": self.loaded.format,
+            "architecture": extra.get("architecture", "llama"),
             "precision": self.loaded.weights.precision,
+            "tensor_types": extra.get("tensor_types", {self.loaded.weights.precision.upper(): None}),
             "file_size": self.loaded.file_size,
             "n_params": c.n_params(self.loaded.weights.shared_classifier),
-            "config": {k: getattr(c, k) for k in c.__dataclass_fields__},
+            "config": config,
+            "rope_scaling": ("none" if factors is None else
+                             f"per-pair frequency divisors {min(factors):g}..{max(factors):g}"),
+            "vocab": f"{extra.get('vocab_kind') or type(self.tokenizer).__name__}, "
+                     f"{self.tokenizer.vocab_size} tokens",
             "head_size": c.head_size,
             "shared_classifier": self.loaded.weights.shared_classifier,
             "context": self.model.seq_len,
@@ -131,6 +140,11 @@ def load(path: str, threads: Optional[int] = None, tokenizer: Optional[str] = No
     model_path, tok_path = resolve_model_path(str(path))
     loaded = open_model(model_path)
     tok_path = tokenizer or tok_path
-    tok = load_tokenizer(str(tok_path)) if tok_path else find_tokenizer(model_path, loaded.config.vocab_size)
+    if tok_path:
+        tok = load_tokenizer(str(tok_path))
+    elif loaded.extra.get("tokenizer") is not None:  # a GGUF carries its own
+        tok = loaded.extra["tokenizer"]
+    else:
+        tok = find_tokenizer(model_path, loaded.config.vocab_size)
     check_tokenizer(tok, loaded)
     return LLM(loaded, tok, nthreads, ctx, load_seconds=time.perf_counter() - t0)

@@ -59,6 +59,16 @@ class BatchState:
         self.att = np.zeros((threads, c.n_heads, seq_len), f)  # one slab per thread
 
 
+def embed(table: np.ndarray, tokens, out: np.ndarray) -> None:
+    """Rows `tokens` of the token embedding into float32 `out`. The table is float32,
+    float16, or uint16 holding bfloat16 bits (numpy has no bfloat16)."""
+    rows = table[tokens]
+    if table.dtype == np.uint16:
+        out[...] = (rows.astype(np.uint32) << 16).view(np.float32)
+    else:
+        out[...] = rows
+
+
 def kv_cache_bytes(c: ModelConfig, seq_len: int) -> int:
     return 2 * 4 * c.n_layers * seq_len * c.kv_dim
 
@@ -105,7 +115,7 @@ class Model:
         if not 0 <= pos < self.seq_len:
             raise ContextLengthError(f"position {pos} is outside the context 0..{self.seq_len - 1}")
         x = s.x
-        x[:] = w.token_embedding[token]
+        embed(w.token_embedding, token, x)
         ops.rope_table(pos, s.rope_freqs, s.rope_cos, s.rope_sin)
         for l, layer in enumerate(w.layers):
             k = s.key_cache[l, pos]
@@ -165,7 +175,7 @@ class Model:
         T = len(tokens)
         x, xb, xb2, q = bs.x[:T], bs.xb[:T], bs.xb2[:T], bs.q[:T]
         hb, hb2 = bs.hb[:T], bs.hb2[:T]
-        np.take(w.token_embedding, tokens, axis=0, out=x)
+        embed(w.token_embedding, tokens, x)
         for l, layer in enumerate(w.layers):
             k = s.key_cache[l, pos0:pos0 + T]
             v = s.value_cache[l, pos0:pos0 + T]

@@ -20,10 +20,14 @@ class LoadedModel:
 
 def open_model(path: str) -> LoadedModel:
     """Read the model file at `path`, choosing the reader from its contents."""
-    from pecca.formats import llama2c
+    from pecca.formats import gguf, llama2c
 
     if not os.path.exists(path):
         raise ModelNotFoundError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelFormatError(f"{path}: is a directory; give a model file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == gguf.GGUF_MAGIC:
+        return gguf.read(path)
     return llama2c.read(path)

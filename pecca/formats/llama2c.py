@@ -41,8 +41,6 @@ def read(path: str) -> LoadedModel:
         raise ModelFormatError(f"{path}: file is {size} bytes, too short for a llama2.c header")
     with open(path, "rb") as f:
         head = f.read(V1_HEADER)
-    if head[:4] == b"GGUF":
-        raise UnsupportedModelError(f"{path}: a GGUF file; pecca reads llama2.c checkpoints so far")
     magic = struct.unpack_from("<I", head)[0]
     if magic in (MAGIC, MAGIC_ASCII):
         if size < V1_HEADER:
@@ -147,4 +145,4 @@ def _map(path, size, c: ModelConfig, shared: bool, version: int) -> LoadedModel:
                            F32Linear(w3[i])) for i in range(L)]
     weights = Weights(emb, layers, norm, F32Linear(output), shared)
     return LoadedModel(c, weights, path, f"llama2c-v{version}", size,
-                       extra={"shared_classifier": shared})
+                       extra={"shared_classifier": shared, "tensor_types": {"F32": 9 * L + 3}})

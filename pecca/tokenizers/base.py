@@ -11,6 +11,8 @@ class Tokenizer:
     bos_id: int = 1
     eos_id: int = 2
     path: str = ""
+    add_bos_default: bool = True  # whether a prompt starts with BOS for this model
+    control_ids: frozenset = frozenset()  # tokens that print nothing (besides BOS and EOS)
 
     def encode(self, text: str, add_bos: bool = True) -> List[int]:
         raise NotImplementedError
@@ -22,7 +24,7 @@ class Tokenizer:
     def token_bytes(self, prev: int, token: int) -> bytes:
         """Bytes `token` contributes after `prev`, as llama2.c's decode(): a leading space
         is dropped right after BOS, and <0xXX> byte tokens become that byte."""
-        if token in (self.bos_id, self.eos_id):
+        if token in (self.bos_id, self.eos_id) or token in self.control_ids:
             return b""
         p = self.piece(token)
         if prev == self.bos_id and p[:1] == b" ":

@@ -1,31 +1,53 @@
-"""llama2.c's `tokenizer.bin`, encoding exactly as run.c's encode() does.
+"""BPE by merge scores: llama2.c's `tokenizer.bin`, and the sentencepiece-style `llama`
+vocabulary stored in GGUF files. Encoding is exactly run.c's encode() (which equals
+sentencepiece for the Llama 2 vocabulary, and llama.cpp's SPM tokenizer):
 
-File: uint32 max_token_length, then per token: float32 score, int32 length, bytes.
-Encoding: BOS, a dummy-prefix " " token (non-empty text), each UTF-8 code point as a token
-or as <0xXX> byte tokens (id = byte + 3), then repeatedly merge the adjacent pair whose
-concatenation is in the vocabulary with the highest score (the leftmost on ties).
+BOS, a dummy-prefix " " token (non-empty text), each UTF-8 code point as a token or as
+<0xXX> byte tokens, then repeatedly merge the adjacent pair whose concatenation is in the
+vocabulary with the highest score (the leftmost on ties).
+
+tokenizer.bin: uint32 max_token_length, then per token: float32 score, int32 length, bytes.
 """
 import struct
-from typing import List
+from typing import Iterable, List, Optional
 
 import numpy as np
 
 from pecca.errors import TokenizerFormatError
-from pecca.tokenizers.base import Tokenizer
+from pecca.tokenizers.base import BYTE_PIECE, Tokenizer
+
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPM_SPACE = "\u2581"
 
 
 class Llama2cTokenizer(Tokenizer):
-    def __init__(self, pieces: List[bytes], scores: List[float], max_token_length: int, path=""):
+    def __init__(self, pieces: List[bytes], scores, max_token_length: int = 0, path: str = "",
+                 bos_id: int = 1, eos_id: int = 2, types: Optional[Iterable[int]] = None,
+                 add_space_prefix: bool = True, add_bos: bool = True):
         self.pieces = pieces
         self.scores = np.asarray(scores, dtype=np.float32)
         self.max_token_length = max_token_length
         self.vocab_size = len(pieces)
         self.path = path
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.add_space_prefix = add_space_prefix
+        self.add_bos_default = add_bos
+        types = list(types) if types is not None else [NORMAL] * len(pieces)
+        # tokens that text never turns into and that print nothing (BOS, EOS, <unk>, ...)
+        self.control_ids = {i for i, t in enumerate(types) if t in (UNKNOWN, CONTROL, UNUSED)}
+        self.control_ids |= {bos_id, eos_id}
         # run.c finds pieces by binary search in a sorted copy; with duplicate pieces that
         # returns any of them, here the lowest id.
         self.lookup = {}
         for i, p in enumerate(pieces):
-            self.lookup.setdefault(p, i)
+            if types[i] not in (UNKNOWN, CONTROL, UNUSED):
+                self.lookup.setdefault(p, i)
+        self.byte_ids = list(range(3, 259))  # run.c: the byte b is token b + 3
+        for i, p in enumerate(pieces):
+            m = BYTE_PIECE.match(p)
+            if m:
+                self.byte_ids[int(m.group(1), 16)] = i
 
     @classmethod
     def from_file(cls, path: str) -> "Llama2cTokenizer":
@@ -50,14 +72,22 @@ class Llama2cTokenizer(Tokenizer):
             raise TokenizerFormatError(f"{path}: not a llama2.c tokenizer ({len(pieces)} tokens)")
         return cls(pieces, scores, max_len, path)
 
+    @classmethod
+    def from_spm_vocab(cls, tokens: List[str], scores, types, path: str = "", bos_id: int = 1,
+                       eos_id: int = 2, add_space_prefix: bool = True, add_bos: bool = True):
+        """From sentencepiece pieces ("\u2581" for spaces), as GGUF's `llama` vocabulary holds."""
+        pieces = [t.replace(SPM_SPACE, " ").encode("utf-8") for t in tokens]
+        return cls(pieces, scores, max((len(p) for p in pieces), default=0), path, bos_id, eos_id,
+                   types, add_space_prefix, add_bos)
+
     def piece(self, token: int) -> bytes:
         return self.pieces[token]
 
     def encode(self, text: str, add_bos: bool = True) -> List[int]:
         raw = text.encode("utf-8")
         tokens = [self.bos_id] if add_bos else []
-        if raw:
-            tokens.append(self.lookup[b" "])
+        if raw and self.add_space_prefix:
+            tokens.append(self.lookup[b" "] if b" " in self.lookup else self.byte_ids[32])
         # split into code points as run.c does (at most 4 bytes, stray continuations alone)
         i = 0
         while i < len(raw):
@@ -69,13 +99,13 @@ class Llama2cTokenizer(Tokenizer):
             if tid is not None:
                 tokens.append(tid)
             else:
-                tokens.extend(b + 3 for b in cp)
+                tokens.extend(self.byte_ids[b] for b in cp)
             i = j
         return self._merge(tokens)
 
     def _merge(self, tokens: List[int]) -> List[int]:
         pieces, scores, lookup = self.pieces, self.scores, self.lookup
-        # BOS takes part in merging like any token, as in run.c
+        # BOS takes part in merging like any token, as in run.c (it never forms a piece)
         while True:
             best_score, best_id, best_idx = -1e10, -1, -1
             for i in range(len(tokens) - 1):

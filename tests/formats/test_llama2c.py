@@ -83,8 +83,8 @@ def test_wrong_magic_is_a_clear_error(tmp_path):
     p.write_bytes(b"XXXX" + b"\xff" * 400)  # neither llama2.c magic nor a sane legacy header
     with pytest.raises(ModelFormatError, match="header field"):
         open_model(str(p))
-    p.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\0" * 400)
-    with pytest.raises(UnsupportedModelError, match="GGUF"):
+    p.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\xff" * 400)
+    with pytest.raises(ModelFormatError, match="GGUF"):
         open_model(str(p))
 
 

@@ -1,0 +1,222 @@
+"""Reader for GGUF model files (llama.cpp's format, and pecca's own), through the `gguf`
+package, whose reader memory-maps the file: tensors are numpy views, never copies.
+
+Architecture `llama` only. Metadata keys and tensor names are llama.cpp's:
+    llama.context_length, llama.embedding_length, llama.block_count, llama.feed_forward_length,
+    llama.attention.head_count, llama.attention.head_count_kv, llama.rope.freq_base,
+    llama.attention.layer_norm_rms_epsilon, llama.rope.scaling.{type,factor},
+    tokenizer.ggml.{model,tokens,scores,token_type,bos_token_id,eos_token_id,...}
+    token_embd, blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,ffn_norm,ffn_gate,
+    ffn_up,ffn_down}, output_norm, output (absent when tied to token_embd), rope_freqs.
+Weights may be F32, F16 or BF16; q and k rows are in llama.cpp's (Meta's) order, RoPE on
+adjacent pairs. Every tensor's type, shape and byte range is checked before use.
+"""
+import os
+
+import numpy as np
+
+from pecca.config import ModelConfig
+from pecca.errors import (ModelFormatError, TokenizerFormatError, UnsupportedModelError)
+from pecca.formats import LoadedModel
+from pecca.formats.llama2c import LIMITS
+from pecca.weights import F32Linear, LayerWeights, Weights
+
+GGUF_MAGIC = b"GGUF"
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                 "ffn_gate", "ffn_up", "ffn_down")
+
+
+def open_reader(path: str):
+    """A gguf.GGUFReader, or a clear error for a file it cannot parse."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{path}: not a valid GGUF file ({e})") from None
+
+
+class Metadata:
+    """Typed access to a GGUF file's key-value fields, with errors naming the key."""
+
+    def __init__(self, path, reader):
+        self.path, self.fields = path, reader.fields
+
+    def get(self, key, default=None):
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{self.path}: metadata {key} cannot be read ({e})") from None
+
+    def require(self, key):
+        v = self.get(key)
+        if v is None:
+            raise ModelFormatError(f"{self.path}: metadata key {key} is missing")
+        return v
+
+    def positive_int(self, key, limit, default=None):
+        v = self.get(key, default) if default is not None else self.require(key)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 < int(v) <= limit:
+            raise ModelFormatError(f"{self.path}: metadata {key} = {v!r}, expected an integer in 1..{limit}")
+        return int(v)
+
+
+def read(path: str) -> LoadedModel:
+    reader = open_reader(path)
+    meta = Metadata(path, reader)
+    arch = meta.require("general.architecture")
+    if arch != "llama":
+        raise UnsupportedModelError(f"{path}: general.architecture is {arch!r}; pecca runs 'llama'")
+    tensors = {t.name: t for t in reader.tensors}
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ModelFormatError(f"{path}: tensor {t.name} lies past the end of the file")
+    config = read_config(path, meta, tensors)
+    weights = read_weights(path, config, tensors)
+    from pecca.tokenizers.gguf_vocab import tokenizer_from_gguf
+
+    try:
+        tokenizer = tokenizer_from_gguf(path, meta)
+    except TokenizerFormatError:
+        raise
+    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+        raise ModelFormatError(f"{path}: the vocabulary has {tokenizer.vocab_size} tokens but "
+                               f"token_embd has {config.vocab_size} rows")
+    types = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    extra = {"tensor_types": types, "architecture": arch,
+             "vocab_kind": meta.get("tokenizer.ggml.model"), "name": meta.get("general.name"),
+             "tokenizer": tokenizer}
+    return LoadedModel(config, weights, path, "gguf", size, extra=extra)
+
+
+def read_config(path, meta: Metadata, tensors) -> ModelConfig:
+    emb = tensors.get("token_embd.weight")
+    if emb is None:
+        raise ModelFormatError(f"{path}: tensor token_embd.weight is missing")
+    dim = meta.positive_int("llama.embedding_length", LIMITS["dim"])
+    n_heads = meta.positive_int("llama.attention.head_count", LIMITS["n_heads"])
+    n_kv = meta.positive_int("llama.attention.head_count_kv", LIMITS["n_kv_heads"], default=n_heads)
+    vocab = int(emb.shape[1]) if len(emb.shape) == 2 else 0
+    if not 0 < vocab <= LIMITS["vocab_size"]:
+        raise ModelFormatError(f"{path}: token_embd.weight has shape {list(emb.shape)}")
+    if dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
+        raise ModelFormatError(f"{path}: embedding_length {dim}, head_count {n_heads}, head_count_kv "
+                               f"{n_kv}: heads must divide the width, kv heads the heads, head size even")
+    head_size = dim // n_heads
+    rot = meta.get("llama.rope.dimension_count", head_size)
+    if rot != head_size:
+        raise UnsupportedModelError(f"{path}: llama.rope.dimension_count {rot} differs from the head size "
+                                    f"{head_size} (partial rotary embedding)")
+    theta = float(meta.get("llama.rope.freq_base", 10000.0))
+    eps = float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5))
+    if not (theta > 0 and 0 < eps < 1):
+        raise ModelFormatError(f"{path}: rope.freq_base {theta} / rms epsilon {eps} out of range")
+    factors = rope_factors(path, meta, tensors, head_size)
+    return ModelConfig(
+        dim=dim,
+        hidden_dim=meta.positive_int("llama.feed_forward_length", LIMITS["hidden_dim"]),
+        n_layers=meta.positive_int("llama.block_count", LIMITS["n_layers"]),
+        n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
+        seq_len=meta.positive_int("llama.context_length", LIMITS["seq_len"]),
+        norm_eps=eps, rope_theta=theta,
+        bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
+        eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)),
+        rope_freq_factors=factors)
+
+
+def rope_factors(path, meta: Metadata, tensors, head_size):
+    """Per-pair frequency divisors: llama.cpp stores Llama 3's as the rope_freqs tensor;
+    linear scaling is a key."""
+    kind = meta.get("llama.rope.scaling.type", "none")
+    t = tensors.get("rope_freqs.weight")
+    if t is not None:
+        if t.tensor_type.name != "F32" or int(t.n_elements) != head_size // 2:
+            raise ModelFormatError(f"{path}: rope_freqs.weight must be F32 with {head_size // 2} values")
+        return tuple(float(v) for v in np.asarray(t.data, np.float32).reshape(-1))
+    if kind in ("none", "", None):
+        return None
+    if kind == "linear":
+        factor = float(meta.require("llama.rope.scaling.factor"))
+        if not factor > 0:
+            raise ModelFormatError(f"{path}: llama.rope.scaling.factor {factor} must be > 0")
+        return (factor,) * (head_size // 2)
+    raise UnsupportedModelError(f"{path}: llama.rope.scaling.type {kind!r} is not supported")
+
+
+def _linear(path, t, shape):
+    """The Linear for tensor `t`, after checking its type and shape."""
+    from pecca import weights as W
+
+    got = tuple(int(d) for d in reversed(t.shape))
+    if got != shape:
+        raise ModelFormatError(f"{path}: tensor {t.name} has shape {list(got)}, expected {list(shape)}")
+    kind = t.tensor_type.name
+    if kind == "F32":
+        return F32Linear(t.data)
+    if kind == "F16":
+        return W.F16Linear(t.data)
+    if kind == "BF16":
+        return W.BF16Linear(t.data.view(np.uint16).reshape(shape))
+    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs F32, F16 and "
+                                "BF16 GGUF weights so far")
+
+
+def _vector(path, t, n):
+    """A norm weight as float32 (tiny: converted when stored in f16/bf16)."""
+    if tuple(int(d) for d in t.shape) != (n,):
+        raise ModelFormatError(f"{path}: tensor {t.name} has shape {list(t.shape)}, expected [{n}]")
+    kind = t.tensor_type.name
+    if kind == "F32":
+        return t.data
+    if kind == "F16":
+        return t.data.astype(np.float32)
+    if kind == "BF16":
+        return (t.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}")
+
+
+def _embedding(path, t, shape):
+    got = tuple(int(d) for d in reversed(t.shape))
+    if got != shape:
+        raise ModelFormatError(f"{path}: tensor {t.name} has shape {list(got)}, expected {list(shape)}")
+    kind = t.tensor_type.name
+    if kind in ("F32", "F16"):
+        return t.data
+    if kind == "BF16":
+        return t.data.view(np.uint16).reshape(shape)
+    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs F32, F16 and "
+                                "BF16 GGUF weights so far")
+
+
+def read_weights(path, c: ModelConfig, tensors) -> Weights:
+    def need(name):
+        t = tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{path}: tensor {name} is missing")
+        return t
+
+    d, h, kv, V = c.dim, c.hidden_dim, c.kv_dim, c.vocab_size
+    emb = _embedding(path, need("token_embd.weight"), (V, d))
+    layers = []
+    for i in range(c.n_layers):
+        p = f"blk.{i}."
+        layers.append(LayerWeights(
+            attn_norm=_vector(path, need(p + "attn_norm.weight"), d),
+            wq=_linear(path, need(p + "attn_q.weight"), (d, d)),
+            wk=_linear(path, need(p + "attn_k.weight"), (kv, d)),
+            wv=_linear(path, need(p + "attn_v.weight"), (kv, d)),
+            wo=_linear(path, need(p + "attn_output.weight"), (d, d)),
+            ffn_norm=_vector(path, need(p + "ffn_norm.weight"), d),
+            w1=_linear(path, need(p + "ffn_gate.weight"), (h, d)),
+            w2=_linear(path, need(p + "ffn_down.weight"), (d, h)),
+            w3=_linear(path, need(p + "ffn_up.weight"), (h, d))))
+    out = tensors.get("output.weight")
+    shared = out is None
+    output = _linear(path, out if out is not None else need("token_embd.weight"), (V, d))
+    return Weights(emb, layers, _vector(path, need("output_norm.weight"), d), output, shared)
