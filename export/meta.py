@@ -287,3 +287,70 @@ def _merge(shards, plan):
             yield name, parts[0]
         else:
             yield name, RawTensor(np.concatenate([t.data for t in parts], axis=axis), parts[0].dtype)
+
+
+# --- as an export source -------------------------------------------------------------------
+
+META_NAMES = {"attn_norm": "attention_norm", "ffn_norm": "ffn_norm", "attn_q": "attention.wq",
+              "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+              "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"}
+
+
+def context_length(params: dict) -> int:
+    """params.json has no context length; llama.cpp's converter guesses it the same way:
+    Llama 3 (rope_theta 500000) 8192 (131072 with scaled RoPE), Llama 2 (32000 tokens,
+    norm_eps 1e-5) 4096, Llama 1 2048."""
+    if params.get("max_seq_len"):
+        return int(params["max_seq_len"])
+    if params["rope_theta"] >= 500000:
+        return 131072 if params.get("use_scaled_rope") else 8192
+    if params["vocab_size"] == 32000 and params["norm_eps"] == 1e-5:
+        return 4096
+    return 2048
+
+
+class MetaSource:
+    """A Meta checkpoint directory as an export source. Meta's q/k rows are already in the
+    interleaved order GGUF uses; shards are merged one tensor at a time, on request."""
+
+    def __init__(self, directory: str, tokenizer_path: Optional[str] = None):
+        from export.vocab import vocab_from_sentencepiece
+        from pecca.config import ModelConfig, llama3_rope_factors
+
+        self.dir = os.fspath(directory)
+        params = _read_params_json(self.dir)
+        self.shards = _open_shards(self.dir)
+        if params["vocab_size"] == -1:
+            params = dict(params, vocab_size=_vocab_from_shards(self.dir, params, self.shards))
+        self.axes = dict(_plan(self.dir, self.shards, params))
+        head = params["dim"] // params["n_heads"]
+        factors = None
+        if params.get("use_scaled_rope"):
+            factors = llama3_rope_factors(head, params["rope_theta"],
+                                          float(params.get("rope_scaling_factor", 8.0)), 1.0, 4.0, 8192)
+        self.config = ModelConfig(
+            dim=params["dim"], hidden_dim=hidden_dim(params), n_layers=params["n_layers"],
+            n_heads=params["n_heads"], n_kv_heads=params["n_kv_heads"],
+            vocab_size=params["vocab_size"], seq_len=context_length(params),
+            norm_eps=float(params["norm_eps"]), rope_theta=float(params["rope_theta"]),
+            rope_freq_factors=factors)
+        self.tied = False
+        self.name = os.path.basename(os.path.normpath(self.dir))
+        tok = tokenizer_path or os.path.join(self.dir, "tokenizer.model")
+        if not os.path.isfile(tok):
+            raise ModelNotFoundError(f"{self.dir}: no tokenizer.model (pass --tokenizer)")
+        self.vocab = vocab_from_sentencepiece(tok)
+
+    def tensor(self, name: str) -> RawTensor:
+        if name == "rope_freqs.weight":
+            return RawTensor(np.asarray(self.config.rope_freq_factors, np.float32), "f32")
+        meta = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                "output.weight": "output.weight"}.get(name)
+        if meta is None:
+            _, i, what, _ = name.split(".")
+            meta = f"layers.{i}.{META_NAMES[what]}.weight"
+        parts = [sd[meta] for _, sd in self.shards]
+        axis = self.axes[meta]
+        if len(parts) == 1 or axis is None:
+            return parts[0]
+        return RawTensor(np.concatenate([t.data for t in parts], axis=axis), parts[0].dtype)

@@ -33,7 +33,7 @@ def open_reader(path: str):
     try:
         return gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: not a valid GGUF file ({e})") from None
+        raise ModelFormatError(f"{path}: not a valid GGUF file, truncated or corrupt ({e})") from None
 
 
 class Metadata:
