@@ -15,7 +15,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["runtime", "f32", "ops"]
+KERNELS = ["runtime", "f32", "ops", "f16"]
 DIRECTIVES = {
     "language_level": 3,
     "boundscheck": False,
@@ -73,7 +73,8 @@ extensions = [
     Extension(f"pecca._kernels.{name}", [f"pecca/_kernels/{name}.pyx"],
               include_dirs=["pecca/_kernels"], depends=["pecca/_kernels/simd.h",
                                                          "pecca/_kernels/f32_kernels.h",
-                                                         "pecca/_kernels/f32_gemm.h"])
+                                                         "pecca/_kernels/f32_gemm.h",
+                                                         "pecca/_kernels/f16_kernels.h"])
     for name in KERNELS
 ]
 

@@ -9,6 +9,7 @@ from typing import List
 import numpy as np
 
 from pecca._kernels import f32
+from pecca._kernels import f16
 
 
 class F32Linear:
@@ -29,6 +30,58 @@ class F32Linear:
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
         f32.matmul(self.w, x, out, threads)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
+
+class F16Linear:
+    """y = W x with W IEEE half, shape (out_features, in_features), row-major; x and y float32.
+
+    The kernel takes the bits as uint16 (``bits``, a view of ``w``, not a copy)."""
+
+    kind = "f16"
+
+    def __init__(self, w: np.ndarray):
+        if w.dtype != np.float16 or w.ndim != 2 or not w.flags.c_contiguous:
+            raise ValueError("F16Linear needs a C-contiguous 2-D float16 array")
+        self.w = w
+        self.bits = w.view(np.uint16)
+        self.out_features, self.in_features = w.shape
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (out_features,) = W x, x (in_features,)"""
+        f16.matvec_f16(self.bits, x, out, threads)
+
+    def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
+        f16.matmul_f16(self.bits, x, out, threads)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
+
+class BF16Linear:
+    """y = W x with W bfloat16, given as uint16 bit patterns (numpy has no bfloat16), shape
+    (out_features, in_features), row-major; x and y float32."""
+
+    kind = "bf16"
+
+    def __init__(self, w: np.ndarray):
+        if w.dtype != np.uint16 or w.ndim != 2 or not w.flags.c_contiguous:
+            raise ValueError("BF16Linear needs a C-contiguous 2-D uint16 array of bf16 bits")
+        self.w = w
+        self.out_features, self.in_features = w.shape
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (out_features,) = W x, x (in_features,)"""
+        f16.matvec_bf16(self.w, x, out, threads)
+
+    def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
+        f16.matmul_bf16(self.w, x, out, threads)
 
     @property
     def nbytes(self) -> int:

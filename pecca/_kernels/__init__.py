@@ -1,11 +1,12 @@
 """pecca's compiled kernels (Cython + C, OpenMP).
 
-Modules: ``f32`` (matrix-vector product), ``ops`` (rmsnorm, softmax, RoPE, SwiGLU,
-attention), ``runtime`` (OpenMP and SIMD information).
+Modules: ``f32`` (matrix-vector and matrix-matrix products), ``f16`` (the same with f16 /
+bf16 weights), ``ops`` (rmsnorm, softmax, RoPE, SwiGLU, attention), ``runtime`` (OpenMP and
+SIMD information).
 """
 import os
 
-from pecca._kernels import f32, ops, runtime
+from pecca._kernels import f16, f32, ops, runtime
 
 SIMD_PATHS = runtime.SIMD_NAMES
 
@@ -19,6 +20,6 @@ def set_simd_path(name):
         if name not in SIMD_PATHS:
             raise ValueError(f"unknown SIMD path {name!r}; expected one of {SIMD_PATHS}")
         os.environ["PECCA_SIMD"] = name
-    for module in (f32, ops):
+    for module in (f32, f16, ops):
         module._reset_simd()
     return runtime.reset_simd()

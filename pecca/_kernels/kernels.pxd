@@ -16,3 +16,16 @@ cdef extern from "f32_kernels.h" nogil:
 cdef extern from "f32_gemm.h" nogil:
     void gemm_f32_rows(const float *w, const float *x, float *out, long n, long T,
                        long ldo, long r0, long r1) noexcept
+
+# f16 / bf16 weights (uint16_t bit patterns), f16_kernels.h
+from libc.stdint cimport uint16_t
+
+cdef extern from "f16_kernels.h" nogil:
+    void matvec_f16_rows(const uint16_t *w, const float *x, float *out,
+                         long n, long r0, long r1) noexcept
+    void matvec_bf16_rows(const uint16_t *w, const float *x, float *out,
+                          long n, long r0, long r1) noexcept
+    void gemm_f16_rows(const uint16_t *w, const float *x, float *out, long n, long T,
+                       long ldo, long r0, long r1) noexcept
+    void gemm_bf16_rows(const uint16_t *w, const float *x, float *out, long n, long T,
+                        long ldo, long r0, long r1) noexcept

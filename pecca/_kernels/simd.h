@@ -25,11 +25,15 @@
 static int pecca_simd_supported(void) {
 #if PECCA_X86
     __builtin_cpu_init();
+    /* F16C (half -> float, used by the AVX2 f16 kernels) is a separate CPUID bit; every
+     * AVX2 and AVX-512 CPU has it, but it is checked so that the AVX2 path, which PECCA_SIMD
+     * may force on an AVX-512 CPU too, never meets a CPU without it. */
+    int f16c = __builtin_cpu_supports("f16c");
     /* AVX-512 path needs F (float ops, masks); BW/VL are used by later int8 kernels. */
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && f16c)
         return PECCA_SIMD_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
         return PECCA_SIMD_AVX2;
 #endif
     return PECCA_SIMD_PORTABLE;

@@ -1,0 +1,415 @@
+/* Half-precision weights: matrix-vector and matrix-matrix products with W stored as IEEE
+ * half (f16) or bfloat16 (bf16) bit patterns (uint16_t), x and out float32.
+ *
+ * Decoding one token reads every weight once, so its speed is set by memory bandwidth: 16-bit
+ * weights halve the bytes per multiply-add. The weights are widened to float32 in registers
+ * (F16C / AVX-512 vcvtph2ps for f16; a 16-bit shift for bf16, which is the top half of a
+ * float32) and multiplied in float32. Every f16 and bf16 value is exactly a float32, so the
+ * results round as the f32 kernels' would on the widened matrix: ~1e-6 relative to float64.
+ *
+ * matvec_<t>_rows: the f32 structure (matvec_rows_avx2 / _avx512 in f32_kernels.h), 4 rows at
+ * a time with 2 accumulators each, the next 4-row block prefetched. gemm_<t>_rows: each 4-row
+ * block is widened into a float32 scratch block and handed to the f32 register-tile kernels
+ * (f32_gemm.h); the widening is 4n operations against 4nT multiply-adds, so it costs little
+ * once T is more than a few tokens.
+ *
+ * Each path has one body for both formats, instantiated through an always_inline helper with
+ * a constant `bf16` flag: after inlining the flag folds away, leaving no branch in the loops.
+ */
+#ifndef PECCA_F16_KERNELS_H
+#define PECCA_F16_KERNELS_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "simd.h"
+#include "f32_kernels.h"
+#include "f32_gemm.h"
+
+/* ---------------- portable ---------------- */
+
+/* Exact IEEE half -> float. Every half is a float32: normals re-bias the exponent (15 -> 127),
+ * subnormals (mant * 2^-24) become normal floats, inf and nan keep their class (a signalling
+ * nan is made quiet, as vcvtph2ps does). */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+    float f;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13) | (mant ? 0x00400000u : 0u);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (mant << 13);
+    } else {
+        /* zero or subnormal: mant < 2^10 and the scale is a power of two, so exact */
+        f = (float)mant * 5.9604644775390625e-8f; /* 2^-24 */
+        return sign ? -f : f;
+    }
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* bf16 is the high half of a float32: the bits shift back into place, nothing else. */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline __attribute__((always_inline)) float half_to_f32(uint16_t h, int bf16) {
+    return bf16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+static inline __attribute__((always_inline))
+float dot_half_portable(const uint16_t *w, const float *x, long n, int bf16) {
+    /* the same eight partial sums as dot_portable, so both paths round alike */
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    long j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int k = 0; k < 8; k++) acc[k] += half_to_f32(w[j + k], bf16) * x[j + k];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; j < n; j++) s += half_to_f32(w[j], bf16) * x[j];
+    return s;
+}
+
+static void matvec_f16_rows_portable(const uint16_t *w, const float *x, float *out,
+                                     long n, long r0, long r1) {
+    for (long i = r0; i < r1; i++) out[i] = dot_half_portable(w + i * n, x, n, 0);
+}
+
+static void matvec_bf16_rows_portable(const uint16_t *w, const float *x, float *out,
+                                      long n, long r0, long r1) {
+    for (long i = r0; i < r1; i++) out[i] = dot_half_portable(w + i * n, x, n, 1);
+}
+
+static void widen_f16_portable(const uint16_t *src, float *dst, long count) {
+    for (long j = 0; j < count; j++) dst[j] = f16_to_f32(src[j]);
+}
+
+static void widen_bf16_portable(const uint16_t *src, float *dst, long count) {
+    for (long j = 0; j < count; j++) dst[j] = bf16_to_f32(src[j]);
+}
+
+#if PECCA_X86
+/* ---------------- AVX2 + FMA + F16C ---------------- */
+/* F16C is separate from AVX2 in the ISA; simd.h picks the AVX2 level only when the CPU has
+ * it (every AVX2 CPU does). */
+#define PECCA_F16_AVX2 "avx2,fma,f16c"
+
+__attribute__((target(PECCA_F16_AVX2), always_inline))
+static inline __m256 load8_half_avx2(const uint16_t *p, int bf16) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+/* AVX2 has no 16-bit masked load: the last r < 8 weights go through a zeroed buffer (once per
+ * row, so its cost does not matter). */
+__attribute__((target(PECCA_F16_AVX2), always_inline))
+static inline __m256 load_tail_half_avx2(const uint16_t *p, long r, int bf16) {
+    uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(buf, p, (size_t)r * sizeof(uint16_t));
+    return load8_half_avx2(buf, bf16);
+}
+
+__attribute__((target(PECCA_F16_AVX2), always_inline))
+static inline float dot_half_avx2(const uint16_t *w, const float *x, long n, int bf16) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    long j = 0;
+    for (; j + 16 <= n; j += 16) {
+        s0 = _mm256_fmadd_ps(load8_half_avx2(w + j, bf16), _mm256_loadu_ps(x + j), s0);
+        s1 = _mm256_fmadd_ps(load8_half_avx2(w + j + 8, bf16), _mm256_loadu_ps(x + j + 8), s1);
+    }
+    for (; j + 8 <= n; j += 8)
+        s0 = _mm256_fmadd_ps(load8_half_avx2(w + j, bf16), _mm256_loadu_ps(x + j), s0);
+    if (j < n) {
+        __m256i m = tail_mask256(n - j);
+        s1 = _mm256_fmadd_ps(load_tail_half_avx2(w + j, n - j, bf16), _mm256_maskload_ps(x + j, m), s1);
+    }
+    return hsum256(_mm256_add_ps(s0, s1));
+}
+
+/* As matvec_rows_avx2: four rows share each load of x, two accumulators per row. A step of 16
+ * weights is 32 bytes per row, 128 bytes for the block, so 2 lines of the next block are
+ * prefetched per step. */
+__attribute__((target(PECCA_F16_AVX2), always_inline))
+static inline void matvec_half_rows_avx2(const uint16_t *w, const float *x, float *out,
+                                         long n, long r0, long r1, int bf16) {
+    long i = r0;
+    long n16 = n & ~15L, n8 = n & ~7L;
+    __m256i m = tail_mask256(n - n8);
+    for (; i + 4 <= r1; i += 4) {
+        const uint16_t *w0 = w + i * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+        __m256 b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+        const char *next = (const char *)(w3 + n);  /* the next block, fetched meanwhile */
+        int pf = i + 8 <= r1;
+        long j = 0;
+        for (; j < n16; j += 16) {
+            if (pf) prefetch_lines(next + 8 * j, 2);
+            __m256 xa = _mm256_loadu_ps(x + j), xb = _mm256_loadu_ps(x + j + 8);
+            a0 = _mm256_fmadd_ps(load8_half_avx2(w0 + j, bf16), xa, a0);
+            a1 = _mm256_fmadd_ps(load8_half_avx2(w1 + j, bf16), xa, a1);
+            a2 = _mm256_fmadd_ps(load8_half_avx2(w2 + j, bf16), xa, a2);
+            a3 = _mm256_fmadd_ps(load8_half_avx2(w3 + j, bf16), xa, a3);
+            b0 = _mm256_fmadd_ps(load8_half_avx2(w0 + j + 8, bf16), xb, b0);
+            b1 = _mm256_fmadd_ps(load8_half_avx2(w1 + j + 8, bf16), xb, b1);
+            b2 = _mm256_fmadd_ps(load8_half_avx2(w2 + j + 8, bf16), xb, b2);
+            b3 = _mm256_fmadd_ps(load8_half_avx2(w3 + j + 8, bf16), xb, b3);
+        }
+        for (; j < n8; j += 8) {
+            __m256 xa = _mm256_loadu_ps(x + j);
+            a0 = _mm256_fmadd_ps(load8_half_avx2(w0 + j, bf16), xa, a0);
+            a1 = _mm256_fmadd_ps(load8_half_avx2(w1 + j, bf16), xa, a1);
+            a2 = _mm256_fmadd_ps(load8_half_avx2(w2 + j, bf16), xa, a2);
+            a3 = _mm256_fmadd_ps(load8_half_avx2(w3 + j, bf16), xa, a3);
+        }
+        if (j < n) {
+            __m256 xa = _mm256_maskload_ps(x + j, m);
+            b0 = _mm256_fmadd_ps(load_tail_half_avx2(w0 + j, n - j, bf16), xa, b0);
+            b1 = _mm256_fmadd_ps(load_tail_half_avx2(w1 + j, n - j, bf16), xa, b1);
+            b2 = _mm256_fmadd_ps(load_tail_half_avx2(w2 + j, n - j, bf16), xa, b2);
+            b3 = _mm256_fmadd_ps(load_tail_half_avx2(w3 + j, n - j, bf16), xa, b3);
+        }
+        out[i] = hsum256(_mm256_add_ps(a0, b0));
+        out[i + 1] = hsum256(_mm256_add_ps(a1, b1));
+        out[i + 2] = hsum256(_mm256_add_ps(a2, b2));
+        out[i + 3] = hsum256(_mm256_add_ps(a3, b3));
+    }
+    for (; i < r1; i++) out[i] = dot_half_avx2(w + i * n, x, n, bf16);
+}
+
+__attribute__((target(PECCA_F16_AVX2), always_inline))
+static inline void widen_half_avx2(const uint16_t *src, float *dst, long count, int bf16) {
+    long j = 0;
+    for (; j + 8 <= count; j += 8) _mm256_storeu_ps(dst + j, load8_half_avx2(src + j, bf16));
+    for (; j < count; j++) dst[j] = half_to_f32(src[j], bf16);
+}
+
+__attribute__((target(PECCA_F16_AVX2)))
+static void matvec_f16_rows_avx2(const uint16_t *w, const float *x, float *out,
+                                 long n, long r0, long r1) {
+    matvec_half_rows_avx2(w, x, out, n, r0, r1, 0);
+}
+
+__attribute__((target(PECCA_F16_AVX2)))
+static void matvec_bf16_rows_avx2(const uint16_t *w, const float *x, float *out,
+                                  long n, long r0, long r1) {
+    matvec_half_rows_avx2(w, x, out, n, r0, r1, 1);
+}
+
+__attribute__((target(PECCA_F16_AVX2)))
+static void widen_f16_avx2(const uint16_t *src, float *dst, long count) {
+    widen_half_avx2(src, dst, count, 0);
+}
+
+__attribute__((target(PECCA_F16_AVX2)))
+static void widen_bf16_avx2(const uint16_t *src, float *dst, long count) {
+    widen_half_avx2(src, dst, count, 1);
+}
+
+/* ---------------- AVX-512 ---------------- */
+/* vcvtph2ps on zmm is AVX-512F; the masked 16-bit tail load is AVX-512BW+VL. */
+#define PECCA_F16_AVX512 "avx512f,avx512bw,avx512vl,fma"
+
+__attribute__((target(PECCA_F16_AVX512), always_inline))
+static inline __m512 widen16_avx512(__m256i h, int bf16) {
+    if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+__attribute__((target(PECCA_F16_AVX512), always_inline))
+static inline __m512 load16_half_avx512(const uint16_t *p, int bf16) {
+    return widen16_avx512(_mm256_loadu_si256((const __m256i *)p), bf16);
+}
+
+/* masked-off lanes are neither read (no fault past the row's end) nor nonzero */
+__attribute__((target(PECCA_F16_AVX512), always_inline))
+static inline __m512 load16m_half_avx512(__mmask16 m, const uint16_t *p, int bf16) {
+    return widen16_avx512(_mm256_maskz_loadu_epi16(m, p), bf16);
+}
+
+__attribute__((target(PECCA_F16_AVX512), always_inline))
+static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, int bf16) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    long j = 0;
+    for (; j + 32 <= n; j += 32) {
+        s0 = _mm512_fmadd_ps(load16_half_avx512(w + j, bf16), _mm512_loadu_ps(x + j), s0);
+        s1 = _mm512_fmadd_ps(load16_half_avx512(w + j + 16, bf16), _mm512_loadu_ps(x + j + 16), s1);
+    }
+    for (; j + 16 <= n; j += 16)
+        s0 = _mm512_fmadd_ps(load16_half_avx512(w + j, bf16), _mm512_loadu_ps(x + j), s0);
+    if (j < n) {
+        __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+        s1 = _mm512_fmadd_ps(load16m_half_avx512(m, w + j, bf16), _mm512_maskz_loadu_ps(m, x + j), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+/* As matvec_rows_avx512; a step of 32 weights is 64 bytes per row, 4 lines per block, so 4
+ * lines of the next block are prefetched per step. */
+__attribute__((target(PECCA_F16_AVX512), always_inline))
+static inline void matvec_half_rows_avx512(const uint16_t *w, const float *x, float *out,
+                                           long n, long r0, long r1, int bf16) {
+    long i = r0;
+    long n32 = n & ~31L, n16 = n & ~15L;
+    __mmask16 m = (__mmask16)((1u << (n - n16)) - 1u);
+    for (; i + 4 <= r1; i += 4) {
+        const uint16_t *w0 = w + i * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        __m512 b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+        const char *next = (const char *)(w3 + n);  /* the next block, fetched meanwhile */
+        int pf = i + 8 <= r1;
+        long j = 0;
+        for (; j < n32; j += 32) {
+            if (pf) prefetch_lines(next + 8 * j, 4);
+            __m512 xa = _mm512_loadu_ps(x + j), xb = _mm512_loadu_ps(x + j + 16);
+            a0 = _mm512_fmadd_ps(load16_half_avx512(w0 + j, bf16), xa, a0);
+            a1 = _mm512_fmadd_ps(load16_half_avx512(w1 + j, bf16), xa, a1);
+            a2 = _mm512_fmadd_ps(load16_half_avx512(w2 + j, bf16), xa, a2);
+            a3 = _mm512_fmadd_ps(load16_half_avx512(w3 + j, bf16), xa, a3);
+            b0 = _mm512_fmadd_ps(load16_half_avx512(w0 + j + 16, bf16), xb, b0);
+            b1 = _mm512_fmadd_ps(load16_half_avx512(w1 + j + 16, bf16), xb, b1);
+            b2 = _mm512_fmadd_ps(load16_half_avx512(w2 + j + 16, bf16), xb, b2);
+            b3 = _mm512_fmadd_ps(load16_half_avx512(w3 + j + 16, bf16), xb, b3);
+        }
+        for (; j < n16; j += 16) {
+            __m512 xa = _mm512_loadu_ps(x + j);
+            a0 = _mm512_fmadd_ps(load16_half_avx512(w0 + j, bf16), xa, a0);
+            a1 = _mm512_fmadd_ps(load16_half_avx512(w1 + j, bf16), xa, a1);
+            a2 = _mm512_fmadd_ps(load16_half_avx512(w2 + j, bf16), xa, a2);
+            a3 = _mm512_fmadd_ps(load16_half_avx512(w3 + j, bf16), xa, a3);
+        }
+        if (j < n) {
+            __m512 xa = _mm512_maskz_loadu_ps(m, x + j);
+            b0 = _mm512_fmadd_ps(load16m_half_avx512(m, w0 + j, bf16), xa, b0);
+            b1 = _mm512_fmadd_ps(load16m_half_avx512(m, w1 + j, bf16), xa, b1);
+            b2 = _mm512_fmadd_ps(load16m_half_avx512(m, w2 + j, bf16), xa, b2);
+            b3 = _mm512_fmadd_ps(load16m_half_avx512(m, w3 + j, bf16), xa, b3);
+        }
+        out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+        out[i + 1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+        out[i + 2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+        out[i + 3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+    }
+    for (; i < r1; i++) out[i] = dot_half_avx512(w + i * n, x, n, bf16);
+}
+
+__attribute__((target(PECCA_F16_AVX512), always_inline))
+static inline void widen_half_avx512(const uint16_t *src, float *dst, long count, int bf16) {
+    long j = 0;
+    for (; j + 16 <= count; j += 16) _mm512_storeu_ps(dst + j, load16_half_avx512(src + j, bf16));
+    if (j < count) {
+        __mmask16 m = (__mmask16)((1u << (count - j)) - 1u);
+        _mm512_mask_storeu_ps(dst + j, m, load16m_half_avx512(m, src + j, bf16));
+    }
+}
+
+__attribute__((target(PECCA_F16_AVX512)))
+static void matvec_f16_rows_avx512(const uint16_t *w, const float *x, float *out,
+                                   long n, long r0, long r1) {
+    matvec_half_rows_avx512(w, x, out, n, r0, r1, 0);
+}
+
+__attribute__((target(PECCA_F16_AVX512)))
+static void matvec_bf16_rows_avx512(const uint16_t *w, const float *x, float *out,
+                                    long n, long r0, long r1) {
+    matvec_half_rows_avx512(w, x, out, n, r0, r1, 1);
+}
+
+__attribute__((target(PECCA_F16_AVX512)))
+static void widen_f16_avx512(const uint16_t *src, float *dst, long count) {
+    widen_half_avx512(src, dst, count, 0);
+}
+
+__attribute__((target(PECCA_F16_AVX512)))
+static void widen_bf16_avx512(const uint16_t *src, float *dst, long count) {
+    widen_half_avx512(src, dst, count, 1);
+}
+#endif /* PECCA_X86 */
+
+/* ---------------- dispatch ---------------- */
+
+/* out[r0:r1] = W[r0:r1, :] @ x, W row-major (rows, n) of f16 bits. */
+static void matvec_f16_rows(const uint16_t *w, const float *x, float *out,
+                            long n, long r0, long r1) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512) { matvec_f16_rows_avx512(w, x, out, n, r0, r1); return; }
+    if (level == PECCA_SIMD_AVX2) { matvec_f16_rows_avx2(w, x, out, n, r0, r1); return; }
+#endif
+    matvec_f16_rows_portable(w, x, out, n, r0, r1);
+}
+
+/* out[r0:r1] = W[r0:r1, :] @ x, W row-major (rows, n) of bf16 bits. */
+static void matvec_bf16_rows(const uint16_t *w, const float *x, float *out,
+                             long n, long r0, long r1) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512) { matvec_bf16_rows_avx512(w, x, out, n, r0, r1); return; }
+    if (level == PECCA_SIMD_AVX2) { matvec_bf16_rows_avx2(w, x, out, n, r0, r1); return; }
+#endif
+    matvec_bf16_rows_portable(w, x, out, n, r0, r1);
+}
+
+/* dst[0:count] = float32 of src[0:count] (exact). */
+static void widen_f16(const uint16_t *src, float *dst, long count) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512) { widen_f16_avx512(src, dst, count); return; }
+    if (level == PECCA_SIMD_AVX2) { widen_f16_avx2(src, dst, count); return; }
+#endif
+    widen_f16_portable(src, dst, count);
+}
+
+static void widen_bf16(const uint16_t *src, float *dst, long count) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512) { widen_bf16_avx512(src, dst, count); return; }
+    if (level == PECCA_SIMD_AVX2) { widen_bf16_avx2(src, dst, count); return; }
+#endif
+    widen_bf16_portable(src, dst, count);
+}
+
+typedef void (*pecca_widen_fn)(const uint16_t *src, float *dst, long count);
+typedef void (*pecca_matvec_half_fn)(const uint16_t *w, const float *x, float *out,
+                                     long n, long r0, long r1);
+
+/* out[t, r] = sum_j w[r, j] x[t, j] for rows [r0, r1), all T tokens; out (T, ldo).
+ * Each block of 4 rows (fewer at the end) is widened into a float32 scratch block that stays
+ * in L1/L2 while gemm_f32_rows runs it against every token. One token is a plain matvec (no
+ * reuse to pay for the widening). The scratch is 16n bytes, up to 4 MiB for n = 65536: too
+ * big for the stack, so it is malloc'd once per call (per thread); if that fails, each token
+ * falls back to the matvec, which needs no memory. */
+static void gemm_half_rows(const uint16_t *w, const float *x, float *out, long n, long T,
+                           long ldo, long r0, long r1, pecca_widen_fn widen,
+                           pecca_matvec_half_fn matvec) {
+    if (r1 <= r0 || T <= 0) return;
+    float *buf = T > 1 ? (float *)malloc((size_t)(4 * n) * sizeof(float)) : NULL;
+    if (buf == NULL) {
+        for (long t = 0; t < T; t++) matvec(w, x + t * n, out + t * ldo, n, r0, r1);
+        return;
+    }
+    for (long r = r0; r < r1; r += 4) {
+        long k = r1 - r < 4 ? r1 - r : 4;
+        widen(w + r * n, buf, k * n);
+        gemm_f32_rows(buf, x, out + r, n, T, ldo, 0, k);
+    }
+    free(buf);
+}
+
+static void gemm_f16_rows(const uint16_t *w, const float *x, float *out, long n, long T,
+                          long ldo, long r0, long r1) {
+    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_f16, matvec_f16_rows);
+}
+
+static void gemm_bf16_rows(const uint16_t *w, const float *x, float *out, long n, long T,
+                           long ldo, long r0, long r1) {
+    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_bf16, matvec_bf16_rows);
+}
+
+#endif
