@@ -6,7 +6,6 @@ complete (a temporary name, renamed at the end).
 A source provides `config` (ModelConfig), `vocab` (export.vocab.Vocab), `name` (str) and
 `tensor(gguf_name) -> RawTensor` in llama.cpp's layout (q/k rows in Meta's order).
 """
-import mmap
 import os
 from typing import List, Tuple
 
@@ -14,7 +13,7 @@ import numpy as np
 
 from pecca.config import ModelConfig
 from pecca.errors import InvalidArgumentError, ModelFormatError
-from pecca.formats.tensors import RawTensor
+from pecca.formats.tensors import RawTensor, release_pages
 from pecca.progress import progress
 
 OUT_DTYPES = {"f32": np.float32, "f16": np.float16}
@@ -131,24 +130,3 @@ def write_tensor(fout, name, shape, raw: RawTensor, dtype, advance) -> int:
         advance(out.nbytes)
         release_pages(data[r:r + rows])
     return written
-
-
-def release_pages(view: np.ndarray) -> None:
-    """Drop the source pages just converted from this process's resident set: a memory-mapped
-    70B checkpoint read front to back would otherwise count in full towards its RSS (the
-    pages stay in the page cache; nothing is re-read)."""
-    base = view
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None) if not isinstance(base, np.memmap) else base._mmap
-    if base is None or not hasattr(base, "madvise") or not view.flags.c_contiguous:
-        return
-    start = view.__array_interface__["data"][0]
-    origin = np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
-    page = mmap.PAGESIZE
-    lo = (start - origin) // page * page
-    hi = start - origin + view.nbytes
-    if hi - lo >= page:
-        try:
-            base.madvise(mmap.MADV_DONTNEED, lo, (hi - lo) // page * page)
-        except (OSError, ValueError):  # not supported here: only the RSS figure suffers
-            pass

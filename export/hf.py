@@ -19,7 +19,7 @@ import numpy as np
 from pecca.config import ModelConfig, llama3_rope_factors
 from pecca.errors import ModelFormatError, UnsupportedModelError
 from pecca.formats.llama2c import LIMITS
-from pecca.formats.tensors import RawTensor
+from pecca.formats.tensors import RawTensor, release_pages
 
 SAFETENSORS_DTYPES = {"F32": ("f32", np.float32), "F16": ("f16", np.float16), "BF16": ("bf16", np.uint16)}
 MAX_HEADER = 100 << 20
@@ -228,5 +228,7 @@ class HFSource:
             if tuple(t.shape) != expect:
                 raise ModelFormatError(f"{self.dir}: tensor model.layers.{i}.{HF_NAMES[what]}.weight has "
                                        f"shape {list(t.shape)}, expected {list(expect)} from the config")
-            return RawTensor(unpermute(t.data, heads), t.dtype)
+            out = RawTensor(unpermute(t.data, heads), t.dtype)
+            release_pages(t.data)  # the copy is made: the source pages can leave the RSS
+            return out
         return t

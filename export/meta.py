@@ -32,7 +32,7 @@ import numpy as np
 
 from pecca.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from pecca.formats.pth import read_pth
-from pecca.formats.tensors import RawTensor
+from pecca.formats.tensors import RawTensor, release_pages
 
 SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -353,4 +353,7 @@ class MetaSource:
         axis = self.axes[meta]
         if len(parts) == 1 or axis is None:
             return parts[0]
-        return RawTensor(np.concatenate([t.data for t in parts], axis=axis), parts[0].dtype)
+        merged = RawTensor(np.concatenate([t.data for t in parts], axis=axis), parts[0].dtype)
+        for t in parts:  # merged into a copy: the shards' pages can leave the RSS
+            release_pages(t.data)
+        return merged

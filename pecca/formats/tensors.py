@@ -3,6 +3,7 @@
 numpy has no bfloat16, so bf16 data is held as uint16 bit patterns; `to_f32()` converts
 (a copy: only for export and tests, never on the inference path).
 """
+import mmap
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -39,3 +40,24 @@ def bf16_from_f32(x: np.ndarray) -> np.ndarray:
     nan = np.isnan(x)
     out[nan] = 0x7FC0
     return out
+
+
+def release_pages(view: np.ndarray) -> None:
+    """Drop the source pages just converted from this process's resident set: a memory-mapped
+    70B checkpoint read front to back would otherwise count in full towards its RSS (the
+    pages stay in the page cache; nothing is re-read)."""
+    base = view
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, np.memmap) else base._mmap
+    if base is None or not hasattr(base, "madvise") or not view.flags.c_contiguous:
+        return
+    start = view.__array_interface__["data"][0]
+    origin = np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
+    page = mmap.PAGESIZE
+    lo = (start - origin) // page * page
+    hi = start - origin + view.nbytes
+    if hi - lo >= page:
+        try:
+            base.madvise(mmap.MADV_DONTNEED, lo, (hi - lo) // page * page)
+        except (OSError, ValueError):  # not supported here: only the RSS figure suffers
+            pass
