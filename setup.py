@@ -15,7 +15,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["runtime", "f32", "ops", "f16"]
+KERNELS = ["runtime", "f32", "ops", "f16", "q8"]
 DIRECTIVES = {
     "language_level": 3,
     "boundscheck": False,
@@ -74,7 +74,8 @@ extensions = [
               include_dirs=["pecca/_kernels"], depends=["pecca/_kernels/simd.h",
                                                          "pecca/_kernels/f32_kernels.h",
                                                          "pecca/_kernels/f32_gemm.h",
-                                                         "pecca/_kernels/f16_kernels.h"])
+                                                         "pecca/_kernels/f16_kernels.h",
+                                                         "pecca/_kernels/q8_kernels.h"])
     for name in KERNELS
 ]
 

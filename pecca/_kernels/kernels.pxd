@@ -29,3 +29,22 @@ cdef extern from "f16_kernels.h" nogil:
                        long ldo, long r0, long r1) noexcept
     void gemm_bf16_rows(const uint16_t *w, const float *x, float *out, long n, long T,
                         long ldo, long r0, long r1) noexcept
+
+# int8 weights with int8-quantized activations (q8 groups, GGUF Q8_0), q8_kernels.h
+from libc.stdint cimport int8_t, uint8_t
+
+cdef extern from "simd.h" nogil:
+    int pecca_vnni_supported() noexcept
+
+cdef extern from "q8_kernels.h" nogil:
+    void quantize_q8g(const float *x, int8_t *qx, float *sx, long n, long gs) noexcept
+    void quantize_q8_0(const float *x, int8_t *qx, float *dx, long n) noexcept
+    void matvec_q8g_rows(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs,
+                         float *out, long n, long gs, long r0, long r1) noexcept
+    void matvec_q8_0_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *out,
+                          long n, long r0, long r1) noexcept
+    void gemm_q8g_rows(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs,
+                       float *out, long n, long gs, long T, long ldo, long r0, long r1) noexcept
+    void gemm_q8_0_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *out,
+                        long n, long T, long ldo, long r0, long r1) noexcept
+    int q8_uses_vnni() noexcept

@@ -5,9 +5,11 @@ Notes
 -----
 ``openmp_enabled`` is fixed at build time (the build falls back to a serial build when the
 compiler has no OpenMP). The SIMD path is chosen at run time from the CPU's features;
-``PECCA_SIMD=portable|avx2|avx512`` forces a lower one.
+``PECCA_SIMD=portable|avx2|avx512`` forces a lower one. The int8 kernels (``q8``) use
+AVX512-VNNI on the avx512 path when the CPU has it (``vnni_supported``, ``vnni_available``).
 """
-from pecca._kernels.kernels cimport pecca_simd_level, pecca_simd_supported, pecca_simd_reset
+from pecca._kernels.kernels cimport (pecca_simd_level, pecca_simd_supported, pecca_simd_reset,
+                                     pecca_vnni_supported, q8_uses_vnni)
 
 cdef extern from *:
     """
@@ -44,6 +46,24 @@ def simd_path():
 def simd_supported():
     """Name of the best SIMD path this CPU supports."""
     return SIMD_NAMES[pecca_simd_supported()]
+
+
+def vnni_supported():
+    """True when this CPU has AVX512-VNNI (with AVX-512 F/BW/VL)."""
+    return bool(pecca_vnni_supported())
+
+
+def vnni_available():
+    """True when the int8 (q8) kernels use AVX512-VNNI now: the CPU has it and the SIMD path
+    is avx512. Otherwise they run their AVX2 code (avx2 and avx512 paths) or portable code."""
+    return bool(q8_uses_vnni())
+
+
+def int8_path():
+    """Name of the code the int8 (q8) kernels run now: 'avx512-vnni', 'avx2' or 'portable'."""
+    if q8_uses_vnni():
+        return "avx512-vnni"
+    return "portable" if pecca_simd_level() == 0 else "avx2"
 
 
 def reset_simd():

@@ -59,4 +59,22 @@ static int pecca_simd_level(void) {
 /* Re-read PECCA_SIMD (tests switch paths inside one process). */
 static void pecca_simd_reset(void) { pecca_simd_level_cached = -1; }
 
+/* AVX512-VNNI (vpdpbusd: u8 x s8 products summed in fours into int32) is a separate flag, not
+ * part of the AVX-512 level: the int8 kernels (q8_kernels.h) use it on the AVX-512 path when the
+ * CPU has it and fall back to their AVX2 code otherwise. It is a CPU fact, so it is cached for
+ * good; PECCA_SIMD below avx512 turns it off through the level. */
+static int pecca_vnni_cached = -1;
+
+static int pecca_vnni_supported(void) {
+    if (pecca_vnni_cached >= 0) return pecca_vnni_cached;
+    int vnni = 0;
+#if PECCA_X86
+    __builtin_cpu_init();
+    vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")
+           && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f");
+#endif
+    pecca_vnni_cached = vnni;
+    return vnni;
+}
+
 #endif

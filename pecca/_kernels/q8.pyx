@@ -1,0 +1,308 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Matrix-vector and matrix-matrix products with int8 weights and int8-quantized activations.
+
+Two layouts, both read in place (memory-mapped):
+
+- ``q8g``: llama2.c version-2 checkpoints (runq.c): int8 ``wq`` (rows, n) plus float32 ``ws``,
+  one scale per group of ``gs`` consecutive values of a row.
+- ``q8_0``: GGUF Q8_0 (llama.cpp's block_q8_0): each row is n/32 blocks of 34 bytes, an f16
+  scale then 32 int8; given as a uint8 array (rows, n/32*34).
+
+Notes
+-----
+x is quantized once per call (runq.c's ``quantize`` for q8g, llama.cpp's ``quantize_row_q8_0``
+for Q8_0) into a scratch buffer malloc'd per call (n + 4n/gs bytes per token: small next to
+the weights; per call rather than module-level, so concurrent calls from several Python threads
+cannot share it), then every row is an integer dot product per group times the two scales.
+q8g with gs % 32 != 0 runs the portable code on every path; its portable product is runq.c's
+matmul step for step (same float operations in the same order), so a q8 checkpoint gives
+runq.c's tokens. See q8_kernels.h for the SIMD paths (AVX2 sign trick; AVX512-VNNI).
+Work is split as in ``f32``: one contiguous block of rows per thread (``schedule='static'``),
+each a multiple of 4 rows so the SIMD kernels' 4-row blocking stays intact; products below a
+few tens of thousands of multiply-adds run serially, where waking a thread team costs more
+than it saves.
+"""
+from cython.parallel cimport prange
+from libc.stdint cimport int8_t, uint8_t
+from libc.stdlib cimport malloc, free
+import numpy as np
+from pecca._kernels.kernels cimport (pecca_simd_reset, quantize_q8g as c_quantize_q8g,
+                                     quantize_q8_0 as c_quantize_q8_0, matvec_q8g_rows,
+                                     matvec_q8_0_rows, gemm_q8g_rows, gemm_q8_0_rows,
+                                     q8_uses_vnni)
+
+# below this many multiply-adds a product runs on one thread
+cdef long PARALLEL_MIN_WEIGHTS = 32768
+# Q8_0: values per block, bytes per block (f16 scale + 32 int8)
+cdef long QK = 32
+cdef long QB = 34
+
+
+cdef inline int team(long rows, long work, int num_threads) noexcept nogil:
+    if num_threads <= 1 or work < PARALLEL_MIN_WEIGHTS or rows < 8 * num_threads:
+        return 1
+    return num_threads
+
+
+cdef void q8g_rows_par(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs,
+                       float *out, long rows, long n, long gs, long T, int nt) noexcept nogil:
+    """T == 0: matvec (out (rows,)); else matmul (out (T, rows))."""
+    cdef long b, r0, r1, blocks4 = rows // 4
+    if nt <= 1:
+        if T == 0:
+            matvec_q8g_rows(wq, ws, xq, xs, out, n, gs, 0, rows)
+        else:
+            gemm_q8g_rows(wq, ws, xq, xs, out, n, gs, T, rows, 0, rows)
+        return
+    for b in prange(nt, schedule='static', num_threads=nt):
+        r0 = (blocks4 * b // nt) * 4
+        r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        if T == 0:
+            matvec_q8g_rows(wq, ws, xq, xs, out, n, gs, r0, r1)
+        else:
+            gemm_q8g_rows(wq, ws, xq, xs, out, n, gs, T, rows, r0, r1)
+
+
+cdef void q8_0_rows_par(const uint8_t *w, const int8_t *xq, const float *xd, float *out,
+                        long rows, long n, long T, int nt) noexcept nogil:
+    cdef long b, r0, r1, blocks4 = rows // 4
+    if nt <= 1:
+        if T == 0:
+            matvec_q8_0_rows(w, xq, xd, out, n, 0, rows)
+        else:
+            gemm_q8_0_rows(w, xq, xd, out, n, T, rows, 0, rows)
+        return
+    for b in prange(nt, schedule='static', num_threads=nt):
+        r0 = (blocks4 * b // nt) * 4
+        r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        if T == 0:
+            matvec_q8_0_rows(w, xq, xd, out, n, r0, r1)
+        else:
+            gemm_q8_0_rows(w, xq, xd, out, n, T, rows, r0, r1)
+
+
+cdef void quantize_tokens(const float *x, int8_t *qx, float *sx, long T, long n, long gs,
+                          int nt) noexcept nogil:
+    """Quantize T rows of x; gs == 0 means Q8_0 (blocks of 32)."""
+    cdef long t, G = n // (gs if gs > 0 else QK)
+    if nt <= 1 or T < 2 or T * n < PARALLEL_MIN_WEIGHTS:
+        for t in range(T):
+            if gs > 0:
+                c_quantize_q8g(x + t * n, qx + t * n, sx + t * G, n, gs)
+            else:
+                c_quantize_q8_0(x + t * n, qx + t * n, sx + t * G, n)
+        return
+    for t in prange(T, schedule='static', num_threads=nt):
+        if gs > 0:
+            c_quantize_q8g(x + t * n, qx + t * n, sx + t * G, n, gs)
+        else:
+            c_quantize_q8_0(x + t * n, qx + t * n, sx + t * G, n)
+
+
+cdef int alloc_scratch(long T, long n, long G, int8_t **qx, float **sx) except -1:
+    qx[0] = <int8_t *>malloc(T * n if T * n > 0 else 1)
+    sx[0] = <float *>malloc((T * G if T * G > 0 else 1) * sizeof(float))
+    if qx[0] == NULL or sx[0] == NULL:
+        free(qx[0])
+        free(sx[0])
+        raise MemoryError("q8: no memory for the quantized activations")
+    return 0
+
+
+cdef long check_q8g(str name, const int8_t[:, ::1] wq, const float[::1] ws, int gs) except -1:
+    """Validate a q8g matrix; returns n / gs."""
+    cdef long rows = wq.shape[0], n = wq.shape[1]
+    if gs <= 0:
+        raise ValueError(f"{name}: group size must be positive, got {gs}")
+    if n % gs != 0:
+        raise ValueError(f"{name}: group size {gs} does not divide the row length {n}")
+    if ws.shape[0] != rows * (n // gs):
+        raise ValueError(f"{name}: w is {rows}x{n} with groups of {gs}, so it needs "
+                         f"{rows * (n // gs)} scales; got {ws.shape[0]}")
+    return n // gs
+
+
+cdef long check_q8_0(str name, const uint8_t[:, ::1] w) except -1:
+    """Validate a Q8_0 matrix; returns n."""
+    if w.shape[1] % QB != 0:
+        raise ValueError(f"{name}: a Q8_0 row is a whole number of {QB}-byte blocks; "
+                         f"got {w.shape[1]} bytes")
+    return w.shape[1] // QB * QK
+
+
+def matvec_q8g(const int8_t[:, ::1] wq, const float[::1] ws, int gs, const float[::1] x,
+               float[::1] out, int num_threads=1):
+    """out = W @ x, W int8 in groups of gs (llama2.c version 2): W[r, j] = wq[r, j] * ws[(r*n + j) // gs].
+
+    wq : IN (rows, n) int8, C-contiguous (may be a read-only memmap)
+    ws : IN (rows * n / gs,) float32 scales
+    gs : IN group size, divides n
+    x : IN (n,) float32, quantized per group of gs as runq.c's quantize
+    out : OUT (rows,) float32, must not alias x
+    """
+    cdef long rows = wq.shape[0], n = wq.shape[1]
+    cdef long G = check_q8g("matvec_q8g", wq, ws, gs)
+    if x.shape[0] != n or out.shape[0] != rows:
+        raise ValueError(f"matvec_q8g: w is {rows}x{n}, x has {x.shape[0]}, out has {out.shape[0]}")
+    if rows == 0:
+        return
+    if n == 0:
+        out[:] = 0
+        return
+    cdef int8_t *qx
+    cdef float *sx
+    alloc_scratch(1, n, G, &qx, &sx)
+    cdef int nt = team(rows, rows * n, num_threads)
+    try:
+        with nogil:
+            c_quantize_q8g(&x[0], qx, sx, n, gs)
+            q8g_rows_par(&wq[0, 0], &ws[0], qx, sx, &out[0], rows, n, gs, 0, nt)
+    finally:
+        free(qx)
+        free(sx)
+
+
+def matmul_q8g(const int8_t[:, ::1] wq, const float[::1] ws, int gs, const float[:, ::1] x,
+               float[:, ::1] out, int num_threads=1):
+    """out = x @ W.T, W int8 in groups of gs: the products of all T tokens of a batch.
+
+    wq : IN (rows, n) int8, C-contiguous (may be a read-only memmap)
+    ws : IN (rows * n / gs,) float32 scales
+    gs : IN group size, divides n
+    x : IN (T, n) float32, one token per row (each quantized as matvec_q8g does)
+    out : OUT (T, rows) float32, must not alias x
+    Every token is quantized first; then rows of W are split into one contiguous block per
+    thread (multiples of 4), each 4-row block meeting every token while it is in cache. Each
+    row of out equals matvec_q8g of that token bit for bit.
+    """
+    cdef long rows = wq.shape[0], n = wq.shape[1], T = x.shape[0]
+    cdef long G = check_q8g("matmul_q8g", wq, ws, gs)
+    if x.shape[1] != n or out.shape[0] != T or out.shape[1] != rows:
+        raise ValueError(f"matmul_q8g: w is {rows}x{n}, x is {T}x{x.shape[1]}, "
+                         f"out is {out.shape[0]}x{out.shape[1]}")
+    if rows == 0 or T == 0:
+        return
+    if n == 0:
+        out[:, :] = 0
+        return
+    cdef int8_t *qx
+    cdef float *sx
+    alloc_scratch(T, n, G, &qx, &sx)
+    cdef int nt = team(rows, rows * n * T, num_threads)
+    try:
+        with nogil:
+            quantize_tokens(&x[0, 0], qx, sx, T, n, gs, num_threads)
+            q8g_rows_par(&wq[0, 0], &ws[0], qx, sx, &out[0, 0], rows, n, gs, T, nt)
+    finally:
+        free(qx)
+        free(sx)
+
+
+def matvec_q8_0(const uint8_t[:, ::1] w, const float[::1] x, float[::1] out, int num_threads=1):
+    """out = W @ x, W GGUF Q8_0 blocks.
+
+    w : IN (rows, n/32*34) uint8: per row n/32 blocks of (f16 scale, 32 int8), C-contiguous
+        (may be a read-only memmap)
+    x : IN (n,) float32, quantized per block of 32 as llama.cpp's quantize_row_q8_0
+    out : OUT (rows,) float32, must not alias x
+    """
+    cdef long rows = w.shape[0], n = check_q8_0("matvec_q8_0", w)
+    if x.shape[0] != n or out.shape[0] != rows:
+        raise ValueError(f"matvec_q8_0: w is {rows}x{n} (Q8_0), x has {x.shape[0]}, "
+                         f"out has {out.shape[0]}")
+    if rows == 0:
+        return
+    if n == 0:
+        out[:] = 0
+        return
+    cdef int8_t *qx
+    cdef float *dx
+    alloc_scratch(1, n, n // QK, &qx, &dx)
+    cdef int nt = team(rows, rows * n, num_threads)
+    try:
+        with nogil:
+            c_quantize_q8_0(&x[0], qx, dx, n)
+            q8_0_rows_par(&w[0, 0], qx, dx, &out[0], rows, n, 0, nt)
+    finally:
+        free(qx)
+        free(dx)
+
+
+def matmul_q8_0(const uint8_t[:, ::1] w, const float[:, ::1] x, float[:, ::1] out,
+                int num_threads=1):
+    """out = x @ W.T, W GGUF Q8_0 blocks: the products of all T tokens of a batch.
+
+    w : IN (rows, n/32*34) uint8 Q8_0 blocks, C-contiguous (may be a read-only memmap)
+    x : IN (T, n) float32, one token per row
+    out : OUT (T, rows) float32, must not alias x
+    Split across threads as matmul_q8g; each row of out equals matvec_q8_0 of that token.
+    """
+    cdef long rows = w.shape[0], n = check_q8_0("matmul_q8_0", w), T = x.shape[0]
+    if x.shape[1] != n or out.shape[0] != T or out.shape[1] != rows:
+        raise ValueError(f"matmul_q8_0: w is {rows}x{n} (Q8_0), x is {T}x{x.shape[1]}, "
+                         f"out is {out.shape[0]}x{out.shape[1]}")
+    if rows == 0 or T == 0:
+        return
+    if n == 0:
+        out[:, :] = 0
+        return
+    cdef int8_t *qx
+    cdef float *dx
+    alloc_scratch(T, n, n // QK, &qx, &dx)
+    cdef int nt = team(rows, rows * n * T, num_threads)
+    try:
+        with nogil:
+            quantize_tokens(&x[0, 0], qx, dx, T, n, 0, num_threads)
+            q8_0_rows_par(&w[0, 0], qx, dx, &out[0, 0], rows, n, T, nt)
+    finally:
+        free(qx)
+        free(dx)
+
+
+def quantize_q8g(const float[::1] x, int gs):
+    """runq.c's quantize: (q, scales) of x.
+
+    x : IN (n,) float32
+    gs : IN group size, divides n
+    Returns q (n,) int8 and scales (n / gs,) float32: scale = max|x| / 127 per group,
+    q = round(x / scale) (half away from zero), q = 0 where scale == 0.
+    """
+    cdef long n = x.shape[0]
+    if gs <= 0 or n % gs != 0:
+        raise ValueError(f"quantize_q8g: group size {gs} must be positive and divide {n}")
+    q = np.zeros(n, np.int8)
+    s = np.zeros(n // gs, np.float32)
+    cdef int8_t[::1] qv = q
+    cdef float[::1] sv = s
+    if n > 0:
+        c_quantize_q8g(&x[0], &qv[0], &sv[0], n, gs)
+    return q, s
+
+
+def quantize_q8_0(const float[::1] x):
+    """llama.cpp's quantize_row_q8_0, scales kept float32: (q, d) of x.
+
+    x : IN (n,) float32, n % 32 == 0
+    Returns q (n,) int8 and d (n / 32,) float32: d = max|x| / 127 per block of 32,
+    q = roundf(x * (1 / d)) (0 where d == 0).
+    """
+    cdef long n = x.shape[0]
+    if n % QK != 0:
+        raise ValueError(f"quantize_q8_0: length {n} is not a multiple of {QK}")
+    q = np.zeros(n, np.int8)
+    d = np.zeros(n // QK, np.float32)
+    cdef int8_t[::1] qv = q
+    cdef float[::1] dv = d
+    if n > 0:
+        c_quantize_q8_0(&x[0], &qv[0], &dv[0], n)
+    return q, d
+
+
+def uses_vnni():
+    """True when the int8 products run on AVX512-VNNI now (CPU has it, SIMD path avx512)."""
+    return bool(q8_uses_vnni())
+
+
+def _reset_simd():
+    """Re-read PECCA_SIMD in this module (each extension keeps its own choice)."""
+    pecca_simd_reset()
