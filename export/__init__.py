@@ -4,6 +4,7 @@
   - a directory with config.json: a HuggingFace Llama checkpoint (export.hf)
   - a directory with params.json and consolidated.*.pth: a Meta checkpoint (export.meta)
   - a llama2.c .bin file, versions 0 and 1 (export.llama2c)
+  - a GGUF file (export.gguf.GGUFSource), to write it again in another type
 `write_gguf(out, source, dtype)` (export.gguf) writes it tensor by tensor.
 """
 import os
@@ -25,8 +26,9 @@ def open_source(path: str, tokenizer: str = None):
                                "checkpoint directory")
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic == b"GGUF":
-        raise ModelFormatError(f"{path}: already a GGUF file")
+    if magic == b"GGUF":  # re-export, e.g. f32 -> q8_0
+        from export.gguf import GGUFSource
+        return GGUFSource(path)
     from export.llama2c import Llama2cSource
     from pecca.formats import llama2c
     from pecca.llm import find_tokenizer

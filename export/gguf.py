@@ -15,8 +15,9 @@ from pecca.config import ModelConfig
 from pecca.errors import InvalidArgumentError, ModelFormatError
 from pecca.formats.tensors import RawTensor, release_pages
 from pecca.progress import progress
+from pecca.quant import Q8_0_BLOCK, Q8_0_BYTES, quantize_q8_0
 
-OUT_DTYPES = {"f32": np.float32, "f16": np.float16}
+OUT_DTYPES = ("f32", "f16", "q8_0")
 CHUNK_BYTES = 64 << 20  # rows converted at a time
 
 
@@ -39,9 +40,22 @@ def tensor_plan(c: ModelConfig, tied: bool) -> List[Tuple[str, tuple]]:
     return plan
 
 
-def out_dtype(name: str, shape: tuple, dtype: str):
-    """Norms and rope factors stay F32 (as llama.cpp keeps them); matrices take `dtype`."""
-    return np.float32 if len(shape) == 1 else OUT_DTYPES[dtype]
+def out_type(shape: tuple, dtype: str) -> str:
+    """GGUF type of a tensor: norms and rope factors stay F32 (as llama.cpp keeps them);
+    matrices take `dtype`, but Q8_0 needs rows of whole 32-value blocks (F16 otherwise)."""
+    if len(shape) == 1 or dtype == "f32":
+        return "F32"
+    if dtype == "q8_0" and shape[1] % Q8_0_BLOCK == 0:
+        return "Q8_0"
+    return "F16"
+
+
+def stored_shape(shape: tuple, kind: str) -> tuple:
+    """numpy shape of the data as written: Q8_0 rows are bytes."""
+    return shape[:-1] + (shape[-1] // Q8_0_BLOCK * Q8_0_BYTES,) if kind == "Q8_0" else shape
+
+
+NUMPY_OF = {"F32": np.float32, "F16": np.float16, "Q8_0": np.uint8}
 
 
 def add_metadata(w, c: ModelConfig, vocab, name: str, dtype: str) -> None:
@@ -58,7 +72,8 @@ def add_metadata(w, c: ModelConfig, vocab, name: str, dtype: str) -> None:
     w.add_rope_dimension_count(c.head_size)
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     w.add_tokenizer_model(vocab.model)
     w.add_token_list(vocab.tokens)
     w.add_token_scores(vocab.scores)
@@ -72,7 +87,7 @@ def add_metadata(w, c: ModelConfig, vocab, name: str, dtype: str) -> None:
 
 
 def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
-    """Write `source` to `out_path` as GGUF with matrices in `dtype` ("f32" or "f16")."""
+    """Write `source` to `out_path` as GGUF with matrices in `dtype` ("f32", "f16", "q8_0")."""
     import gguf
 
     if dtype not in OUT_DTYPES:
@@ -88,9 +103,11 @@ def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
         add_metadata(w, c, vocab, source.name, dtype)
         total = 0
         for name, shape in plan:
-            t = np.dtype(out_dtype(name, shape, dtype))
-            nbytes = int(np.prod(shape)) * t.itemsize
-            w.add_tensor_info(name, shape, t, nbytes)
+            kind = out_type(shape, dtype)
+            data_shape = stored_shape(shape, kind)
+            nbytes = int(np.prod(data_shape)) * np.dtype(NUMPY_OF[kind]).itemsize
+            w.add_tensor_info(name, data_shape, np.dtype(NUMPY_OF[kind]), nbytes,
+                              raw_dtype=gguf.GGMLQuantizationType[kind])
             total += nbytes
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -100,7 +117,7 @@ def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
         with progress(f"exporting {os.path.basename(out_path)}", total) as advance:
             for name, shape in plan:
                 nbytes = write_tensor(fout, name, shape, source.tensor(name),
-                                      out_dtype(name, shape, dtype), advance)
+                                      out_type(shape, dtype), advance)
                 w.write_padding(fout, nbytes)
         w.close()
         os.replace(tmp, out_path)
@@ -110,8 +127,9 @@ def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
             os.remove(tmp)
 
 
-def write_tensor(fout, name, shape, raw: RawTensor, dtype, advance) -> int:
-    """Convert `raw` to `dtype` a chunk of rows at a time and append it; returns bytes written."""
+def write_tensor(fout, name, shape, raw: RawTensor, kind: str, advance) -> int:
+    """Convert `raw` to GGUF type `kind` a chunk of rows at a time and append it; returns the
+    bytes written."""
     if tuple(raw.shape) != tuple(shape):
         raise ModelFormatError(f"tensor {name} has shape {list(raw.shape)}, expected {list(shape)} "
                                "from the config")
@@ -122,11 +140,61 @@ def write_tensor(fout, name, shape, raw: RawTensor, dtype, advance) -> int:
         part = RawTensor(np.ascontiguousarray(data[r:r + rows]), raw.dtype).to_f32()
         if not np.all(np.isfinite(part)):
             raise ModelFormatError(f"tensor {name} holds NaN or infinite values")
-        out = part.astype(dtype, copy=False)
-        if dtype == np.float16 and not np.all(np.isfinite(out)):
+        if kind == "Q8_0":
+            out = quantize_q8_0(part)
+        else:
+            out = part.astype(NUMPY_OF[kind], copy=False)
+        if kind == "F16" and not np.all(np.isfinite(out)):
             raise ModelFormatError(f"tensor {name} has values beyond the f16 range; export with --dtype f32")
         out.tofile(fout)
         written += out.nbytes
         advance(out.nbytes)
         release_pages(data[r:r + rows])
     return written
+
+
+class GGUFSource:
+    """A GGUF file (F32/F16/BF16/Q8_0 tensors, `llama` vocabulary) as an export source: to
+    re-export it in another type. Q8_0 tensors are dequantized a tensor at a time."""
+
+    def __init__(self, path: str):
+        from export.vocab import Vocab
+        from pecca.formats import gguf as reader
+
+        r = reader.open_reader(path)
+        meta = reader.Metadata(path, r)
+        self.tensors = {t.name: t for t in r.tensors}
+        self.config = reader.read_config(path, meta, self.tensors)
+        self.tied = "output.weight" not in self.tensors
+        self.name = meta.get("general.name") or os.path.splitext(os.path.basename(path))[0]
+        if meta.get("tokenizer.ggml.model") != "llama":
+            raise ModelFormatError(f"{path}: tokenizer.ggml.model {meta.get('tokenizer.ggml.model')!r}; "
+                                   "re-export needs the 'llama' vocabulary")
+        tokens = list(meta.require("tokenizer.ggml.tokens"))
+        self.vocab = Vocab(tokens, list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)),
+                           list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)),
+                           bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
+                           eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)),
+                           unk_id=int(meta.get("tokenizer.ggml.unknown_token_id", 0)),
+                           add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+                           add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                           source=path)
+        self.path = path
+
+    def tensor(self, name: str) -> RawTensor:
+        from pecca.quant import dequantize_q8_0
+
+        t = self.tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{self.path}: tensor {name} is missing")
+        kind = t.tensor_type.name
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if kind == "F32":
+            return RawTensor(t.data.reshape(shape), "f32")
+        if kind == "F16":
+            return RawTensor(t.data.reshape(shape), "f16")
+        if kind == "BF16":
+            return RawTensor(t.data.view(np.uint16).reshape(shape), "bf16")
+        if kind == "Q8_0":
+            return RawTensor(dequantize_q8_0(t.data).reshape(shape).astype(np.float32), "f32")
+        raise ModelFormatError(f"{self.path}: tensor {name} has type {kind}, which cannot be re-exported")

@@ -92,7 +92,7 @@ def info(
 def export_cmd(
     src: str = typer.Argument(..., help="HF directory, Meta directory, or llama2.c .bin"),
     out: str = typer.Argument(..., help="the GGUF file to write"),
-    dtype: str = typer.Option("f32", "--dtype", help="f32 or f16 (norms stay f32)"),
+    dtype: str = typer.Option("f32", "--dtype", help="f32, f16 or q8_0 (norms stay f32)"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
 ):
     """Convert a checkpoint into pecca's model file (GGUF, readable by llama.cpp too)."""
@@ -105,6 +105,28 @@ def export_cmd(
     size = os.path.getsize(out)
     dt = time.perf_counter() - t0
     _err(f"wrote {out}: {size / 2**20:.1f} MiB in {dt:.1f} s ({size / 2**20 / max(dt, 1e-9):.0f} MiB/s)")
+
+
+@app.command()
+def perplexity(
+    model: str = typer.Argument(..., help="model file or known name"),
+    textfile: str = typer.Argument(..., help="UTF-8 text to score"),
+    ctx: int = typer.Option(0, "--ctx", help="window length in tokens (default: the model's context)"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z"),
+):
+    """Perplexity of MODEL on TEXTFILE, in windows of --ctx tokens (compare quantizations)."""
+    from pecca.perplexity import perplexity as compute
+
+    try:
+        with open(textfile, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{textfile}: not UTF-8 text ({e.reason})") from None
+    m = pecca.load(model, threads=threads, tokenizer=tokenizer)
+    r = compute(m, text, ctx)
+    print(f"perplexity: {r.perplexity:.4f} over {r.tokens} tokens ({r.windows} windows of up to "
+          f"{r.ctx} positions)")
 
 
 def parse_threads(spec: str) -> List[int]:

@@ -61,7 +61,11 @@ class BatchState:
 
 def embed(table: np.ndarray, tokens, out: np.ndarray) -> None:
     """Rows `tokens` of the token embedding into float32 `out`. The table is float32,
-    float16, or uint16 holding bfloat16 bits (numpy has no bfloat16)."""
+    float16, uint16 holding bfloat16 bits (numpy has no bfloat16), or a quantized table
+    with a `rows(tokens)` method (pecca.quant)."""
+    if not isinstance(table, np.ndarray):
+        out[...] = table.rows(tokens)
+        return
     rows = table[tokens]
     if table.dtype == np.uint16:
         out[...] = (rows.astype(np.uint32) << 16).view(np.float32)
@@ -151,15 +155,9 @@ class Model:
         """Feed `tokens` at positions pos0, pos0 + 1, ...; returns the logits after the last
         one (the same buffer `forward` returns)."""
         tokens = list(tokens)
-        c = self.config
         if not tokens:
             raise InvalidArgumentError("prefill needs at least one token")
-        if pos0 < 0 or pos0 + len(tokens) > self.seq_len:
-            raise ContextLengthError(
-                f"positions {pos0}..{pos0 + len(tokens) - 1} do not fit the context of {self.seq_len}")
-        bad = [t for t in tokens if not 0 <= t < c.vocab_size]
-        if bad:
-            raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary 0..{c.vocab_size - 1}")
+        self._check_batch(tokens, pos0)
         if len(tokens) == 1:
             return self.forward(tokens[0], pos0)
         B = self.PREFILL_BATCH
@@ -167,9 +165,33 @@ class Model:
             self._forward_batch(tokens[start:start + B], pos0 + start)
         return self.state.logits
 
-    def _forward_batch(self, tokens, pos0: int) -> None:
+    def logits_all(self, tokens, pos0: int = 0) -> np.ndarray:
+        """Logits (T, vocab_size) at every position of `tokens`, fed at pos0, pos0 + 1, ...
+        (perplexity needs them all; generation only the last)."""
+        tokens = list(tokens)
+        self.prefill(tokens[:1], pos0)  # validates ids and positions, feeds the first token
+        out = np.empty((len(tokens), self.config.vocab_size), np.float32)
+        out[0] = self.state.logits
+        B = self.PREFILL_BATCH
+        for start in range(1, len(tokens), B):
+            chunk = tokens[start:start + B]
+            self._check_batch(chunk, pos0 + start)
+            self._forward_batch(chunk, pos0 + start, out[start:start + len(chunk)])
+        return out
+
+    def _check_batch(self, tokens, pos0):
+        c = self.config
+        if pos0 < 0 or pos0 + len(tokens) > self.seq_len:
+            raise ContextLengthError(
+                f"positions {pos0}..{pos0 + len(tokens) - 1} do not fit the context of {self.seq_len}")
+        bad = [t for t in tokens if not 0 <= t < c.vocab_size]
+        if bad:
+            raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary 0..{c.vocab_size - 1}")
+
+    def _forward_batch(self, tokens, pos0: int, all_logits=None) -> None:
         """The forward pass for T tokens at positions pos0..pos0+T-1, all layers at once;
-        leaves the last token's logits in state.logits."""
+        leaves the last token's logits in state.logits, and every token's in `all_logits`
+        (T, vocab_size) when given."""
         c, w, nt = self.config, self.weights, self.threads
         bs, s = self._batch_state(), self.state
         T = len(tokens)
@@ -195,5 +217,10 @@ class Model:
             ops.swiglu(hb.reshape(-1), hb2.reshape(-1))
             layer.w2.batch(hb, xb, nt)
             ops.add(x.reshape(-1), xb.reshape(-1))
+        if all_logits is not None:
+            ops.rmsnorm_rows(xb, x, w.norm, c.norm_eps)
+            w.output.batch(xb, all_logits, nt)
+            s.logits[:] = all_logits[T - 1]
+            return
         ops.rmsnorm(s.x, x[T - 1], w.norm, c.norm_eps)
         w.output(s.x, s.logits, nt)

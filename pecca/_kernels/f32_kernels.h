@@ -259,7 +259,7 @@ static inline void prefetch_span(const float *p, long n) {
 
 /* Causal attention at position `pos` for query heads [h0, h1).
  * q: (n_heads * head_size,); kc, vc: this layer's caches (seq_len, kv_dim), rows 0..pos filled;
- * att: scores (n_heads, att_stride); out: (n_heads * head_size,).
+ * att: scores (n_heads, att_stride); out: (n_heads * head_size,). scale = sqrt(head_size).
  * The loops run over cache rows outermost, so each row is read once, front to back, for all
  * heads of the range (a head-outer loop would stride through the cache once per head).
  * One body, instantiated per SIMD path so that its dot/axpy inline. */
@@ -270,15 +270,14 @@ static inline void prefetch_span(const float *p, long n) {
         if (PREFETCH_ROWS && t + PREFETCH_ROWS <= pos) prefetch_span(krow + PREFETCH_ROWS * kv_dim + kv_lo, kv_hi - kv_lo); \
         for (long h = h0; h < h1; h++)                                                         \
             att[h * att_stride + t] = DOT(q + h * head_size, krow + (h / kv_mul) * head_size,  \
-                                          head_size) * scale;                                  \
+                                          head_size) / scale;                                  \
     }                                                                                          \
     for (long h = h0; h < h1; h++) {                                                           \
         float *a = att + h * att_stride;                                                       \
         float maxv = a[0], sum = 0.0f;                                                         \
         for (long t = 1; t <= pos; t++) if (a[t] > maxv) maxv = a[t];                          \
         for (long t = 0; t <= pos; t++) { a[t] = expf(a[t] - maxv); sum += a[t]; }             \
-        float inv = 1.0f / sum;                                                                \
-        for (long t = 0; t <= pos; t++) a[t] *= inv;                                           \
+        for (long t = 0; t <= pos; t++) a[t] /= sum;                                           \
         for (long i = 0; i < head_size; i++) out[h * head_size + i] = 0.0f;                    \
     }                                                                                          \
     for (long t = 0; t <= pos; t++) {                                                          \
@@ -293,7 +292,17 @@ static inline void prefetch_span(const float *p, long n) {
     long att_stride, float *out, long h0, long h1, long pos, long head_size, long kv_dim,      \
     long kv_mul, float scale
 
-static void attention_heads_portable(ATTENTION_ARGS) { ATTENTION_BODY(dot_portable, axpy_portable) }
+/* The portable path sums each score front to back, as llama2.c's run.c and runq.c do: with
+ * int8 activations a last-bit difference can flip a quantized value, so reproducing runq.c's
+ * tokens needs its exact float arithmetic (scores / sqrt(head_size), softmax by division,
+ * no fused multiply-add; baseline x86-64 has none to contract into). */
+static inline float dot_sequential(const float *a, const float *b, long n) {
+    float s = 0.0f;
+    for (long j = 0; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+static void attention_heads_portable(ATTENTION_ARGS) { ATTENTION_BODY(dot_sequential, axpy_portable) }
 #if PECCA_X86
 __attribute__((target("avx2,fma")))
 static void attention_heads_avx2(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx2, axpy_avx2) }

@@ -11,7 +11,7 @@ so that pecca reproduces its tokens; softmax sums sequentially as run.c does, be
 sampling compares a random coin against cumulative probabilities.
 """
 from cython.parallel cimport prange, threadid
-from libc.math cimport expf, powf, cosf, sinf, sqrt
+from libc.math cimport expf, powf, cosf, sinf, sqrt, sqrtf
 from pecca._kernels.kernels cimport pecca_simd_reset, attention_heads_f32
 
 
@@ -24,14 +24,16 @@ def rmsnorm(float[::1] out, const float[::1] x, const float[::1] weight, float e
     cdef Py_ssize_t n = x.shape[0], i
     if out.shape[0] != n or weight.shape[0] != n or n == 0:
         raise ValueError("rmsnorm: out, x and weight must have the same non-zero length")
-    cdef double ss = 0.0
-    cdef float scale
+    cdef float ss = 0.0, one = 1.0
     with nogil:
+        # float32, front to back, as run.c: the int8 paths need its exact arithmetic
         for i in range(n):
-            ss += <double>x[i] * x[i]
-        scale = <float>(1.0 / sqrt(ss / n + eps))
+            ss = ss + x[i] * x[i]
+        ss = ss / n
+        ss = ss + eps
+        ss = one / sqrtf(ss)
         for i in range(n):
-            out[i] = weight[i] * (scale * x[i])
+            out[i] = weight[i] * (ss * x[i])
 
 
 def softmax(float[::1] x):
@@ -157,7 +159,7 @@ def attention(float[::1] out, const float[::1] q, const float[:, ::1] k_cache,
             or att.shape[0] < n_heads or att.shape[1] <= pos):
         raise ValueError("attention: shapes disagree")
     cdef long kv_mul = n_heads // n_kv_heads, b, h0, h1
-    cdef float scale = 1.0 / sqrt(head_size)
+    cdef float scale = sqrtf(<float>head_size)
     cdef const float *qp = &q[0]
     cdef const float *kp = &k_cache[0, 0]
     cdef const float *vp = &v_cache[0, 0]
@@ -186,16 +188,17 @@ def rmsnorm_rows(float[:, ::1] out, const float[:, ::1] x, const float[::1] weig
     cdef Py_ssize_t T = x.shape[0], n = x.shape[1], t, i
     if out.shape[0] != T or out.shape[1] != n or weight.shape[0] != n or n == 0:
         raise ValueError("rmsnorm_rows: shapes disagree")
-    cdef double ss
-    cdef float scale
+    cdef float ss, one = 1.0
     with nogil:
         for t in range(T):
             ss = 0.0
             for i in range(n):
-                ss += <double>x[t, i] * x[t, i]
-            scale = <float>(1.0 / sqrt(ss / n + eps))
+                ss = ss + x[t, i] * x[t, i]
+            ss = ss / n
+            ss = ss + eps
+            ss = one / sqrtf(ss)
             for i in range(n):
-                out[t, i] = weight[i] * (scale * x[t, i])
+                out[t, i] = weight[i] * (ss * x[t, i])
 
 
 def rope_rows(float[:, ::1] vec, int head_size, int pos0, const float[::1] freqs):
@@ -246,7 +249,7 @@ def attention_rows(float[:, ::1] out, const float[:, ::1] q, const float[:, ::1]
     if T == 0:
         return
     cdef long kv_mul = n_heads // n_kv_heads, t
-    cdef float scale = 1.0 / sqrt(head_size)
+    cdef float scale = sqrtf(<float>head_size)
     cdef const float *qp = &q[0, 0]
     cdef const float *kp = &k_cache[0, 0]
     cdef const float *vp = &v_cache[0, 0]

@@ -8,7 +8,7 @@ Architecture `llama` only. Metadata keys and tensor names are llama.cpp's:
     tokenizer.ggml.{model,tokens,scores,token_type,bos_token_id,eos_token_id,...}
     token_embd, blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,ffn_norm,ffn_gate,
     ffn_up,ffn_down}, output_norm, output (absent when tied to token_embd), rope_freqs.
-Weights may be F32, F16 or BF16; q and k rows are in llama.cpp's (Meta's) order, RoPE on
+Weights may be F32, F16, BF16 or Q8_0; q and k rows are in llama.cpp's (Meta's) order, RoPE on
 adjacent pairs. Every tensor's type, shape and byte range is checked before use.
 """
 import os
@@ -19,6 +19,7 @@ from pecca.config import ModelConfig
 from pecca.errors import (ModelFormatError, TokenizerFormatError, UnsupportedModelError)
 from pecca.formats import LoadedModel
 from pecca.formats.llama2c import LIMITS
+from pecca.quant import Q8_0_BLOCK, Q8_0_BYTES, Q8_0Rows
 from pecca.weights import F32Linear, LayerWeights, Weights
 
 GGUF_MAGIC = b"GGUF"
@@ -163,8 +164,19 @@ def _linear(path, t, shape):
         return W.F16Linear(t.data)
     if kind == "BF16":
         return W.BF16Linear(t.data.view(np.uint16).reshape(shape))
-    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs F32, F16 and "
-                                "BF16 GGUF weights so far")
+    if kind == "Q8_0":
+        return W.Q8_0Linear(_q8_0_blocks(path, t, shape))
+    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs F32, F16, BF16 "
+                                "and Q8_0 GGUF weights so far")
+
+
+def _q8_0_blocks(path, t, shape):
+    """The (rows, n / 32 * 34) bytes of a Q8_0 matrix, after checking they fit its shape."""
+    rows, n = shape
+    if n % Q8_0_BLOCK or t.data.shape != (rows, n // Q8_0_BLOCK * Q8_0_BYTES) or t.n_bytes != t.data.nbytes:
+        raise ModelFormatError(f"{path}: Q8_0 tensor {t.name}: {t.data.nbytes} bytes do not hold "
+                               f"a {rows}x{n} matrix of 32-value blocks")
+    return t.data
 
 
 def _vector(path, t, n):
@@ -190,8 +202,10 @@ def _embedding(path, t, shape):
         return t.data
     if kind == "BF16":
         return t.data.view(np.uint16).reshape(shape)
-    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs F32, F16 and "
-                                "BF16 GGUF weights so far")
+    if kind == "Q8_0":
+        return Q8_0Rows(_q8_0_blocks(path, t, shape))
+    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs F32, F16, BF16 "
+                                "and Q8_0 GGUF weights so far")
 
 
 def read_weights(path, c: ModelConfig, tensors) -> Weights:

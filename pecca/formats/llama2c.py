@@ -9,7 +9,10 @@ Version 1 (export.py version1_export): 256-byte header: uint32 magic 0x616b3432,
 7 x int32 config, uint8 shared_classifier; then float32
     attention_norm[L], ffn_norm[L], norm, tok_embeddings, wq[L], wk[L], wv[L], wo[L],
     w1[L], w2[L], w3[L], (output if unshared).
-Version 2 (int8, runq.c) is recognised and refused until the q8 kernels land.
+Version 2 (export.py version2_export, runq.c): the same 256-byte header with an int32 group
+size at byte 37; float32 attention_norm[L], ffn_norm[L], norm; then for each of
+    tok_embeddings, wq[L], wk[L], wv[L], wo[L], w1[L], w2[L], w3[L], (output if unshared)
+its int8 values followed by its float32 scales, one per group of `group_size` values.
 
 Everything is a view into one read-only np.memmap: opening a file costs no copy.
 """
@@ -46,14 +49,13 @@ def read(path: str) -> LoadedModel:
         if size < V1_HEADER:
             raise ModelFormatError(f"{path}: file is {size} bytes, shorter than the 256-byte header")
         version = struct.unpack_from("<i", head, 4)[0]
-        if version == 2:
-            raise UnsupportedModelError(
-                f"{path}: llama2.c version 2 (int8, runq.c) files are not supported yet")
-        if version != 1:
-            raise UnsupportedModelError(f"{path}: llama2.c file version {version}; pecca reads 0 and 1")
+        if version not in (1, 2):
+            raise UnsupportedModelError(f"{path}: llama2.c file version {version}; pecca reads 0, 1 and 2")
         values = struct.unpack_from("<7i", head, 8)
         shared = head[36] != 0
         config = _config(path, values, vocab_size=values[5])
+        if version == 2:
+            return _map_q8(path, size, config, shared, struct.unpack_from("<i", head, 37)[0])
         return _map(path, size, config, shared, version=1)
     values = struct.unpack_from("<7i", head, 0)
     shared = values[5] > 0
@@ -94,6 +96,18 @@ class _Cursor:
 
     def skip(self, n):
         self.offset += 4 * n
+
+    def take_i8(self, *shape):
+        n = int(np.prod(shape))
+        view = self.mm[self.offset:self.offset + n].view(np.int8).reshape(shape)
+        self.offset += n
+        return view
+
+    def take_scales(self, n):
+        """float32 scales; copied (they are small) when int8 data left them unaligned."""
+        view = self.mm[self.offset:self.offset + 4 * n].view(np.float32)
+        self.offset += 4 * n
+        return view if view.flags.aligned else view.copy()
 
 
 def _expected_floats(c: ModelConfig, shared: bool, version: int) -> int:
@@ -146,3 +160,48 @@ def _map(path, size, c: ModelConfig, shared: bool, version: int) -> LoadedModel:
     weights = Weights(emb, layers, norm, F32Linear(output), shared)
     return LoadedModel(c, weights, path, f"llama2c-v{version}", size,
                        extra={"shared_classifier": shared, "tensor_types": {"F32": 9 * L + 3}})
+
+
+def _map_q8(path, size, c: ModelConfig, shared: bool, gs: int) -> LoadedModel:
+    """Version 2: int8 weights with float32 group scales (runq.c's format)."""
+    from pecca import weights as W
+    from pecca.quant import Q8GroupRows
+
+    d, h, L, kv, V = c.dim, c.hidden_dim, c.n_layers, c.kv_dim, c.vocab_size
+    if not 0 < gs <= 1 << 16:
+        raise ModelFormatError(f"{path}: header field group_size = {gs} is outside 1..65536")
+    for name, n in (("dim", d), ("hidden_dim", h)):
+        if n % gs:
+            raise ModelFormatError(f"{path}: group_size {gs} does not divide the row length {name} = {n}")
+    mats = [(V, d)] + [(d, d)] * L + [(kv, d)] * 2 * L + [(d, d)] * L + [(h, d)] * L \
+        + [(d, h)] * L + [(h, d)] * L + ([] if shared else [(V, d)])
+    expected = V1_HEADER + 4 * (2 * L * d + d) + sum(r * n + 4 * (r * n // gs) for r, n in mats)
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header implies"
+        raise ModelFormatError(f"{path}: file is {what}: {size} bytes, expected {expected} for "
+                               f"dim={d} hidden_dim={h} n_layers={L} n_kv_heads={c.n_kv_heads} "
+                               f"vocab_size={V} group_size={gs} (version 2)")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(mm, V1_HEADER)
+    att_norm, ffn_norm, norm = cur.take(L, d), cur.take(L, d), cur.take(d)
+
+    def qtensor(rows, n):
+        q = cur.take_i8(rows, n)
+        return q, cur.take_scales(rows * n // gs)
+
+    emb_q, emb_s = qtensor(V, d)
+    per_layer = {name: [qtensor(r, n) for _ in range(L)]
+                 for name, (r, n) in (("wq", (d, d)), ("wk", (kv, d)), ("wv", (kv, d)), ("wo", (d, d)),
+                                      ("w1", (h, d)), ("w2", (d, h)), ("w3", (h, d)))}
+    out_q, out_s = (emb_q, emb_s) if shared else qtensor(V, d)
+
+    def lin(name, i):
+        q, sc = per_layer[name][i]
+        return W.Q8GroupLinear(q, sc, gs)
+
+    layers = [LayerWeights(att_norm[i], lin("wq", i), lin("wk", i), lin("wv", i), lin("wo", i),
+                           ffn_norm[i], lin("w1", i), lin("w2", i), lin("w3", i)) for i in range(L)]
+    weights = Weights(Q8GroupRows(emb_q, emb_s, gs), layers, norm, W.Q8GroupLinear(out_q, out_s, gs), shared)
+    return LoadedModel(c, weights, path, "llama2c-v2", size,
+                       extra={"shared_classifier": shared, "group_size": gs,
+                              "tensor_types": {"F32": 2 * L + 1, f"Q8 (group {gs})": 7 * L + 1 + (not shared)}})
