@@ -117,6 +117,7 @@ class LLM:
             "openmp": runtime.openmp_enabled(),
             "simd": runtime.simd_path(),
             "simd_supported": runtime.simd_supported(),
+            "int8_path": runtime.int8_path(),
         }
 
 
