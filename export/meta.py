@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from pecca.config import check_heads
 from pecca.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from pecca.formats.pth import read_pth
 from pecca.formats.tensors import RawTensor, release_pages
@@ -123,13 +124,7 @@ def _read_params_json(directory) -> dict:
     if type(scaled) is not bool:
         raise ModelFormatError(f"{path}: use_scaled_rope = {scaled!r} must be true or false")
     p["use_scaled_rope"] = scaled
-    dim, n_heads, n_kv = p["dim"], p["n_heads"], p["n_kv_heads"]
-    if dim % n_heads:
-        raise ModelFormatError(f"{path}: dim {dim} is not a multiple of n_heads {n_heads}")
-    if n_heads % n_kv:
-        raise ModelFormatError(f"{path}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
-    if (dim // n_heads) % 2:
-        raise ModelFormatError(f"{path}: head size {dim // n_heads} is odd; RoPE needs pairs")
+    check_heads(path, p["dim"], p["n_heads"], p["n_kv_heads"])
     return p
 
 

@@ -41,6 +41,19 @@ class ModelConfig:
                 + self.n_layers * per_layer + d)
 
 
+def check_heads(where: str, dim: int, n_heads: int, n_kv_heads: int) -> None:
+    """The head counts every reader must check: heads divide the width, kv heads divide the
+    heads, and the head size is even (RoPE rotates pairs)."""
+    from pecca.errors import ModelFormatError
+
+    if dim % n_heads:
+        raise ModelFormatError(f"{where}: dim {dim} is not a multiple of n_heads {n_heads}")
+    if n_heads % n_kv_heads:
+        raise ModelFormatError(f"{where}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+    if (dim // n_heads) % 2:
+        raise ModelFormatError(f"{where}: head size {dim // n_heads} is odd; RoPE needs pairs")
+
+
 def llama3_rope_factors(head_size: int, theta: float, factor: float, low_freq_factor: float,
                         high_freq_factor: float, original_context: int) -> Tuple[float, ...]:
     """Divisors of the RoPE frequencies for rope_scaling type "llama3" (as transformers'

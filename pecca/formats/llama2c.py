@@ -21,7 +21,7 @@ import struct
 
 import numpy as np
 
-from pecca.config import ModelConfig
+from pecca.config import ModelConfig, check_heads
 from pecca.errors import ModelFormatError, UnsupportedModelError
 from pecca.formats import LoadedModel
 from pecca.weights import F32Linear, LayerWeights, Weights
@@ -72,13 +72,7 @@ def _config(path, values, vocab_size) -> ModelConfig:
             raise ModelFormatError(
                 f"{path}: header field {name} = {values[FIELDS.index(name)]} is outside 1..{LIMITS[name]}"
                 " (not a llama2.c checkpoint, or a corrupt header)")
-    dim, n_heads, n_kv = named["dim"], named["n_heads"], named["n_kv_heads"]
-    if dim % n_heads:
-        raise ModelFormatError(f"{path}: dim {dim} is not a multiple of n_heads {n_heads}")
-    if n_heads % n_kv:
-        raise ModelFormatError(f"{path}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
-    if (dim // n_heads) % 2:
-        raise ModelFormatError(f"{path}: head size {dim // n_heads} is odd; RoPE needs pairs")
+    check_heads(path, named["dim"], named["n_heads"], named["n_kv_heads"])
     return ModelConfig(**named)
 
 
