@@ -1,5 +1,8 @@
-"""Write llama2.c checkpoints (the layouts of llama2.c's export.py `legacy_export` and
-`version1_export`), tensor by tensor so memory stays near one tensor.
+"""Write llama2.c checkpoints (the layouts of llama2.c's export.py `legacy_export`,
+`version1_export` and `version2_export`), tensor by tensor so memory stays near one tensor.
+
+Version 2 (runq.c's int8 format) quantizes each matrix with pecca.quant.quantize_q8_groups
+(export.py's quantize_q80) and writes its int8 values, then its float32 group scales.
 
 `tensors` maps llama2.c's names to float32 arrays in PyTorch (out, in) layout:
 tok_embeddings (V, D); per layer i: attention_norm.i (D,), wq.i (D, D), wk.i (KV, D),
@@ -14,8 +17,10 @@ import numpy as np
 
 from pecca.config import ModelConfig
 from pecca.progress import progress
+from pecca.quant import quantize_q8_groups
 
 MAGIC = 0x616B3432
+QUANT_CHUNK = 1 << 24  # values quantized at a time: NumPy's temporaries stay ~100 MB
 
 
 def tensor_order(c: ModelConfig, version: int, shared: bool) -> Iterable[str]:
@@ -25,7 +30,7 @@ def tensor_order(c: ModelConfig, version: int, shared: bool) -> Iterable[str]:
         names = (["tok_embeddings"] + per("attention_norm") + per("wq") + per("wk") + per("wv")
                  + per("wo") + per("ffn_norm") + per("w1") + per("w2") + per("w3") + ["norm"]
                  + ["freq_cis_real", "freq_cis_imag"])
-    else:
+    else:  # versions 1 and 2: norms first (in version 2 the f32 part), then the matrices
         names = (per("attention_norm") + per("ffn_norm") + ["norm", "tok_embeddings"] + per("wq")
                  + per("wk") + per("wv") + per("wo") + per("w1") + per("w2") + per("w3"))
     return names + ([] if shared else ["output"])
@@ -39,23 +44,52 @@ def freq_cis(c: ModelConfig):
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def write_llama2c(path: str, c: ModelConfig, get: Callable[[str], np.ndarray],
-                  version: int = 0, shared: bool = True) -> None:
-    """Write a llama2.c file. `get(name)` returns each tensor when it is needed (so a big
-    model streams); the file appears under `path` only once complete."""
-    if version not in (0, 1):
-        raise ValueError("version must be 0 or 1")
+def header(c: ModelConfig, version: int, shared: bool, group_size: int) -> bytes:
     fields = [c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len]
+    if version == 0:
+        if not shared:
+            fields[5] = -fields[5]
+        return struct.pack("<7i", *fields)
+    head = struct.pack("<Ii7iB", MAGIC, version, *fields, int(shared))
+    if version == 2:
+        head += struct.pack("<i", group_size)  # unaligned, at byte 37, as export.py packs it
+    return head + b"\0" * (256 - len(head))
+
+
+def check_group_size(c: ModelConfig, group_size: int) -> None:
+    """runq.c quantizes activations of length dim and hidden_dim in whole groups and would
+    silently drop a partial last group, so the group size must divide both."""
+    if group_size <= 0 or c.dim % group_size or c.hidden_dim % group_size:
+        raise ValueError(f"group_size {group_size} must divide dim {c.dim} and "
+                         f"hidden_dim {c.hidden_dim}")
+
+
+def write_q8(f, arr: np.ndarray, group_size: int) -> None:
+    """One version-2 tensor: all its int8 values, then all its float32 scales. Quantized a
+    chunk of whole groups at a time (groups never straddle chunks)."""
+    flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+    step = max(group_size, QUANT_CHUNK // group_size * group_size)
+    scales = []
+    for start in range(0, flat.size, step):
+        q, s = quantize_q8_groups(flat[start:start + step], group_size)
+        f.write(q.tobytes())
+        scales.append(s)
+    f.write(np.concatenate(scales).astype("<f4").tobytes())
+
+
+def write_llama2c(path: str, c: ModelConfig, get: Callable[[str], np.ndarray],
+                  version: int = 0, shared: bool = True, group_size: int = 64) -> None:
+    """Write a llama2.c file. `get(name)` returns each tensor when it is needed (so a big
+    model streams); the file appears under `path` only once complete. `group_size` is the
+    quantization group of version 2 (ignored otherwise)."""
+    if version not in (0, 1, 2):
+        raise ValueError("version must be 0, 1 or 2")
+    if version == 2:
+        check_group_size(c, group_size)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            if version == 0:
-                if not shared:
-                    fields[5] = -fields[5]
-                f.write(struct.pack("<7i", *fields))
-            else:
-                head = struct.pack("<Ii7iB", MAGIC, 1, *fields, int(shared))
-                f.write(head + b"\0" * (256 - len(head)))
+            f.write(header(c, version, shared, group_size))
             cos, sin = freq_cis(c) if version == 0 else (None, None)
             names = tensor_order(c, version, shared)
             with progress(f"writing {os.path.basename(path)}", len(names)) as advance:
@@ -66,7 +100,10 @@ def write_llama2c(path: str, c: ModelConfig, get: Callable[[str], np.ndarray],
                         arr = sin
                     else:
                         arr = get(name)
-                    f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+                    if version == 2 and np.ndim(arr) == 2:
+                        write_q8(f, arr, group_size)
+                    else:
+                        f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
                     advance()
         os.replace(tmp, path)
     finally:
