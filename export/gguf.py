@@ -75,12 +75,18 @@ def add_metadata(w, c: ModelConfig, vocab, name: str, dtype: str) -> None:
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     w.add_tokenizer_model(vocab.model)
+    if vocab.pre is not None:  # gpt2: the pre-tokenizer's name, as llama.cpp's converter writes it
+        w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
-    w.add_token_scores(vocab.scores)
+    if vocab.scores:  # a gpt2 vocabulary has none
+        w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)
+    if vocab.merges:
+        w.add_token_merges(vocab.merges)
     w.add_bos_token_id(vocab.bos_id)
     w.add_eos_token_id(vocab.eos_id)
-    w.add_unk_token_id(vocab.unk_id)
+    if vocab.unk_id is not None:
+        w.add_unk_token_id(vocab.unk_id)
     w.add_add_bos_token(vocab.add_bos)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(vocab.add_space_prefix)

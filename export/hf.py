@@ -181,7 +181,7 @@ class HFSource:
     """A HuggingFace Llama directory as an export source."""
 
     def __init__(self, d: str, tokenizer_path: str = None):
-        from export.vocab import vocab_from_sentencepiece
+        from export.vocab import vocab_from_sentencepiece, vocab_from_tokenizer_json
 
         self.dir = d
         self.config = read_config(d)
@@ -198,11 +198,25 @@ class HFSource:
             tie = bool(json.load(f).get("tie_word_embeddings", False))
         self.tied = tie or "lm_head.weight" not in self.tensors
         self.name = os.path.basename(os.path.normpath(d))
-        tok = tokenizer_path or os.path.join(d, "tokenizer.model")
-        if not os.path.isfile(tok):
-            raise UnsupportedModelError(f"{d}: no tokenizer.model; tokenizer.json-only vocabularies "
-                                        "(Llama 3) cannot be exported yet")
-        self.vocab = vocab_from_sentencepiece(tok)
+        tok = tokenizer_path or self.tokenizer_file(d)
+        if tok.endswith(".json"):
+            self.vocab = vocab_from_tokenizer_json(tok, self.config.vocab_size)
+        else:
+            self.vocab = vocab_from_sentencepiece(tok)
+
+    @staticmethod
+    def tokenizer_file(d: str) -> str:
+        """A sentencepiece tokenizer.model when there is one, else tokenizer.json (Llama 3's
+        directories may hold a tiktoken-format tokenizer.model beside it, which is skipped)."""
+        spm, js = os.path.join(d, "tokenizer.model"), os.path.join(d, "tokenizer.json")
+        if os.path.isfile(spm):
+            with open(spm, "rb") as f:
+                if f.read(1) == b"\x0a" or not os.path.isfile(js):  # a sentencepiece ModelProto
+                    return spm
+        if os.path.isfile(js):
+            return js
+        raise ModelFormatError(f"{d}: no tokenizer.model or tokenizer.json; pass the tokenizer with "
+                               "--tokenizer")
 
     def hf(self, name: str) -> RawTensor:
         t = self.tensors.get(name)

@@ -14,6 +14,11 @@ class Tokenizer:
     add_bos_default: bool = True  # whether a prompt starts with BOS for this model
     control_ids: frozenset = frozenset()  # tokens that print nothing (besides BOS and EOS)
 
+    @property
+    def eot_ids(self) -> frozenset:
+        """Tokens that end a turn: EOS, and in chat vocabularies <|eot_id|>, <|im_end|> ..."""
+        return frozenset({self.eos_id})
+
     def encode(self, text: str, add_bos: bool = True) -> List[int]:
         raise NotImplementedError
 
