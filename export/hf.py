@@ -1,5 +1,6 @@
 """HuggingFace Llama directories as an export source: config.json, weights in safetensors
-(one file or shards with an index) or pytorch_model*.bin, and tokenizer.model.
+(one file or shards with an index) or pytorch_model*.bin, and tokenizer.model (sentencepiece)
+or else tokenizer.json (written as a `gpt2` vocabulary for byte-level BPE such as Llama 3's).
 
 Safetensors files are parsed here rather than with `safetensors.safe_open`: numpy has no
 bfloat16 (safe_open refuses it) and we want memory-mapped views, not copies. The format is an

@@ -82,7 +82,8 @@ class LLM:
 
     def stream_ids(self, prompt_ids: List[int], sampler: Sampler, max_tokens: int,
                    stats: GenerationStats) -> Iterator[int]:
-        stops = {self.tokenizer.bos_id, self.tokenizer.eos_id}
+        # BOS ends a llama2.c story; EOS and end-of-turn tokens (<|eot_id|>...) end a reply
+        stops = {self.tokenizer.bos_id, self.tokenizer.eos_id} | set(self.tokenizer.eot_ids)
         self.last_stats = stats
         return generate_ids(self.model, prompt_ids, sampler, max_tokens, stops, stats)
 
