@@ -13,7 +13,8 @@ from pecca.quant import quantize_q8_groups
 from shared_data import llama2c_model
 
 # Odd sizes: head size 6, GQA (kv_dim 18), vocab 67, rows of 36 and 100 values.
-CFG = ModelConfig(dim=36, hidden_dim=100, n_layers=2, n_heads=6, n_kv_heads=3, vocab_size=67, seq_len=40)
+CFG = ModelConfig(dim=36, hidden_dim=100, n_layers=2, n_heads=6, n_kv_heads=3, vocab_size=67,
+                  seq_len=40)
 MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
