@@ -90,6 +90,8 @@ def add_metadata(w, c: ModelConfig, vocab, name: str, dtype: str) -> None:
     w.add_add_bos_token(vocab.add_bos)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
 
 
 def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
@@ -173,18 +175,24 @@ class GGUFSource:
         self.config = reader.read_config(path, meta, self.tensors)
         self.tied = "output.weight" not in self.tensors
         self.name = meta.get("general.name") or os.path.splitext(os.path.basename(path))[0]
-        if meta.get("tokenizer.ggml.model") != "llama":
-            raise ModelFormatError(f"{path}: tokenizer.ggml.model {meta.get('tokenizer.ggml.model')!r}; "
-                                   "re-export needs the 'llama' vocabulary")
+        model = meta.get("tokenizer.ggml.model")
+        if model not in ("llama", "gpt2"):
+            raise ModelFormatError(f"{path}: tokenizer.ggml.model {model!r}; re-export reads the "
+                                   "'llama' and 'gpt2' vocabularies")
         tokens = list(meta.require("tokenizer.ggml.tokens"))
-        self.vocab = Vocab(tokens, list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)),
+        unk = meta.get("tokenizer.ggml.unknown_token_id")
+        self.vocab = Vocab(tokens, list(meta.get("tokenizer.ggml.scores") or
+                                        ([0.0] * len(tokens) if model == "llama" else [])),
                            list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)),
                            bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
                            eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)),
-                           unk_id=int(meta.get("tokenizer.ggml.unknown_token_id", 0)),
+                           unk_id=None if unk is None and model == "gpt2" else int(unk or 0),
                            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-                           add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
-                           source=path)
+                           add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", model == "llama")),
+                           model=model, source=path,
+                           merges=list(meta.get("tokenizer.ggml.merges") or []),
+                           pre=meta.get("tokenizer.ggml.pre"),
+                           chat_template=meta.get("tokenizer.chat_template"))
         self.path = path
 
     def tensor(self, name: str) -> RawTensor:

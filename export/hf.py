@@ -182,7 +182,7 @@ class HFSource:
     """A HuggingFace Llama directory as an export source."""
 
     def __init__(self, d: str, tokenizer_path: str = None):
-        from export.vocab import vocab_from_sentencepiece, vocab_from_tokenizer_json
+        from export.vocab import chat_template_beside, vocab_from_sentencepiece, vocab_from_tokenizer_json
 
         self.dir = d
         self.config = read_config(d)
@@ -204,6 +204,7 @@ class HFSource:
             self.vocab = vocab_from_tokenizer_json(tok, self.config.vocab_size)
         else:
             self.vocab = vocab_from_sentencepiece(tok)
+        self.vocab.chat_template = chat_template_beside(tok)
 
     @staticmethod
     def tokenizer_file(d: str) -> str:

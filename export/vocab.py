@@ -32,6 +32,7 @@ class Vocab:
     extra: dict = field(default_factory=dict)
     merges: List[str] = field(default_factory=list)  # `gpt2`: "a b", in rank order
     pre: Optional[str] = None  # `gpt2`: tokenizer.ggml.pre
+    chat_template: Optional[str] = None  # tokenizer_config.json's Jinja template, if any
 
     def __len__(self):
         return len(self.tokens)
@@ -138,3 +139,20 @@ def json_brief(v, limit: int = 120) -> str:
 
     s = json.dumps(v, ensure_ascii=False)
     return s if len(s) <= limit else s[:limit] + "..."
+
+
+def chat_template_beside(tokenizer_path: str) -> Optional[str]:
+    """The chat_template of the tokenizer_config.json beside a tokenizer file, if any (a string,
+    or the "default" entry of a list of named templates)."""
+    import json
+    import os
+
+    p = os.path.join(os.path.dirname(tokenizer_path), "tokenizer_config.json")
+    try:
+        with open(p, encoding="utf-8") as f:
+            t = json.load(f).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) and t else None

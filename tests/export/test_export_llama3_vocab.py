@@ -179,3 +179,25 @@ def test_llama_cpp_tokenizes_the_export_like_pecca(hf_export, hf_loaded):
             assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == tok.encode(text), repr(text)
         if r["ids_no_special"] and not any(t >= 128000 for t in r["ids_no_special"]):
             assert llm.detokenize(r["ids_no_special"]).decode("utf-8") == r["decoded"]
+
+
+def test_export_keeps_the_chat_template(hf_export):
+    import gguf
+
+    d, out = hf_export[0], hf_export[1]
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["tokenizer.chat_template"].contents() == cfg["chat_template"]
+
+
+def test_reexport_of_a_gpt2_vocabulary_to_q8_0(hf_export, tmp_path):
+    """A GGUF with Llama 3's vocabulary written again as Q8_0: same vocabulary and template."""
+    import gguf
+
+    out = tmp_path / "q8.gguf"
+    export(str(hf_export[1]), str(out), "q8_0")
+    a, b = gguf.GGUFReader(str(hf_export[1])), gguf.GGUFReader(str(out))
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
+                "tokenizer.chat_template"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+    assert len(b.fields["tokenizer.ggml.merges"].contents()) == len(a.fields["tokenizer.ggml.merges"].contents())
