@@ -60,7 +60,6 @@ class BuildExt(build_ext):
             print("pecca: building WITHOUT OpenMP; kernels will run on one thread", file=sys.stderr)
         # with and without OpenMP give different objects from the same sources: never let the
         # up-to-date check reuse one build for the other
-        self.build_temp = os.path.join(self.build_temp, "openmp" if omp else "serial")
         self.force = True
         opt = ["/O2"] if self.compiler.compiler_type == "msvc" else ["-O3"]
         for ext in self.extensions:

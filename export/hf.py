@@ -13,7 +13,7 @@ the interleaved order, so those rows are permuted back, exactly as llama.cpp's c
 import json
 import os
 import struct
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -122,7 +122,8 @@ def rope_settings(cfg, path, head_size):
     raise UnsupportedModelError(f"{path}: rope_scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
-def read_config(d: str) -> ModelConfig:
+def read_config(d: str) -> Tuple[ModelConfig, dict]:
+    """The ModelConfig of directory `d`, and config.json as read (for the fields it leaves out)."""
     path = os.path.join(d, "config.json")
     try:
         with open(path) as f:
@@ -163,7 +164,7 @@ def read_config(d: str) -> ModelConfig:
         seq_len=_positive(cfg, "max_position_embeddings", path, LIMITS["seq_len"], default=2048),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
         bos_id=token_id("bos_token_id", 1), eos_id=token_id("eos_token_id", 2),
-        rope_freq_factors=factors)
+        rope_freq_factors=factors), cfg
 
 
 def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -185,7 +186,7 @@ class HFSource:
         from export.vocab import chat_template_beside, vocab_from_sentencepiece, vocab_from_tokenizer_json
 
         self.dir = d
-        self.config = read_config(d)
+        self.config, cfg = read_config(d)
         kind, files = weight_files(d)
         self.tensors: Dict[str, RawTensor] = {}
         for f in files:
@@ -195,9 +196,7 @@ class HFSource:
                 from pecca.formats.pth import read_pth
 
                 self.tensors.update(read_pth(f))
-        with open(os.path.join(d, "config.json")) as f:
-            tie = bool(json.load(f).get("tie_word_embeddings", False))
-        self.tied = tie or "lm_head.weight" not in self.tensors
+        self.tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.tensors
         self.name = os.path.basename(os.path.normpath(d))
         tok = tokenizer_path or self.tokenizer_file(d)
         if tok.endswith(".json"):

@@ -154,30 +154,33 @@ class Model:
     def prefill(self, tokens, pos0: int = 0) -> np.ndarray:
         """Feed `tokens` at positions pos0, pos0 + 1, ...; returns the logits after the last
         one (the same buffer `forward` returns)."""
-        tokens = list(tokens)
-        if not tokens:
-            raise InvalidArgumentError("prefill needs at least one token")
-        self._check_batch(tokens, pos0)
+        tokens = self._checked(tokens, pos0)
         if len(tokens) == 1:
             return self.forward(tokens[0], pos0)
-        B = self.PREFILL_BATCH
-        for start in range(0, len(tokens), B):
-            self._forward_batch(tokens[start:start + B], pos0 + start)
+        self._run_batches(tokens, pos0)
         return self.state.logits
 
     def logits_all(self, tokens, pos0: int = 0) -> np.ndarray:
         """Logits (T, vocab_size) at every position of `tokens`, fed at pos0, pos0 + 1, ...
         (perplexity needs them all; generation only the last)."""
-        tokens = list(tokens)
-        self.prefill(tokens[:1], pos0)  # validates ids and positions, feeds the first token
+        tokens = self._checked(tokens, pos0)
         out = np.empty((len(tokens), self.config.vocab_size), np.float32)
-        out[0] = self.state.logits
-        B = self.PREFILL_BATCH
-        for start in range(1, len(tokens), B):
-            chunk = tokens[start:start + B]
-            self._check_batch(chunk, pos0 + start)
-            self._forward_batch(chunk, pos0 + start, out[start:start + len(chunk)])
+        self._run_batches(tokens, pos0, out)
         return out
+
+    def _run_batches(self, tokens, pos0, all_logits=None) -> None:
+        B = self.PREFILL_BATCH
+        for start in range(0, len(tokens), B):
+            chunk = tokens[start:start + B]
+            self._forward_batch(chunk, pos0 + start,
+                                None if all_logits is None else all_logits[start:start + len(chunk)])
+
+    def _checked(self, tokens, pos0):
+        tokens = list(tokens)
+        if not tokens:
+            raise InvalidArgumentError("prefill needs at least one token")
+        self._check_batch(tokens, pos0)
+        return tokens
 
     def _check_batch(self, tokens, pos0):
         c = self.config

@@ -221,24 +221,6 @@ static void axpy_avx512(float *y, float a, const float *x, long n) {
 
 /* ---------------- dispatch ---------------- */
 
-static float dot_f32(const float *a, const float *b, long n) {
-#if PECCA_X86
-    int level = pecca_simd_level();
-    if (level == PECCA_SIMD_AVX512) return dot_avx512(a, b, n);
-    if (level == PECCA_SIMD_AVX2) return dot_avx2(a, b, n);
-#endif
-    return dot_portable(a, b, n);
-}
-
-static void axpy_f32(float *y, float a, const float *x, long n) {
-#if PECCA_X86
-    int level = pecca_simd_level();
-    if (level == PECCA_SIMD_AVX512) { axpy_avx512(y, a, x, n); return; }
-    if (level == PECCA_SIMD_AVX2) { axpy_avx2(y, a, x, n); return; }
-#endif
-    axpy_portable(y, a, x, n);
-}
-
 /* out[r0:r1] = W[r0:r1, :] @ x, W row-major (rows, n). */
 static void matvec_f32_rows(const float *w, const float *x, float *out,
                             long n, long r0, long r1) {

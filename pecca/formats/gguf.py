@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from pecca.config import ModelConfig
-from pecca.errors import (ModelFormatError, TokenizerFormatError, UnsupportedModelError)
+from pecca.errors import ModelFormatError, UnsupportedModelError
 from pecca.formats import LoadedModel
 from pecca.formats.llama2c import LIMITS
 from pecca.quant import Q8_0_BLOCK, Q8_0_BYTES, Q8_0Rows
@@ -80,10 +80,7 @@ def read(path: str) -> LoadedModel:
     weights = read_weights(path, config, tensors)
     from pecca.tokenizers.gguf_vocab import tokenizer_from_gguf
 
-    try:
-        tokenizer = tokenizer_from_gguf(path, meta)
-    except TokenizerFormatError:
-        raise
+    tokenizer = tokenizer_from_gguf(path, meta)
     if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
         raise ModelFormatError(f"{path}: the vocabulary has {tokenizer.vocab_size} tokens but "
                                f"token_embd has {config.vocab_size} rows")
