@@ -15,9 +15,9 @@ from pecca.config import ModelConfig
 from pecca.errors import InvalidArgumentError, ModelFormatError
 from pecca.formats.tensors import RawTensor, release_pages
 from pecca.progress import progress
-from pecca.quant import Q8_0_BLOCK, Q8_0_BYTES, quantize_q8_0
+from pecca.quant import BLOCK_BYTES, BLOCK_VALUES, quantize_blocks
 
-OUT_DTYPES = ("f32", "f16", "q8_0")
+OUT_DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 CHUNK_BYTES = 64 << 20  # rows converted at a time
 
 
@@ -40,22 +40,28 @@ def tensor_plan(c: ModelConfig, tied: bool) -> List[Tuple[str, tuple]]:
     return plan
 
 
-def out_type(shape: tuple, dtype: str) -> str:
+def out_type(name: str, shape: tuple, dtype: str) -> str:
     """GGUF type of a tensor: norms and rope factors stay F32 (as llama.cpp keeps them);
-    matrices take `dtype`, but Q8_0 needs rows of whole 32-value blocks (F16 otherwise)."""
+    matrices take `dtype`, but block types need rows of whole 32-value blocks (F16 otherwise).
+    With a 4-bit dtype the token embedding and the classifier are Q8_0, as llama.cpp's
+    quantizer keeps those two (the most sensitive) at a higher precision."""
     if len(shape) == 1 or dtype == "f32":
         return "F32"
-    if dtype == "q8_0" and shape[1] % Q8_0_BLOCK == 0:
-        return "Q8_0"
+    if dtype in ("q4_0", "q4_1") and name in ("token_embd.weight", "output.weight"):
+        dtype = "q8_0"
+    if dtype.upper() in BLOCK_BYTES and shape[1] % BLOCK_VALUES == 0:
+        return dtype.upper()
     return "F16"
 
 
 def stored_shape(shape: tuple, kind: str) -> tuple:
-    """numpy shape of the data as written: Q8_0 rows are bytes."""
-    return shape[:-1] + (shape[-1] // Q8_0_BLOCK * Q8_0_BYTES,) if kind == "Q8_0" else shape
+    """numpy shape of the data as written: block-quantized rows are bytes."""
+    if kind in BLOCK_BYTES:
+        return shape[:-1] + (shape[-1] // BLOCK_VALUES * BLOCK_BYTES[kind],)
+    return shape
 
 
-NUMPY_OF = {"F32": np.float32, "F16": np.float16, "Q8_0": np.uint8}
+NUMPY_OF = {"F32": np.float32, "F16": np.float16, "Q8_0": np.uint8, "Q4_0": np.uint8, "Q4_1": np.uint8}
 
 
 def add_metadata(w, c: ModelConfig, vocab, name: str, dtype: str) -> None:
@@ -73,7 +79,8 @@ def add_metadata(w, c: ModelConfig, vocab, name: str, dtype: str) -> None:
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                     "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[dtype])
     w.add_tokenizer_model(vocab.model)
     if vocab.pre is not None:  # gpt2: the pre-tokenizer's name, as llama.cpp's converter writes it
         w.add_tokenizer_pre(vocab.pre)
@@ -95,7 +102,7 @@ def add_metadata(w, c: ModelConfig, vocab, name: str, dtype: str) -> None:
 
 
 def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
-    """Write `source` to `out_path` as GGUF with matrices in `dtype` ("f32", "f16", "q8_0")."""
+    """Write `source` to `out_path` as GGUF with matrices in `dtype` (one of OUT_DTYPES)."""
     import gguf
 
     if dtype not in OUT_DTYPES:
@@ -111,7 +118,7 @@ def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
         add_metadata(w, c, vocab, source.name, dtype)
         total = 0
         for name, shape in plan:
-            kind = out_type(shape, dtype)
+            kind = out_type(name, shape, dtype)
             data_shape = stored_shape(shape, kind)
             nbytes = int(np.prod(data_shape)) * np.dtype(NUMPY_OF[kind]).itemsize
             w.add_tensor_info(name, data_shape, np.dtype(NUMPY_OF[kind]), nbytes,
@@ -125,7 +132,7 @@ def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
         with progress(f"exporting {os.path.basename(out_path)}", total) as advance:
             for name, shape in plan:
                 nbytes = write_tensor(fout, name, shape, source.tensor(name),
-                                      out_type(shape, dtype), advance)
+                                      out_type(name, shape, dtype), advance)
                 w.write_padding(fout, nbytes)
         w.close()
         os.replace(tmp, out_path)
@@ -148,8 +155,8 @@ def write_tensor(fout, name, shape, raw: RawTensor, kind: str, advance) -> int:
         part = RawTensor(np.ascontiguousarray(data[r:r + rows]), raw.dtype).to_f32()
         if not np.all(np.isfinite(part)):
             raise ModelFormatError(f"tensor {name} holds NaN or infinite values")
-        if kind == "Q8_0":
-            out = quantize_q8_0(part)
+        if kind in BLOCK_BYTES:
+            out = quantize_blocks(part, kind)
         else:
             out = part.astype(NUMPY_OF[kind], copy=False)
         if kind == "F16" and not np.all(np.isfinite(out)):
@@ -162,8 +169,9 @@ def write_tensor(fout, name, shape, raw: RawTensor, kind: str, advance) -> int:
 
 
 class GGUFSource:
-    """A GGUF file (F32/F16/BF16/Q8_0 tensors, `llama` vocabulary) as an export source: to
-    re-export it in another type. Q8_0 tensors are dequantized a tensor at a time."""
+    """A GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, `llama` or `gpt2` vocabulary) as an
+    export source: to re-export it in another type. Block-quantized tensors are dequantized a
+    tensor at a time."""
 
     def __init__(self, path: str):
         from export.vocab import Vocab
@@ -196,7 +204,7 @@ class GGUFSource:
         self.path = path
 
     def tensor(self, name: str) -> RawTensor:
-        from pecca.quant import dequantize_q8_0
+        from pecca.quant import dequantize_blocks
 
         t = self.tensors.get(name)
         if t is None:
@@ -209,6 +217,6 @@ class GGUFSource:
             return RawTensor(t.data.reshape(shape), "f16")
         if kind == "BF16":
             return RawTensor(t.data.view(np.uint16).reshape(shape), "bf16")
-        if kind == "Q8_0":
-            return RawTensor(dequantize_q8_0(t.data).reshape(shape).astype(np.float32), "f32")
+        if kind in BLOCK_BYTES:
+            return RawTensor(dequantize_blocks(t.data, kind).reshape(shape).astype(np.float32), "f32")
         raise ModelFormatError(f"{self.path}: tensor {name} has type {kind}, which cannot be re-exported")

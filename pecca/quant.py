@@ -7,10 +7,16 @@ Two int8 layouts:
   q = round(x / scale) (half away from zero).
 - GGUF Q8_0: blocks of 32 values, each an f16 scale followed by 32 int8 (llama.cpp's
   block_q8_0); the `gguf` package's quantize/dequantize are bit-exact with llama.cpp's C.
+
+and the GGUF 4-bit blocks of 32 values, Q4_0 (f16 d, 16 bytes of nibbles; d * (q - 8)) and
+Q4_1 (f16 d, f16 m, 16 bytes; d * q + m), through the same `gguf` functions.
 """
 import numpy as np
 
 Q8_0_BLOCK, Q8_0_BYTES = 32, 34
+# GGUF block types pecca reads and writes: values per block and bytes per block
+BLOCK_VALUES = 32
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 
 def round_half_away(v: np.ndarray) -> np.ndarray:
@@ -33,30 +39,39 @@ def dequantize_q8_groups(q: np.ndarray, scales: np.ndarray, gs: int) -> np.ndarr
     return (q.reshape(-1, gs).astype(np.float32) * s[:, None]).reshape(q.shape)
 
 
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """float rows (..., n), n a multiple of 32 -> Q8_0 bytes (..., n // 32 * 34)."""
+def quantize_blocks(x: np.ndarray, kind: str) -> np.ndarray:
+    """float rows (..., n), n a multiple of 32 -> GGUF `kind` ("Q8_0", "Q4_0", "Q4_1") bytes
+    (..., n // 32 * BLOCK_BYTES[kind])."""
     import gguf
 
-    return gguf.quants.quantize(np.asarray(x, np.float32), gguf.GGMLQuantizationType.Q8_0)
+    return gguf.quants.quantize(np.asarray(x, np.float32), gguf.GGMLQuantizationType[kind])
+
+
+def dequantize_blocks(blocks: np.ndarray, kind: str) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.dequantize(np.asarray(blocks), gguf.GGMLQuantizationType[kind])
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    return quantize_blocks(x, "Q8_0")
 
 
 def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
-    import gguf
-
-    return gguf.quants.dequantize(np.asarray(blocks), gguf.GGMLQuantizationType.Q8_0)
+    return dequantize_blocks(blocks, "Q8_0")
 
 
-class Q8_0Rows:
-    """A Q8_0 matrix (rows, n // 32 * 34 bytes) read a row at a time: the token embedding."""
+class BlockRows:
+    """A GGUF block-quantized matrix (rows, n // 32 * bytes per block), read a row at a time:
+    the token embedding."""
 
-    kind = "q8_0"
-
-    def __init__(self, blocks: np.ndarray):
-        self.blocks = blocks
-        self.shape = (blocks.shape[0], blocks.shape[1] // Q8_0_BYTES * Q8_0_BLOCK)
+    def __init__(self, blocks: np.ndarray, kind: str = "Q8_0"):
+        self.blocks, self.type = blocks, kind
+        self.kind = kind.lower()
+        self.shape = (blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[kind] * BLOCK_VALUES)
 
     def rows(self, tokens) -> np.ndarray:
-        return dequantize_q8_0(self.blocks[tokens])
+        return dequantize_blocks(self.blocks[tokens], self.type)
 
 
 class Q8GroupRows:

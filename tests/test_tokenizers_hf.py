@@ -20,7 +20,7 @@ import pytest
 from pecca.errors import TokenizerFormatError, UnsupportedModelError
 from pecca.tokenizers import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from pecca.tokenizers.hf_json import byte_level_bytes, byte_level_pre_tokenizer
-from shared_data import shared_file
+from shared_data import shared_file, smollm2_gguf
 
 pytest.importorskip("tokenizers")
 
@@ -178,15 +178,6 @@ def test_llama2_sentencepiece_style_tokenizer_json(tmp_path):
 
 
 # --- GGUF `gpt2` vocabulary: SmolLM2 as llama.cpp converted it ---
-
-def smollm2_gguf():
-    from pecca.hub import cache_dir
-
-    p = cache_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not p.exists():
-        pytest.skip(f"{p} not found (../shared/models/gguf/fetch-smollm2.sh puts it there)")
-    return p
-
 
 def test_smollm2_gguf_vocabulary_matches_llama_cpp():
     """The `smollm` pre-tokenizer (each digit alone, then GPT-2's regex) with llama.cpp's own

@@ -8,7 +8,7 @@ Architecture `llama` only. Metadata keys and tensor names are llama.cpp's:
     tokenizer.ggml.{model,tokens,scores,token_type,bos_token_id,eos_token_id,...}
     token_embd, blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,ffn_norm,ffn_gate,
     ffn_up,ffn_down}, output_norm, output (absent when tied to token_embd), rope_freqs.
-Weights may be F32, F16, BF16 or Q8_0; q and k rows are in llama.cpp's (Meta's) order, RoPE on
+Weights may be F32, F16, BF16, Q8_0, Q4_0 or Q4_1; q and k rows are in llama.cpp's (Meta's) order, RoPE on
 adjacent pairs. Every tensor's type, shape and byte range is checked before use.
 """
 import os
@@ -19,7 +19,7 @@ from pecca.config import ModelConfig
 from pecca.errors import ModelFormatError, UnsupportedModelError
 from pecca.formats import LoadedModel
 from pecca.formats.llama2c import LIMITS
-from pecca.quant import Q8_0_BLOCK, Q8_0_BYTES, Q8_0Rows
+from pecca.quant import BLOCK_BYTES, BLOCK_VALUES, BlockRows
 from pecca.weights import F32Linear, LayerWeights, Weights
 
 GGUF_MAGIC = b"GGUF"
@@ -161,17 +161,25 @@ def _linear(path, t, shape):
         return W.F16Linear(t.data)
     if kind == "BF16":
         return W.BF16Linear(t.data.view(np.uint16).reshape(shape))
-    if kind == "Q8_0":
-        return W.Q8_0Linear(_q8_0_blocks(path, t, shape))
-    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs F32, F16, BF16 "
-                                "and Q8_0 GGUF weights so far")
+    if kind in BLOCK_LINEARS:
+        return getattr(W, BLOCK_LINEARS[kind])(_blocks(path, t, shape))
+    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs {SUPPORTED} "
+                                "GGUF weights")
 
 
-def _q8_0_blocks(path, t, shape):
-    """The (rows, n / 32 * 34) bytes of a Q8_0 matrix, after checking they fit its shape."""
+# GGUF block types and the Linear class (pecca.weights) that runs each
+BLOCK_LINEARS = {"Q8_0": "Q8_0Linear", "Q4_0": "Q4_0Linear", "Q4_1": "Q4_1Linear"}
+SUPPORTED = "F32, F16, BF16, Q8_0, Q4_0 and Q4_1"
+
+
+def _blocks(path, t, shape):
+    """The (rows, n / 32 * block bytes) bytes of a block-quantized matrix, after checking they
+    fit its shape."""
     rows, n = shape
-    if n % Q8_0_BLOCK or t.data.shape != (rows, n // Q8_0_BLOCK * Q8_0_BYTES) or t.n_bytes != t.data.nbytes:
-        raise ModelFormatError(f"{path}: Q8_0 tensor {t.name}: {t.data.nbytes} bytes do not hold "
+    kind = t.tensor_type.name
+    if (n % BLOCK_VALUES or t.data.shape != (rows, n // BLOCK_VALUES * BLOCK_BYTES[kind])
+            or t.n_bytes != t.data.nbytes):
+        raise ModelFormatError(f"{path}: {kind} tensor {t.name}: {t.data.nbytes} bytes do not hold "
                                f"a {rows}x{n} matrix of 32-value blocks")
     return t.data
 
@@ -199,10 +207,10 @@ def _embedding(path, t, shape):
         return t.data
     if kind == "BF16":
         return t.data.view(np.uint16).reshape(shape)
-    if kind == "Q8_0":
-        return Q8_0Rows(_q8_0_blocks(path, t, shape))
-    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs F32, F16, BF16 "
-                                "and Q8_0 GGUF weights so far")
+    if kind in BLOCK_BYTES:
+        return BlockRows(_blocks(path, t, shape), kind)
+    raise UnsupportedModelError(f"{path}: tensor {t.name} has type {kind}; pecca runs {SUPPORTED} "
+                                "GGUF weights")
 
 
 def read_weights(path, c: ModelConfig, tensors) -> Weights:
