@@ -9,13 +9,13 @@ from typing import Tuple
 
 import numpy as np
 
-NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "i32": np.int32}
 
 
 @dataclass
 class RawTensor:
-    data: np.ndarray  # float32, float16, or uint16 (bf16 bits)
-    dtype: str  # "f32", "f16" or "bf16"
+    data: np.ndarray  # float32, float16, uint16 (bf16 bits), or int32 (GPTQ's packed tensors)
+    dtype: str  # "f32", "f16", "bf16" or "i32"
 
     def __post_init__(self):
         if self.dtype not in NUMPY_DTYPES or self.data.dtype != NUMPY_DTYPES[self.dtype]:

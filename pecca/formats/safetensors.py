@@ -1,0 +1,65 @@
+"""Safetensors files, memory-mapped: every tensor a numpy view, never a copy.
+
+Parsed here rather than with `safetensors.safe_open`: numpy has no bfloat16 (safe_open refuses
+it) and we want memory-mapped views. The format is an 8-byte little-endian header length, a JSON
+header {name: {dtype, shape, data_offsets}} (plus an optional "__metadata__"), then the data.
+"""
+import json
+import os
+import struct
+from typing import Dict
+
+import numpy as np
+
+from pecca.errors import ModelFormatError, UnsupportedModelError
+from pecca.formats.tensors import RawTensor
+
+# I32 holds GPTQ's packed 4-bit codes, zero points and group indices
+SAFETENSORS_DTYPES = {"F32": ("f32", np.float32), "F16": ("f16", np.float16), "BF16": ("bf16", np.uint16),
+                      "I32": ("i32", np.int32)}
+MAX_HEADER = 100 << 20
+
+
+def read_header(path: str):
+    """(header dict, data start offset, file size) of a safetensors file, checked."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelFormatError(f"{path}: too short for a safetensors file")
+        n = struct.unpack("<Q", head)[0]
+        if not 2 <= n <= min(MAX_HEADER, size - 8):
+            raise ModelFormatError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{path}: safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
+    return header, 8 + n, size
+
+
+def read_safetensors(path: str) -> Dict[str, RawTensor]:
+    """Every tensor of a .safetensors file as a memory-mapped RawTensor."""
+    header, start, size = read_header(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > start else None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelFormatError(f"{path}: tensor {name}: malformed header entry") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise UnsupportedModelError(f"{path}: tensor {name} has dtype {dtype}; pecca reads F32, F16, BF16 "
+                                        "and I32")
+        kind, np_dtype = SAFETENSORS_DTYPES[dtype]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize if shape else np.dtype(np_dtype).itemsize
+        if any(d < 0 for d in shape) or not 0 <= begin <= end or end - begin != nbytes:
+            raise ModelFormatError(f"{path}: tensor {name}: offsets {begin}..{end} do not match shape {shape}")
+        if start + end > size:
+            raise ModelFormatError(f"{path}: tensor {name} lies past the end of the file (truncated?)")
+        data = mm[start + begin:start + end].view(np_dtype).reshape(shape) if nbytes else np.zeros(shape, np_dtype)
+        out[name] = RawTensor(data, kind)
+    return out
