@@ -61,7 +61,9 @@ def stored_shape(shape: tuple, kind: str) -> tuple:
     return shape
 
 
-NUMPY_OF = {"F32": np.float32, "F16": np.float16, "Q8_0": np.uint8, "Q4_0": np.uint8, "Q4_1": np.uint8}
+# I32 and I8: GPTQ's repacked tensors (export.gptq)
+NUMPY_OF = {"F32": np.float32, "F16": np.float16, "Q8_0": np.uint8, "Q4_0": np.uint8, "Q4_1": np.uint8,
+            "I32": np.int32, "I8": np.int8}
 
 
 def add_metadata(w, c: ModelConfig, vocab, name: str, dtype: str) -> None:
@@ -111,14 +113,15 @@ def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
     if len(vocab) != c.vocab_size:
         raise ModelFormatError(f"{vocab.source}: the tokenizer has {len(vocab)} tokens but the model's "
                                f"vocabulary is {c.vocab_size}")
-    plan = tensor_plan(c, source.tied)
+    plan = gguf_plan(source, dtype)
     tmp = f"{out_path}.tmp{os.getpid()}"
     w = gguf.GGUFWriter(tmp, "llama")
     try:
         add_metadata(w, c, vocab, source.name, dtype)
+        if hasattr(source, "add_metadata"):  # e.g. GPTQ's settings
+            source.add_metadata(w)
         total = 0
-        for name, shape in plan:
-            kind = out_type(name, shape, dtype)
+        for name, shape, kind in plan:
             data_shape = stored_shape(shape, kind)
             nbytes = int(np.prod(data_shape)) * np.dtype(NUMPY_OF[kind]).itemsize
             w.add_tensor_info(name, data_shape, np.dtype(NUMPY_OF[kind]), nbytes,
@@ -130,9 +133,8 @@ def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
         fout = w.fout[0]
         w.write_padding(fout, fout.tell())
         with progress(f"exporting {os.path.basename(out_path)}", total) as advance:
-            for name, shape in plan:
-                nbytes = write_tensor(fout, name, shape, source.tensor(name),
-                                      out_type(name, shape, dtype), advance)
+            for name, shape, kind in plan:
+                nbytes = write_tensor(fout, name, shape, source.tensor(name), kind, advance)
                 w.write_padding(fout, nbytes)
         w.close()
         os.replace(tmp, out_path)
@@ -142,9 +144,28 @@ def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
             os.remove(tmp)
 
 
+def gguf_plan(source, dtype: str):
+    """(name, shape, GGUF type) of every tensor, in writing order. A source with tensors of its
+    own layout (GPTQ's repacked 4-bit ones) gives its own plan."""
+    if hasattr(source, "gguf_plan"):
+        return source.gguf_plan(dtype)
+    return [(n, s, out_type(n, s, dtype)) for n, s in tensor_plan(source.config, source.tied)]
+
+
+def write_array(fout, name, shape, a: np.ndarray, kind: str, advance) -> int:
+    """Append `a`, already in GGUF type `kind` (a source's own layout), as it is."""
+    if tuple(a.shape) != tuple(shape) or a.dtype != NUMPY_OF[kind]:
+        raise ModelFormatError(f"tensor {name} is {a.dtype} {list(a.shape)}, expected {kind} {list(shape)}")
+    np.ascontiguousarray(a).tofile(fout)
+    advance(a.nbytes)
+    return a.nbytes
+
+
 def write_tensor(fout, name, shape, raw: RawTensor, kind: str, advance) -> int:
     """Convert `raw` to GGUF type `kind` a chunk of rows at a time and append it; returns the
-    bytes written."""
+    bytes written. A plain numpy array is written as it is (write_array)."""
+    if isinstance(raw, np.ndarray):
+        return write_array(fout, name, shape, raw, kind, advance)
     if tuple(raw.shape) != tuple(shape):
         raise ModelFormatError(f"tensor {name} has shape {list(raw.shape)}, expected {list(shape)} "
                                "from the config")

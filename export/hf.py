@@ -21,8 +21,6 @@ class HFSource:
     """A HuggingFace Llama directory as an export source."""
 
     def __init__(self, d: str, tokenizer_path: str = None):
-        from export.vocab import chat_template_beside, vocab_from_sentencepiece, vocab_from_tokenizer_json
-
         self.dir = d
         self.config, cfg = read_config(d)
         kind, files = weight_files(d)
@@ -36,7 +34,13 @@ class HFSource:
                 self.tensors.update(read_pth(f))
         self.tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.tensors
         self.name = os.path.basename(os.path.normpath(d))
-        tok = tokenizer_path or self.tokenizer_file(d)
+        self.read_vocab(tokenizer_path)
+
+    def read_vocab(self, tokenizer_path: str = None) -> None:
+        """self.vocab from the tokenizer given, or the directory's."""
+        from export.vocab import chat_template_beside, vocab_from_sentencepiece, vocab_from_tokenizer_json
+
+        tok = tokenizer_path or self.tokenizer_file(self.dir)
         if tok.endswith(".json"):
             self.vocab = vocab_from_tokenizer_json(tok, self.config.vocab_size)
         else:

@@ -90,9 +90,10 @@ def info(
 
 @app.command("export")
 def export_cmd(
-    src: str = typer.Argument(..., help="HF directory, Meta directory, or llama2.c .bin"),
+    src: str = typer.Argument(..., help="HF directory (GPTQ too), Meta directory, or llama2.c .bin"),
     out: str = typer.Argument(..., help="the GGUF file to write"),
-    dtype: str = typer.Option("f32", "--dtype", help="f32, f16, q8_0, q4_0 or q4_1 (norms stay f32)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="f32, f16, q8_0, q4_0 or q4_1 (norms stay "
+                                        "f32; default f32, or f16 beside a GPTQ checkpoint's 4-bit tensors)"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
 ):
     """Convert a checkpoint into pecca's model file (GGUF, readable by llama.cpp too)."""

@@ -18,9 +18,14 @@ from pecca.tokenizers import Tokenizer, load_tokenizer
 
 
 def find_tokenizer(model_path: str, vocab_size: int) -> Tokenizer:
-    """A tokenizer beside the model whose vocabulary fits it (run.c's `-z` made automatic)."""
-    d = Path(model_path).parent
-    names = ["tokenizer.bin", f"tok{vocab_size}.bin", "tokenizer.model", f"tok{vocab_size}.model"]
+    """A tokenizer beside the model whose vocabulary fits it (run.c's `-z` made automatic), or
+    inside it when the model is a checkpoint directory (HF's tokenizer.json first there)."""
+    d = Path(model_path)
+    if d.is_dir():
+        names = ["tokenizer.json", "tokenizer.model"]
+    else:
+        d = d.parent
+        names = ["tokenizer.bin", f"tok{vocab_size}.bin", "tokenizer.model", f"tok{vocab_size}.model"]
     tried = []
     for name in names:
         p = d / name
@@ -119,6 +124,7 @@ class LLM:
             "simd": runtime.simd_path(),
             "simd_supported": runtime.simd_supported(),
             "int8_path": runtime.int8_path(),
+            **({"gptq": extra["gptq"]} if extra.get("gptq") else {}),  # the checkpoint's settings
         }
 
 

@@ -87,7 +87,7 @@ def read(path: str) -> LoadedModel:
     types = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    extra = {"tensor_types": types, "architecture": arch,
+    extra = {"tensor_types": types, "architecture": arch, "gptq": gptq_settings(meta),
              "vocab_kind": meta.get("tokenizer.ggml.model"), "name": meta.get("general.name"),
              "tokenizer": tokenizer}
     return LoadedModel(config, weights, path, "gguf", size, extra=extra)
@@ -220,6 +220,11 @@ def read_weights(path, c: ModelConfig, tensors) -> Weights:
             raise ModelFormatError(f"{path}: tensor {name} is missing")
         return t
 
+    def lin(base, shape):  # pecca's GPTQ tensors, else a .weight of any type
+        if base + ".gptq_qs" in tensors:
+            return _q4g_linear(path, tensors, base, shape)
+        return _linear(path, need(base + ".weight"), shape)
+
     d, h, kv, V = c.dim, c.hidden_dim, c.kv_dim, c.vocab_size
     emb = _embedding(path, need("token_embd.weight"), (V, d))
     layers = []
@@ -227,15 +232,56 @@ def read_weights(path, c: ModelConfig, tensors) -> Weights:
         p = f"blk.{i}."
         layers.append(LayerWeights(
             attn_norm=_vector(path, need(p + "attn_norm.weight"), d),
-            wq=_linear(path, need(p + "attn_q.weight"), (d, d)),
-            wk=_linear(path, need(p + "attn_k.weight"), (kv, d)),
-            wv=_linear(path, need(p + "attn_v.weight"), (kv, d)),
-            wo=_linear(path, need(p + "attn_output.weight"), (d, d)),
+            wq=lin(p + "attn_q", (d, d)),
+            wk=lin(p + "attn_k", (kv, d)),
+            wv=lin(p + "attn_v", (kv, d)),
+            wo=lin(p + "attn_output", (d, d)),
             ffn_norm=_vector(path, need(p + "ffn_norm.weight"), d),
-            w1=_linear(path, need(p + "ffn_gate.weight"), (h, d)),
-            w2=_linear(path, need(p + "ffn_down.weight"), (d, h)),
-            w3=_linear(path, need(p + "ffn_up.weight"), (h, d))))
-    out = tensors.get("output.weight")
-    shared = out is None
-    output = _linear(path, out if out is not None else need("token_embd.weight"), (V, d))
+            w1=lin(p + "ffn_gate", (h, d)),
+            w2=lin(p + "ffn_down", (d, h)),
+            w3=lin(p + "ffn_up", (h, d))))
+    shared = "output.weight" not in tensors and "output.gptq_qs" not in tensors
+    output = _linear(path, need("token_embd.weight"), (V, d)) if shared else lin("output", (V, d))
     return Weights(emb, layers, _vector(path, need("output_norm.weight"), d), output, shared)
+
+
+# pecca's GPTQ tensors (export.gptq): suffix -> (GGUF type, numpy shape from (N, K, G))
+Q4G_PARTS = {"qs": ("I32", lambda n, k, g: (n, k // 8)), "scales": ("F16", lambda n, k, g: (n, g)),
+             "zeros": ("I8", lambda n, k, g: (n, g)), "perm": ("I32", lambda n, k, g: (k,))}
+
+
+def _q4g_linear(path, tensors, base, shape):
+    """Q4GLinear over a module's gptq_qs / gptq_scales / gptq_zeros (/ gptq_perm), checked."""
+    from pecca.weights import Q4GLinear
+
+    n, k = shape
+    sc = tensors.get(base + ".gptq_scales")
+    g = int(sc.data.shape[-1]) if sc is not None and sc.data.ndim == 2 else 0
+    if k % 32 or not 0 < g <= k or k % g:
+        raise ModelFormatError(f"{path}: {base}.gptq_scales: {g} groups do not divide the {k} inputs "
+                               "(in blocks of 32)")
+    parts = {}
+    for part, (kind, shape_of) in Q4G_PARTS.items():
+        t = tensors.get(f"{base}.gptq_{part}")
+        if t is None:
+            if part == "perm":
+                continue
+            raise ModelFormatError(f"{path}: tensor {base}.gptq_{part} is missing")
+        want = shape_of(n, k, g)
+        if t.tensor_type.name != kind or tuple(t.data.shape) != want or t.n_bytes != t.data.nbytes:
+            raise ModelFormatError(f"{path}: tensor {t.name} is {t.tensor_type.name} {list(t.data.shape)}, "
+                                   f"expected {kind} {list(want)}")
+        parts[part] = t.data
+    try:
+        return Q4GLinear(parts["qs"].view(np.uint8), parts["scales"], parts["zeros"], parts.get("perm"))
+    except ValueError as e:
+        raise ModelFormatError(f"{path}: {base}: {e}") from None
+
+
+def gptq_settings(meta: Metadata):
+    """The pecca.gptq.* metadata of a GGUF exported from a GPTQ checkpoint, or None."""
+    if meta.get("pecca.gptq.bits") is None:
+        return None
+    return {"bits": int(meta.get("pecca.gptq.bits")), "group_size": int(meta.get("pecca.gptq.group_size", 0)),
+            "desc_act": bool(meta.get("pecca.gptq.desc_act", False)), "sym": bool(meta.get("pecca.gptq.sym", True)),
+            "format": meta.get("pecca.gptq.source_format")}

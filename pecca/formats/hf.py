@@ -18,24 +18,38 @@ from pecca.errors import ModelFormatError, UnsupportedModelError
 from pecca.formats.llama2c import LIMITS
 
 
-def weight_files(d: str):
-    """(kind, [files]) of the checkpoint in directory `d`."""
-    for kind, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
-                                ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")):
+def indexed_files(d: str, index: str):
+    """The shard files that `index` (a *.index.json in `d`) names in its weight_map."""
+    try:
+        with open(os.path.join(d, index)) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ModelFormatError(f"{d}/{index}: not a weight index (no weight_map)") from None
+    missing = [x for x in files if not os.path.isfile(os.path.join(d, x))]
+    if missing:
+        raise ModelFormatError(f"{d}: shard {missing[0]} named in {index} is missing")
+    return [os.path.join(d, x) for x in files]
+
+
+def find_weights(d: str, candidates):
+    """(kind, [files]) of the first (kind, single file, index file) of `candidates` present in
+    `d` (an index first), or None."""
+    for kind, single, index in candidates:
         if os.path.isfile(os.path.join(d, index)):
-            try:
-                with open(os.path.join(d, index)) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise ModelFormatError(f"{d}/{index}: not a weight index (no weight_map)") from None
-            files = sorted(set(weight_map.values()))
-            missing = [x for x in files if not os.path.isfile(os.path.join(d, x))]
-            if missing:
-                raise ModelFormatError(f"{d}: shard {missing[0]} named in {index} is missing")
-            return kind, [os.path.join(d, x) for x in files]
+            return kind, indexed_files(d, index)
         if os.path.isfile(os.path.join(d, single)):
             return kind, [os.path.join(d, single)]
-    raise ModelFormatError(f"{d}: no model.safetensors, pytorch_model.bin or their index")
+    return None
+
+
+def weight_files(d: str):
+    """(kind, [files]) of the checkpoint in directory `d`."""
+    found = find_weights(d, (("safetensors", "model.safetensors", "model.safetensors.index.json"),
+                             ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")))
+    if found is None:
+        raise ModelFormatError(f"{d}: no model.safetensors, pytorch_model.bin or their index")
+    return found
 
 
 def _get(cfg, key, path, default=None, required=False):
