@@ -1,4 +1,4 @@
-"""The `pecca` command: generate, info, bench.
+"""The `pecca` command: generate, chat, tokenize, info, export, perplexity, bench.
 
 Errors pecca raises on purpose (bad files, bad arguments, missing models) are printed as
 one line on stderr with a non-zero exit, never as a traceback.
@@ -63,6 +63,32 @@ def generate(
          f"{stats.decode_tok_s:.1f} tok/s | threads {m.threads}, {runtime.simd_path()}")
     if stats.stop_reason == "context":
         _err(f"stopped: the context of {m.model.seq_len} positions is full")
+
+
+@app.command()
+def tokenize(
+    model: str = typer.Argument(..., help="model file or name, or a tokenizer file (tokenizer.json, "
+                                "tokenizer.model, tokenizer.bin, GGUF)"),
+    text: str = typer.Argument(..., help="text to tokenize"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos",
+                                       help="put BOS in front (default: the tokenizer's add_bos_token)"),
+    special: Optional[bool] = typer.Option(None, "--special/--no-special",
+                                           help="read special-token names in TEXT as those tokens "
+                                           "(default: yes for tokenizer.json, no for sentencepiece)"),
+    ids_only: bool = typer.Option(False, "--ids", help="print only the ids, as a JSON list"),
+):
+    """Print the token ids of TEXT, one per line with its piece."""
+    from pecca.llm import open_tokenizer
+
+    tok = open_tokenizer(model, tokenizer)
+    ids = tok.encode(text, add_bos=bos, parse_special=special)
+    if ids_only:
+        print(json.dumps(ids))
+        return
+    for t in ids:
+        print(f"{t:>8}  {json.dumps(tok.token_text(t), ensure_ascii=False)}")
+    _err(f"{len(ids)} tokens ({type(tok).__name__}, vocabulary of {tok.vocab_size})")
 
 
 @app.command()

@@ -8,7 +8,7 @@ import numpy as np
 
 from pecca import hub
 from pecca._kernels import runtime
-from pecca.errors import ModelNotFoundError, TokenizerMismatchError
+from pecca.errors import ModelFormatError, ModelNotFoundError, TokenizerMismatchError
 from pecca.formats import LoadedModel, open_model
 from pecca.generate import GenerationStats, generate_ids, prompt_tokens, stream_text
 from pecca.model import Model
@@ -133,6 +133,30 @@ def resolve_model_path(path: str):
     if os.path.exists(path):
         return path, None
     return hub.resolve_name(path)
+
+
+def is_gguf(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def open_tokenizer(path: str, tokenizer: Optional[str] = None) -> Tokenizer:
+    """The tokenizer of a model file or name (found as pecca.load finds it), or of a tokenizer
+    file given as `path`, without loading any weights."""
+    if tokenizer:
+        return load_tokenizer(str(tokenizer))
+    model_path, tok_path = resolve_model_path(str(path))
+    if tok_path:
+        return load_tokenizer(str(tok_path))
+    if os.path.isdir(model_path) or model_path.endswith((".json", ".model")) or is_gguf(model_path):
+        return load_tokenizer(model_path)
+    try:  # a llama2.c model file, or a llama2.c tokenizer.bin (neither has a magic number)
+        loaded = open_model(model_path)
+    except ModelFormatError:
+        return load_tokenizer(model_path)
+    return find_tokenizer(model_path, loaded.config.vocab_size)
 
 
 def load(path: str, threads: Optional[int] = None, tokenizer: Optional[str] = None,

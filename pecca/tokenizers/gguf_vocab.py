@@ -16,7 +16,16 @@ from pecca.tokenizers.llama2c import CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFI
 
 
 def tokenizer_from_gguf(path: str, meta):
-    """The file's tokenizer, or None when it holds none."""
+    """The file's tokenizer, or None when it holds none; it carries the file's
+    tokenizer.chat_template, when there is one."""
+    tok = _vocabulary(path, meta)
+    template = meta.get("tokenizer.chat_template")
+    if tok is not None and isinstance(template, str) and template:
+        tok.chat_template, tok.chat_template_origin = template, f"{path} (tokenizer.chat_template)"
+    return tok
+
+
+def _vocabulary(path: str, meta):
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         return None

@@ -191,6 +191,8 @@ class HFTokenizer(Tokenizer):
                  byte_level: bool = True, tokens: Optional[List[Optional[str]]] = None,
                  control=(), added=()):
         self.tok, self.path = tok, path
+        self.parse_special_default = True
+        self.config_tokens: Dict[str, str] = {}  # unk_token, pad_token ... from tokenizer_config.json
         self.bos_id, self.eos_id = bos_id, eos_id
         self.add_bos_default = add_bos
         self.byte_level = byte_level
@@ -238,20 +240,37 @@ class HFTokenizer(Tokenizer):
         bos, eos = special_ids(tok, cfg)
         decoder = tok.get_added_tokens_decoder()
         special = {i for i, a in decoder.items() if a.special}
-        return cls(tok, path, bos, eos,
-                   add_bos=default_add_bos(spec, cfg, tok.id_to_token(bos)),
-                   byte_level=is_byte_level(spec), control=special, added=decoder)
+        out = cls(tok, path, bos, eos,
+                  add_bos=default_add_bos(spec, cfg, tok.id_to_token(bos)),
+                  byte_level=is_byte_level(spec), control=special, added=decoder)
+        out.config_tokens = {k: _token_name(v) for k, v in cfg.items()
+                             if k.endswith("_token") and _token_name(v) is not None}
+        return out
 
-    def encode(self, text: str, add_bos: bool = True) -> List[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: Optional[bool] = None,
+               parse_special: Optional[bool] = None) -> List[int]:
+        """As Tokenizer.encode; special-token names in the text are those tokens unless
+        parse_special=False (transformers' split_special_tokens=True)."""
+        add_bos = self.add_bos_default if add_bos is None else bool(add_bos)
+        plain = parse_special is not None and not parse_special
+        self.tok.encode_special_tokens = plain
+        try:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = False
         if add_bos and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
+
+    def special_token_strings(self) -> Dict[str, str]:
+        """bos/eos, and unk/pad ... as tokenizer_config.json names them."""
+        return {**self.config_tokens, **super().special_token_strings()}
 
     def decode(self, ids) -> str:
         """Text of `ids`; special tokens print nothing and leave the token before them in
         place (so a sentencepiece-style leading space is dropped after BOS and any specials
         that open the text, as the tokenizer.json's own decoder does)."""
+        ids = self.check_ids(ids)
         dec = codecs.getincrementaldecoder("utf-8")("replace")
         out, prev = [], self.bos_id
         for t in ids:

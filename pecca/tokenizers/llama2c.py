@@ -24,8 +24,9 @@ SPM_SPACE = "\u2581"
 class Llama2cTokenizer(Tokenizer):
     def __init__(self, pieces: List[bytes], scores, max_token_length: int = 0, path: str = "",
                  bos_id: int = 1, eos_id: int = 2, types: Optional[Iterable[int]] = None,
-                 add_space_prefix: bool = True, add_bos: bool = True):
+                 add_space_prefix: bool = True, add_bos: bool = True, spm_spaces: bool = False):
         self.pieces = pieces
+        self.spm_spaces = spm_spaces  # "\u2581" in a text is a space (sentencepiece, llama.cpp)
         self.scores = np.asarray(scores, dtype=np.float32)
         self.max_token_length = max_token_length
         self.vocab_size = len(pieces)
@@ -78,12 +79,20 @@ class Llama2cTokenizer(Tokenizer):
         """From sentencepiece pieces ("\u2581" for spaces), as GGUF's `llama` vocabulary holds."""
         pieces = [t.replace(SPM_SPACE, " ").encode("utf-8") for t in tokens]
         return cls(pieces, scores, max((len(p) for p in pieces), default=0), path, bos_id, eos_id,
-                   types, add_space_prefix, add_bos)
+                   types, add_space_prefix, add_bos, spm_spaces=True)
 
     def piece(self, token: int) -> bytes:
         return self.pieces[token]
 
-    def encode(self, text: str, add_bos: bool = True) -> List[int]:
+    def token_text(self, token: int) -> str:
+        p = self.pieces[token]
+        if token in self.control_ids:  # llama2.c stores BOS/EOS as "\n<s>\n", "\n</s>\n"
+            p = p.strip(b"\n")
+        return p.decode("utf-8", "backslashreplace")
+
+    def _encode(self, text: str, add_bos: bool) -> List[int]:
+        if self.spm_spaces:
+            text = text.replace(SPM_SPACE, " ")
         raw = text.encode("utf-8")
         tokens = [self.bos_id] if add_bos else []
         if raw and self.add_space_prefix:

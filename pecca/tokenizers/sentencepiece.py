@@ -1,5 +1,5 @@
 """A sentencepiece `tokenizer.model`, through the sentencepiece package."""
-from typing import List
+from typing import Dict, List
 
 from pecca.errors import TokenizerFormatError
 from pecca.tokenizers.base import Tokenizer
@@ -20,10 +20,15 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self.sp.eos_id()
         self._pieces = [self.sp.IdToPiece(i).replace("\u2581", " ").encode("utf-8")
                         for i in range(self.vocab_size)]
+        self._specials = {self.sp.IdToPiece(i): i for i in range(self.vocab_size)
+                          if self.sp.IsControl(i) or self.sp.IsUnknown(i)}
 
-    def encode(self, text: str, add_bos: bool = True) -> List[int]:
+    def _encode(self, text: str, add_bos: bool) -> List[int]:
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if add_bos else []) + list(ids)
+
+    def special_tokens(self) -> Dict[str, int]:
+        return dict(self._specials)  # <unk>, <s>, </s>: control and unknown pieces, as llama.cpp
 
     def piece(self, token: int) -> bytes:
         return self._pieces[token]

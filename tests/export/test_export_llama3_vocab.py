@@ -105,6 +105,16 @@ def test_gguf_round_trip(tiny_gguf):
     check_corpus(tok)
 
 
+def test_tokenizer_api_reads_the_gguf(tiny_gguf):
+    """pecca.Tokenizer.from_file on the GGUF (its vocabulary only, no weights): the corpus, and
+    special-token names as plain text (transformers' split_special_tokens=True)."""
+    tok = pecca.Tokenizer.from_file(str(tiny_gguf))
+    assert isinstance(tok, HFTokenizer) and (tok.vocab_size, tok.bos_id, tok.add_bos) == (128256, 128000, True)
+    check_corpus(tok)
+    for r in corpus():
+        assert tok.encode(r["text"], add_bos=False, parse_special=False) == r["ids_specials_as_plain_text"]
+
+
 # --- a HuggingFace directory: tiny random LlamaForCausalLM + Llama 3's tokenizer files ---
 
 @pytest.fixture(scope="module")
