@@ -10,9 +10,10 @@ from pecca.config import ModelConfig
 from pecca.errors import (ContextLengthError, InvalidArgumentError, ModelFormatError,
                           ModelNotFoundError, PeccaError, TokenizerFormatError,
                           TokenizerMismatchError, UnsupportedModelError)
+from pecca.chat_template import ChatTemplate, ChatTemplateError
 from pecca.llm import LLM, load
 from pecca.tokenizers import Tokenizer
 
-__all__ = ["load", "LLM", "ModelConfig", "Tokenizer", "PeccaError", "ModelFormatError",
-           "UnsupportedModelError", "TokenizerMismatchError", "TokenizerFormatError",
+__all__ = ["load", "LLM", "ModelConfig", "Tokenizer", "ChatTemplate", "ChatTemplateError", "PeccaError",
+           "ModelFormatError", "UnsupportedModelError", "TokenizerMismatchError", "TokenizerFormatError",
            "ModelNotFoundError", "InvalidArgumentError", "ContextLengthError", "__version__"]

@@ -160,8 +160,9 @@ class ChatTemplate:
         import jinja2
 
         variables = {**self.special_tokens, **kwargs}
+        messages = check_messages(messages)
         try:
-            return self.template.render(messages=check_messages(messages), tools=tools,
+            return self.template.render(messages=messages, tools=tools,
                                         documents=documents,
                                         add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:

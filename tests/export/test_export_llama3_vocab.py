@@ -200,6 +200,21 @@ def test_export_keeps_the_chat_template(hf_export):
     assert r.fields["tokenizer.chat_template"].contents() == cfg["chat_template"]
 
 
+def test_chats_rendered_from_the_gguf_template(hf_loaded):
+    """The template the export stored (tokenizer.chat_template) renders the Llama 3 chat references
+    of ../shared/reference/tokenizers, text and ids, with the GGUF's own vocabulary."""
+    from pecca.chat_template import ChatTemplate, chat_ids
+
+    tok = hf_loaded.tokenizer
+    assert "tokenizer.chat_template" in tok.chat_template_origin
+    t = ChatTemplate.for_tokenizer(tok)
+    refs = [json.loads(line) for line in shared_file("reference", "tokenizers", "llama3_chat.jsonl")
+            .read_text(encoding="utf-8").splitlines()]
+    for r in refs:
+        text = t.render(r["messages"], add_generation_prompt=r["add_generation_prompt"])
+        assert text == r["rendered"] and chat_ids(tok, text) == r["ids"], r["name"]
+
+
 def test_reexport_of_a_gpt2_vocabulary_to_q8_0(hf_export, tmp_path):
     """A GGUF with Llama 3's vocabulary written again as Q8_0: same vocabulary and template."""
     import gguf
