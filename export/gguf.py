@@ -202,7 +202,7 @@ class GGUFSource:
         meta = reader.Metadata(path, r)
         self.tensors = {t.name: t for t in r.tensors}
         self.config = reader.read_config(path, meta, self.tensors)
-        self.tied = "output.weight" not in self.tensors
+        self.tied = "output.weight" not in self.tensors and "output.gptq_qs" not in self.tensors
         self.name = meta.get("general.name") or os.path.splitext(os.path.basename(path))[0]
         model = meta.get("tokenizer.ggml.model")
         if model not in ("llama", "gpt2"):
@@ -228,6 +228,8 @@ class GGUFSource:
         from pecca.quant import dequantize_blocks
 
         t = self.tensors.get(name)
+        if t is None and name.endswith(".weight") and name[:-7] + ".gptq_qs" in self.tensors:
+            return self._gptq(name[:-7])
         if t is None:
             raise ModelFormatError(f"{self.path}: tensor {name} is missing")
         kind = t.tensor_type.name
@@ -241,3 +243,12 @@ class GGUFSource:
         if kind in BLOCK_BYTES:
             return RawTensor(dequantize_blocks(t.data, kind).reshape(shape).astype(np.float32), "f32")
         raise ModelFormatError(f"{self.path}: tensor {name} has type {kind}, which cannot be re-exported")
+
+    def _gptq(self, base: str) -> RawTensor:
+        """A GPTQ module of pecca's GGUF (export.gptq), dequantized to float32."""
+        from export.gptq import dequantize_q4g
+
+        part = {p: self.tensors[f"{base}.gptq_{p}"].data for p in ("qs", "scales", "zeros", "perm")
+                if f"{base}.gptq_{p}" in self.tensors}
+        return RawTensor(dequantize_q4g(part["qs"].view(np.uint8), part["scales"], part["zeros"],
+                                        part.get("perm")), "f32")

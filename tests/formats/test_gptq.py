@@ -285,3 +285,15 @@ def test_tokenizer_is_found_inside_the_directory():
     m = pecca.load(str(shared_file("models", "gptq", "stories260K-gptq-4bit-g32")))
     assert m.tokenizer.path.endswith("tokenizer.json")
     assert m.tokenizer.encode("Once upon a time") == [1, 403, 407, 261, 378]
+
+
+def test_gguf_re_export_dequantizes(tmp_path, monkeypatch):
+    """A GPTQ GGUF exported again as f32 holds the exact dequantized weights."""
+    use_numpy_linears(monkeypatch)
+    src = shared_file("models", "gptq", "stories260K-gptq-4bit-g32-actorder")
+    export(str(src), str(tmp_path / "q.gguf"))
+    export(str(tmp_path / "q.gguf"), str(tmp_path / "f.gguf"), "f32")
+    a, b = pecca.load(str(tmp_path / "f.gguf")), pecca.load(str(src))
+    assert a.info()["precision"] == "f32"
+    ids = [1, 403, 407, 261, 378]
+    assert np.array_equal(a.model.logits_all(ids), b.model.logits_all(ids))
