@@ -86,7 +86,15 @@ class Random:
         return (self.rng.standard_normal((rows, cols), np.float32) * np.float32(std)).astype(np.float16)
 
 
-def tensor_list(s: Shapes, r: Random):
+def gptq_tensors(m, n_out, k, g, r: Random):
+    """The four tensors of GPTQ module `m`: (name, dtype, shape, make)."""
+    return [(m + ".qweight", "I32", (k // 8, n_out), lambda a, n: r.words(n, n_out)),
+            (m + ".qzeros", "I32", (g, n_out // 8), lambda a, n: r.qzeros(n, n_out // 8)),
+            (m + ".scales", "F16", (g, n_out), lambda a, n: r.scales(n, n_out, k)),
+            (m + ".g_idx", "I32", (k,), lambda a, n: r.g_idx(k, g))]
+
+
+def tensor_list(s: Shapes, r: Random, lm_head=False):
     """(name, dtype, shape, make(row0, rows) -> array) of every tensor, in file order."""
     d, V = s.dim, s.vocab
     ones = lambda a, n: np.ones(n, np.float16)  # noqa: E731
@@ -95,16 +103,14 @@ def tensor_list(s: Shapes, r: Random):
         p = f"model.layers.{i}."
         out.append((p + "input_layernorm.weight", "F16", (d,), ones))
         for name, n_out, k in s.linears():
-            g = s.groups(k)
-            m = p + name
-            out += [(m + ".qweight", "I32", (k // 8, n_out), lambda a, n, c=n_out: r.words(n, c)),
-                    (m + ".qzeros", "I32", (g, n_out // 8), lambda a, n, c=n_out // 8: r.qzeros(n, c)),
-                    (m + ".scales", "F16", (g, n_out), lambda a, n, c=n_out, k=k: r.scales(n, c, k)),
-                    (m + ".g_idx", "I32", (k,), lambda a, n, k=k, g=g: r.g_idx(k, g))]
+            out += gptq_tensors(p + name, n_out, k, s.groups(k), r)
             if name == "self_attn.o_proj":
                 out.append((p + "post_attention_layernorm.weight", "F16", (d,), ones))
     out.append(("model.norm.weight", "F16", (d,), ones))
-    out.append(("lm_head.weight", "F16", (V, d), lambda a, n: r.normal(n, d, 1 / np.sqrt(d))))
+    if lm_head:  # GPTQModel's lm_head=True
+        out += gptq_tensors("lm_head", V, d, s.groups(d), r)
+    else:
+        out.append(("lm_head.weight", "F16", (V, d), lambda a, n: r.normal(n, d, 1 / np.sqrt(d))))
     return out
 
 
@@ -161,8 +167,8 @@ def write_weights(d: Path, tensors, shard_bytes: int) -> int:
     return sum(nbytes(t[1], t[2]) for t in tensors)
 
 
-def quantization_config(group_size, act_order, sym, fmt) -> dict:
-    return {"bits": 4, "group_size": group_size, "desc_act": act_order, "sym": sym, "lm_head": False,
+def quantization_config(group_size, act_order, sym, fmt, lm_head=False) -> dict:
+    return {"bits": 4, "group_size": group_size, "desc_act": act_order, "sym": sym, "lm_head": lm_head,
             "method": "gptq", "quant_method": "gptq", "format": fmt, "checkpoint_format": fmt,
             "pack_dtype": "int32", "meta": {"quantizer": ["pecca bench/make_gptq_checkpoint.py"],
                                            "static_groups": False, "true_sequential": True}}
@@ -207,7 +213,7 @@ def write_tokenizer_json(d: Path, vocab_size: int) -> None:
 
 def make_checkpoint(out: Path, layers=2, preset="70b", dim=None, hidden=None, heads=None, kv_heads=None,
                     vocab=None, group_size=128, act_order=True, sym=True, fmt="gptq", shard_gb=4.0,
-                    seed=0, tokenizer=None) -> int:
+                    seed=0, tokenizer=None, lm_head=False) -> int:
     """Write the checkpoint into directory `out`; returns the bytes of tensors written."""
     p = dict(PRESETS[preset])
     p.update({k: v for k, v in dict(dim=dim, hidden=hidden, heads=heads, kv_heads=kv_heads,
@@ -218,14 +224,14 @@ def make_checkpoint(out: Path, layers=2, preset="70b", dim=None, hidden=None, he
             raise SystemExit(f"a {n_out}x{k} Linear does not fit GPTQ packing (multiples of 32) or group "
                              f"size {group_size}")
     out.mkdir(parents=True, exist_ok=True)
-    qcfg = quantization_config(group_size, act_order, sym, fmt)
+    qcfg = quantization_config(group_size, act_order, sym, fmt, lm_head)
     (out / "config.json").write_text(json.dumps(model_config(s, qcfg), indent=1))
     (out / "quantize_config.json").write_text(json.dumps(qcfg, indent=1))
     if tokenizer:
         shutil.copy(tokenizer, out / os.path.basename(tokenizer))
     else:
         write_tokenizer_json(out, s.vocab)
-    return write_weights(out, tensor_list(s, Random(seed, act_order, sym, fmt)), int(shard_gb * 2**30))
+    return write_weights(out, tensor_list(s, Random(seed, act_order, sym, fmt), lm_head), int(shard_gb * 2**30))
 
 
 def main(argv=None) -> int:
@@ -242,10 +248,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-gb", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", help="copy this tokenizer file instead of generating tokenizer.json")
+    ap.add_argument("--lm-head", action="store_true", help="quantize lm_head too (GPTQModel's lm_head=True)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     n = make_checkpoint(a.out, a.layers, a.preset, a.dim, a.hidden, a.heads, a.kv_heads, a.vocab,
-                        a.group_size, a.act_order, a.sym, a.fmt, a.shard_gb, a.seed, a.tokenizer)
+                        a.group_size, a.act_order, a.sym, a.fmt, a.shard_gb, a.seed, a.tokenizer, a.lm_head)
     print(f"wrote {a.out}: {n / 2**30:.2f} GiB of tensors in {time.perf_counter() - t0:.1f} s")
     return 0
 

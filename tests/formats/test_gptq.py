@@ -10,7 +10,7 @@ import pytest
 import pecca
 from export import export, open_source
 from export.gptq import Q4G_BLOCK, dequantize, dequantize_q4g, repack, unpack_codes, unpack_zeros
-from gptq_helpers import HAVE_KERNELS, STORIES, bench_script, checkpoints, use_numpy_linears
+from gptq_helpers import HAVE_KERNELS, STORIES, bench_script, checkpoints, set_float_act, use_numpy_linears
 from pecca.errors import ModelFormatError, UnsupportedModelError
 from pecca.formats import open_model
 from pecca.formats.gptq import GPTQCheckpoint, GPTQTensors, linear_shapes, q_k_heads
@@ -297,3 +297,32 @@ def test_gguf_re_export_dequantizes(tmp_path, monkeypatch):
     assert a.info()["precision"] == "f32"
     ids = [1, 403, 407, 261, 378]
     assert np.array_equal(a.model.logits_all(ids), b.model.logits_all(ids))
+
+
+@pytest.mark.parametrize("group_size,fmt", [(-1, "gptq"), (32, "gptq_v2")])
+def test_random_checkpoints_gguf_equals_directory(tmp_path, group_size, fmt):
+    """Sharded files, a quantized lm_head, group size -1 and v2 zeros: the GGUF route and the
+    directory route compute the same model (exactly, through NumPy's dequantization)."""
+    from gptq_helpers import NumpyGPTQ, NumpyQ4G
+    import pecca.weights as W
+
+    d = tmp_path / "ck"
+    bench_script().make_checkpoint(d, layers=2, dim=256, hidden=512, heads=4, kv_heads=2, vocab=600,
+                                   group_size=group_size, sym=False, fmt=fmt, shard_gb=0.0004, lm_head=True)
+    assert (d / "model.safetensors.index.json").is_file()
+    export(str(d), str(tmp_path / "m.gguf"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(W, "Q4GLinear", NumpyQ4G, raising=False)
+        mp.setattr(W, "GPTQLinear", NumpyGPTQ, raising=False)
+        a, b = pecca.load(str(tmp_path / "m.gguf")), pecca.load(str(d))
+        assert not a.model.weights.shared_classifier and a.model.weights.output.kind == "gptq4"
+        ids = a.tokenizer.encode("Hello world")
+        assert ids == b.tokenizer.encode("Hello world")
+        la, lb = a.model.logits_all(ids), b.model.logits_all(ids)
+    assert np.array_equal(la, lb) and np.all(np.isfinite(la)) and la.std() > 0.1
+    if HAVE_KERNELS:  # and the kernels on both routes
+        a, b = pecca.load(str(tmp_path / "m.gguf")), pecca.load(str(d))
+        ref = np.abs(la).max()
+        for m in (a, b):
+            set_float_act(m, True)
+            assert np.abs(m.model.logits_all(ids) - la).max() <= 1e-3 * ref
