@@ -359,9 +359,9 @@ def linear(ck: GPTQCheckpoint, prefix: str, shape, heads: Optional[int]):
     """The Linear of module `prefix`: GPTQLinear over the memory-mapped tensors (q/k rows put in
     Meta order by an output gather), or a float Linear for a module left unquantized."""
     if ck.is_quantized(prefix):
+        m = ck.module(prefix, shape)
         from pecca.weights import GPTQLinear
 
-        m = ck.module(prefix, shape)
         out_perm = rope_row_order(shape[0], heads) if heads else None
         try:
             return GPTQLinear(m.qweight, m.qzeros, m.scales, m.g_idx, m.zero_add != 0, out_perm, m.bias)
