@@ -15,7 +15,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["runtime", "f32", "ops", "f16", "q8"]
+KERNELS = ["runtime", "f32", "ops", "f16", "q8", "q4"]
 DIRECTIVES = {
     "language_level": 3,
     "boundscheck": False,
@@ -74,7 +74,8 @@ extensions = [
                                                          "pecca/_kernels/f32_kernels.h",
                                                          "pecca/_kernels/f32_gemm.h",
                                                          "pecca/_kernels/f16_kernels.h",
-                                                         "pecca/_kernels/q8_kernels.h"])
+                                                         "pecca/_kernels/q8_kernels.h",
+                                                         "pecca/_kernels/q4_kernels.h"])
     for name in KERNELS
 ]
 

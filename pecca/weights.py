@@ -193,3 +193,185 @@ class Q8_0Linear:
     @property
     def nbytes(self) -> int:
         return self.blocks.nbytes
+
+
+# 4-bit weights (q4g, GGUF Q4_0 / Q4_1, native GPTQ); the import sits with the code that uses it
+from pecca._kernels import q4  # noqa: E402
+
+
+def _check_array(owner: str, what: str, a, dtype, shape) -> None:
+    """ValueError unless a is a C-contiguous numpy array of dtype and shape (None: any size)."""
+    if not isinstance(a, np.ndarray) or a.dtype != dtype:
+        got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{owner}: {what} must be a {np.dtype(dtype)} array, got {got}")
+    if a.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, a.shape)):
+        want = "x".join("?" if s is None else str(s) for s in shape)
+        raise ValueError(f"{owner}: {what} has shape {a.shape}, expected ({want})")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{owner}: {what} must be C-contiguous")
+
+
+def _check_permutation(owner: str, what: str, p: np.ndarray, n: int) -> None:
+    if p.size and (p.min() < 0 or p.max() >= n or np.bincount(p, minlength=n).max() != 1):
+        raise ValueError(f"{owner}: {what} is not a permutation of 0..{n - 1}")
+
+
+class Q4GLinear:
+    """y = W x with W in pecca's 4-bit GPTQ layout (q4g): ``qs`` uint8 (out_features,
+    in_features / 2), per row and block of 32 inputs 16 bytes of nibbles (low nibble of byte j:
+    input 32b+j, high nibble: input 32b+16+j), ``scales`` float16 and ``zeros`` int8 (zero points
+    0..15), both (out_features, G), and ``perm`` int32 (in_features,) or None (act-order: the
+    kernels use x[perm[i]] as input i). W[n, perm[i]] = scales[n, i // gs] * (code(n, i) -
+    zeros[n, i // gs]), gs = in_features / G. x is quantized to int8 per block of 32 for each
+    product, unless ``float_act`` is set or gs % 32 != 0 (see pecca._kernels.q4)."""
+
+    kind = "gptq4"
+
+    def __init__(self, qs: np.ndarray, scales: np.ndarray, zeros: np.ndarray, perm=None):
+        name = "Q4GLinear"
+        _check_array(name, "qs", qs, np.uint8, (None, None))
+        n, k = qs.shape[0], 2 * qs.shape[1]
+        if k % 32 != 0:
+            raise ValueError(f"{name}: in_features {k} (qs rows of {qs.shape[1]} bytes) is not a multiple of 32")
+        _check_array(name, "scales", scales, np.float16, (n, None))
+        g = scales.shape[1]
+        if g < 1 or k % g != 0:
+            raise ValueError(f"{name}: {g} groups per row do not divide in_features {k}")
+        _check_array(name, "zeros", zeros, np.int8, (n, g))
+        if zeros.size and (zeros.min() < 0 or zeros.max() > 15):
+            raise ValueError(f"{name}: zero points must be in 0..15, got {zeros.min()}..{zeros.max()}")
+        if perm is not None:
+            _check_array(name, "perm", perm, np.int32, (k,))
+            _check_permutation(name, "perm", perm, k)
+        self.qs, self.scales, self.zeros, self.perm = qs, scales, zeros, perm
+        self._scale_bits = scales.view(np.uint16)
+        self.group_size = k // g
+        self.out_features, self.in_features = n, k
+        self.float_act = False
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (out_features,) = W x, x (in_features,)"""
+        q4.matvec_q4g(self.qs, self._scale_bits, self.zeros, self.perm, x, out, threads,
+                      self.float_act)
+
+    def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
+        q4.matmul_q4g(self.qs, self._scale_bits, self.zeros, self.perm, x, out, threads,
+                      self.float_act)
+
+    @property
+    def nbytes(self) -> int:
+        perm = 0 if self.perm is None else self.perm.nbytes
+        return self.qs.nbytes + self.scales.nbytes + self.zeros.nbytes + perm
+
+
+class _Q4BlockLinear:
+    """GGUF 4-bit blocks of 32 weights: uint8 (out_features, in_features / 32 * block bytes)."""
+
+    kind = ""
+    block_bytes = 0
+
+    def __init__(self, blocks: np.ndarray):
+        name = type(self).__name__
+        _check_array(name, "blocks", blocks, np.uint8, (None, None))
+        if blocks.shape[1] % self.block_bytes != 0:
+            raise ValueError(f"{name}: a row is a whole number of {self.block_bytes}-byte blocks; "
+                             f"got {blocks.shape[1]} bytes")
+        self.blocks = blocks
+        self.out_features = blocks.shape[0]
+        self.in_features = blocks.shape[1] // self.block_bytes * 32
+        self.float_act = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+
+class Q4_0Linear(_Q4BlockLinear):
+    """y = W x with W in GGUF Q4_0 blocks: per 32 weights 18 bytes, a little-endian f16 d and 16
+    bytes of nibbles (weight j: low nibble of byte j, weight j+16: its high nibble), w = d (q - 8).
+    x is quantized to int8 per block of 32 for each product unless ``float_act`` is set."""
+
+    kind = "q4_0"
+    block_bytes = 18
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (out_features,) = W x, x (in_features,)"""
+        q4.matvec_q4_0(self.blocks, x, out, threads, self.float_act)
+
+    def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
+        q4.matmul_q4_0(self.blocks, x, out, threads, self.float_act)
+
+
+class Q4_1Linear(_Q4BlockLinear):
+    """y = W x with W in GGUF Q4_1 blocks: per 32 weights 20 bytes, f16 d, f16 m and 16 bytes of
+    nibbles (Q4_0's order), w = d q + m. x is quantized to int8 per block of 32 for each product
+    unless ``float_act`` is set."""
+
+    kind = "q4_1"
+    block_bytes = 20
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (out_features,) = W x, x (in_features,)"""
+        q4.matvec_q4_1(self.blocks, x, out, threads, self.float_act)
+
+    def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
+        q4.matmul_q4_1(self.blocks, x, out, threads, self.float_act)
+
+
+class GPTQLinear:
+    """y = W x (+ bias) with W in the native HF GPTQ layout, read in place: ``qweight`` int32
+    (in_features / 8, out_features) (code of input 8r+k, column j: bits 4k..4k+3 of qweight[r, j]),
+    ``qzeros`` int32 (G, out_features / 8) (v1 checkpoints store zero - 1 per nibble as a
+    whole-word subtraction; v1=False is gptq_v2, the true zeros), ``scales`` float16
+    (G, out_features), ``g_idx`` int32 (in_features,) group of each input (any order),
+    ``out_perm`` int32 (out_features,) or None: out[i] = y[out_perm[i]], ``bias`` float32 or None.
+    W[j, i] = scales[g_idx[i], j] * (code(i, j) - zero(g_idx[i], j)). Float activations."""
+
+    kind = "gptq4"
+
+    def __init__(self, qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
+                 g_idx: np.ndarray, v1: bool, out_perm=None, bias=None):
+        name = "GPTQLinear"
+        _check_array(name, "qweight", qweight, np.int32, (None, None))
+        k, n = 8 * qweight.shape[0], qweight.shape[1]
+        if n % 8 != 0:
+            raise ValueError(f"{name}: out_features {n} is not a multiple of 8")
+        _check_array(name, "scales", scales, np.float16, (None, n))
+        g = scales.shape[0]
+        _check_array(name, "qzeros", qzeros, np.int32, (g, n // 8))
+        _check_array(name, "g_idx", g_idx, np.int32, (k,))
+        if k and (g_idx.min() < 0 or g_idx.max() >= g):
+            raise ValueError(f"{name}: g_idx values must be in [0, {g}), got {g_idx.min()}..{g_idx.max()}")
+        if out_perm is not None:
+            _check_array(name, "out_perm", out_perm, np.int32, (n,))
+            _check_permutation(name, "out_perm", out_perm, n)
+        if bias is not None:
+            _check_array(name, "bias", bias, np.float32, (n,))
+        self.qweight, self.qzeros, self.scales, self.g_idx = qweight, qzeros, scales, g_idx
+        self.out_perm, self.bias = out_perm, bias
+        self.zero_add = 0x11111111 if v1 else 0
+        self._scale_bits = scales.view(np.uint16)
+        self.out_features, self.in_features = n, k
+        self.float_act = True  # the only path of this layout
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (out_features,) = W x (+ bias), x (in_features,)"""
+        q4.matvec_gptq(self.qweight, self.qzeros, self.zero_add, self._scale_bits, self.g_idx,
+                       self.out_perm, x, out, threads)
+        if self.bias is not None:
+            out += self.bias
+
+    def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+        """out (T, out_features) = x W^T (+ bias), x (T, in_features): one token per row."""
+        q4.matmul_gptq(self.qweight, self.qzeros, self.zero_add, self._scale_bits, self.g_idx,
+                       self.out_perm, x, out, threads)
+        if self.bias is not None:
+            out += self.bias
+
+    @property
+    def nbytes(self) -> int:
+        extra = sum(a.nbytes for a in (self.out_perm, self.bias) if a is not None)
+        return self.qweight.nbytes + self.qzeros.nbytes + self.scales.nbytes + self.g_idx.nbytes + extra

@@ -47,3 +47,27 @@ cdef extern from "q8_kernels.h" nogil:
     void gemm_q8_0_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *out,
                         long n, long T, long ldo, long r0, long r1) noexcept
     int q8_uses_vnni() noexcept
+
+# 4-bit weights (q4g, GGUF Q4_0 / Q4_1, native GPTQ), q4_kernels.h
+from libc.stdint cimport int32_t, uint32_t
+
+cdef extern from "q4_kernels.h" nogil:
+    long q4_padded(long K) noexcept
+    long q4_act_bytes(long K, long G) noexcept
+    long q4_actf_floats(long K, long G) noexcept
+    void q4_prepare_int8(int fmt, const float *x, const int32_t *perm, float *work,
+                         uint8_t *act, long K, long G) noexcept
+    void q4_prepare_f32(int fmt, const float *x, const int32_t *perm, float *act, long K,
+                        long G) noexcept
+    void q4_int8_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
+                      long K, long G, const uint8_t *act, long ab, long T, float *out,
+                      long ldo, long r0, long r1) noexcept
+    void q4_f32_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
+                     long K, long G, const uint8_t *act, long ab, long T, float *out,
+                     long ldo, long r0, long r1) noexcept
+    void gptq_xsum(const float *x, const int32_t *gidx, float *xsum, long K, long G) noexcept
+    long gptq_acc_floats(long G) noexcept
+    void gptq_cols(const uint32_t *qw, const uint32_t *qz, uint32_t zadd, const uint16_t *sc,
+                   const int32_t *gidx, long K, long N, long G, const float *x,
+                   const float *xsum, long T, float *out, long ldo, long u0, long u1,
+                   float *acc) noexcept

@@ -1,0 +1,372 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Matrix-vector and matrix-matrix products with 4-bit weights.
+
+Layouts (all read in place, e.g. from memory-maps; see q4_kernels.h for the details):
+
+- ``q4g``: pecca's repacked GPTQ: ``qs`` uint8 (N, K/2) (per 32-block 16 bytes of nibbles in
+  Q4_0's order), ``scales`` f16 (N, G) passed as their uint16 bit patterns, ``zeros`` int8 (N, G)
+  (true zero points 0..15), ``perm`` int32 (K,) or empty/None (act-order: input i is x[perm[i]]).
+  W[n, perm[i]] = scales[n, i // gs] * (code(n, i) - zeros[n, i // gs]), gs = K / G.
+- ``q4_0`` / ``q4_1``: GGUF Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles; w = d (q - 8)) and
+  Q4_1 (20-byte blocks: f16 d, f16 m, nibbles; w = d q + m), uint8 (N, K/32*18 or 20).
+- ``gptq``: the native HF layout: ``qweight`` int32 (K/8, N), ``qzeros`` int32 (G, N/8) with
+  ``zero_add`` added to the whole word (0x11111111 for v1 checkpoints, 0 for gptq_v2),
+  ``scales`` f16 bits (G, N), ``g_idx`` int32 (K,), ``out_perm`` int32 (N,) or empty/None
+  (out[i] = y[out_perm[i]]).
+
+Notes
+-----
+q4g (when gs % 32 == 0), Q4_0 and Q4_1 quantize x per 32-block to int8 (q8's quantize_q8_0) and
+use integer dot products of the unsigned 4-bit codes with it (AVX2 maddubs, AVX512-VNNI
+vpdpbusd); ``float_act=True`` (and q4g with gs % 32 != 0) uses float activations instead:
+the codes widened to float. gptq always uses float activations. Each call mallocs its own
+scratch for the prepared activations (so concurrent calls cannot share it). Rows are split as in
+``q8``: one contiguous block of rows per thread (multiples of 4); gptq splits output columns
+instead (its packed rows run along N). Products below a few tens of thousands of multiply-adds
+run serially. Each row of a matmul equals the matvec of that token bit for bit.
+"""
+from cython.parallel cimport prange
+from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
+from libc.stdlib cimport malloc, free
+from pecca._kernels.kernels cimport (pecca_simd_reset, q4_act_bytes, q4_actf_floats,
+                                     q4_prepare_int8, q4_prepare_f32, q4_int8_rows, q4_f32_rows,
+                                     gptq_xsum, gptq_acc_floats, gptq_cols)
+
+# below this many multiply-adds a product runs on one thread
+cdef long PARALLEL_MIN_WEIGHTS = 32768
+# weight formats (q4_kernels.h)
+cdef int FMT_G = 0
+cdef int FMT_0 = 1
+cdef int FMT_1 = 2
+FORMAT_NAMES = ("q4g", "Q4_0", "Q4_1")
+
+
+cdef inline int team(long rows, long work, int num_threads) noexcept nogil:
+    if num_threads <= 1 or work < PARALLEL_MIN_WEIGHTS or rows < 8 * num_threads:
+        return 1
+    return num_threads
+
+
+cdef inline void prepare_one(int fmt, bint float_act, const float *x, const int32_t *perm,
+                             float *work, uint8_t *act, long K, long G) noexcept nogil:
+    if float_act:
+        q4_prepare_f32(fmt, x, perm, <float *>act, K, G)
+    else:
+        q4_prepare_int8(fmt, x, perm, work, act, K, G)
+
+
+cdef void prepare_tokens(int fmt, bint float_act, const float *x, const int32_t *perm,
+                         float *work, uint8_t *act, long ab, long K, long G, long T,
+                         int nt) noexcept nogil:
+    """Prepare T tokens of x (T, K); work: nt * K floats when perm is given (int8 path)."""
+    cdef long b, t, t0, t1
+    if nt <= 1 or T < 2 or T * K < PARALLEL_MIN_WEIGHTS:
+        for t in range(T):
+            prepare_one(fmt, float_act, x + t * K, perm, work, act + t * ab, K, G)
+        return
+    for b in prange(nt, schedule='static', num_threads=nt):
+        t0 = T * b // nt
+        t1 = T * (b + 1) // nt
+        for t in range(t0, t1):
+            prepare_one(fmt, float_act, x + t * K, perm, work + b * K if work != NULL else NULL,
+                        act + t * ab, K, G)
+
+
+cdef inline void rows(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc,
+                      const int8_t *zp, long K, long G, const uint8_t *act, long ab, long T,
+                      float *out, long N, long r0, long r1) noexcept nogil:
+    if float_act:
+        q4_f32_rows(fmt, w, sc, zp, K, G, act, ab, T, out, N, r0, r1)
+    else:
+        q4_int8_rows(fmt, w, sc, zp, K, G, act, ab, T, out, N, r0, r1)
+
+
+cdef void rows_par(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc,
+                   const int8_t *zp, long K, long G, const uint8_t *act, long ab, long T,
+                   float *out, long N, int nt) noexcept nogil:
+    cdef long b, r0, r1, blocks4 = N // 4
+    if nt <= 1:
+        rows(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, 0, N)
+        return
+    for b in prange(nt, schedule='static', num_threads=nt):
+        r0 = (blocks4 * b // nt) * 4
+        r1 = N if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        rows(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, r0, r1)
+
+
+cdef int run(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
+             const int32_t *perm, const float *x, float *out, long N, long K, long G, long T,
+             int num_threads) except -1:
+    """out (T, N) = x (T, K) @ W.T; every shape already checked, N, K, T > 0."""
+    cdef long ab = q4_actf_floats(K, G) * 4 if float_act else q4_act_bytes(K, G)
+    cdef int nt = team(N, N * K * T, num_threads)
+    cdef int ntp = num_threads if num_threads > 1 else 1
+    cdef uint8_t *act = <uint8_t *>malloc(T * ab)
+    cdef float *work = NULL
+    if perm != NULL and not float_act:
+        work = <float *>malloc(ntp * K * sizeof(float))
+    if act == NULL or (perm != NULL and not float_act and work == NULL):
+        free(act)
+        free(work)
+        raise MemoryError("q4: no memory for the prepared activations")
+    try:
+        with nogil:
+            prepare_tokens(fmt, float_act, x, perm, work, act, ab, K, G, T, ntp)
+            rows_par(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, nt)
+    finally:
+        free(act)
+        free(work)
+    return 0
+
+
+cdef int check_index(str name, str what, const int32_t[::1] idx, long n, long bound) except -1:
+    """idx is None/empty or n values in [0, bound)."""
+    cdef long i, bad = -1
+    if idx is None or idx.shape[0] == 0:
+        return 0
+    if idx.shape[0] != n:
+        raise ValueError(f"{name}: {what} has {idx.shape[0]} entries, expected {n}")
+    with nogil:
+        for i in range(n):
+            if idx[i] < 0 or idx[i] >= bound:
+                bad = i
+                break
+    if bad >= 0:
+        raise ValueError(f"{name}: {what}[{bad}] = {idx[bad]} is outside [0, {bound})")
+    return 0
+
+
+cdef inline const int32_t *index_ptr(const int32_t[::1] idx) noexcept:
+    if idx is None or idx.shape[0] == 0:
+        return NULL
+    return &idx[0]
+
+
+cdef long check_q4g(str name, const uint8_t[:, ::1] qs, const uint16_t[:, ::1] scales,
+                    const int8_t[:, ::1] zeros, const int32_t[::1] perm) except -1:
+    """Validate a q4g matrix; returns G."""
+    cdef long N = qs.shape[0], K = 2 * qs.shape[1], G = scales.shape[1]
+    if K % 32 != 0:
+        raise ValueError(f"{name}: qs rows are {qs.shape[1]} bytes, so K = {K}, which is not a "
+                         f"multiple of 32")
+    if scales.shape[0] != N:
+        raise ValueError(f"{name}: qs has {N} rows but scales has {scales.shape[0]}")
+    if zeros.shape[0] != N or zeros.shape[1] != G:
+        raise ValueError(f"{name}: zeros is {zeros.shape[0]}x{zeros.shape[1]}, scales is {N}x{G}")
+    if G < 1 or K % G != 0:
+        raise ValueError(f"{name}: {G} groups per row do not divide K = {K}")
+    check_index(name, "perm", perm, K, K)
+    return G
+
+
+cdef long check_q4_blocks(str name, const uint8_t[:, ::1] blocks, long bb) except -1:
+    """Validate a Q4_0 / Q4_1 matrix; returns K."""
+    if blocks.shape[1] % bb != 0:
+        raise ValueError(f"{name}: a row is a whole number of {bb}-byte blocks; got "
+                         f"{blocks.shape[1]} bytes")
+    return blocks.shape[1] // bb * 32
+
+
+def matvec_q4g(const uint8_t[:, ::1] qs, const uint16_t[:, ::1] scales_bits,
+               const int8_t[:, ::1] zeros, const int32_t[::1] perm, const float[::1] x,
+               float[::1] out, int num_threads=1, bint float_act=False):
+    """out = W @ x, W in q4g layout (module docstring).
+
+    qs : IN (N, K/2) uint8 nibbles, K % 32 == 0
+    scales_bits : IN (N, G) uint16, the f16 scales' bit patterns (``scales.view(np.uint16)``)
+    zeros : IN (N, G) int8 zero points (0..15)
+    perm : IN (K,) int32 input permutation, or empty / None
+    x : IN (K,) float32
+    out : OUT (N,) float32, must not alias x
+    float_act : use float activations (always the case when (K / G) % 32 != 0)
+    """
+    cdef long N = qs.shape[0], K = 2 * qs.shape[1]
+    cdef long G = check_q4g("matvec_q4g", qs, scales_bits, zeros, perm)
+    if x.shape[0] != K or out.shape[0] != N:
+        raise ValueError(f"matvec_q4g: W is {N}x{K}, x has {x.shape[0]}, out has {out.shape[0]}")
+    if N == 0:
+        return
+    if K == 0:
+        out[:] = 0
+        return
+    run(FMT_G, float_act or (K // G) % 32 != 0, &qs[0, 0], &scales_bits[0, 0], &zeros[0, 0],
+        index_ptr(perm), &x[0], &out[0], N, K, G, 1, num_threads)
+
+
+def matmul_q4g(const uint8_t[:, ::1] qs, const uint16_t[:, ::1] scales_bits,
+               const int8_t[:, ::1] zeros, const int32_t[::1] perm, const float[:, ::1] x,
+               float[:, ::1] out, int num_threads=1, bint float_act=False):
+    """out = x @ W.T, W in q4g layout: the products of all T tokens of a batch.
+
+    x : IN (T, K) float32, one token per row; out : OUT (T, N) float32, must not alias x.
+    The rest as matvec_q4g. Each row of out equals matvec_q4g of that token bit for bit.
+    """
+    cdef long N = qs.shape[0], K = 2 * qs.shape[1], T = x.shape[0]
+    cdef long G = check_q4g("matmul_q4g", qs, scales_bits, zeros, perm)
+    if x.shape[1] != K or out.shape[0] != T or out.shape[1] != N:
+        raise ValueError(f"matmul_q4g: W is {N}x{K}, x is {T}x{x.shape[1]}, "
+                         f"out is {out.shape[0]}x{out.shape[1]}")
+    if N == 0 or T == 0:
+        return
+    if K == 0:
+        out[:, :] = 0
+        return
+    run(FMT_G, float_act or (K // G) % 32 != 0, &qs[0, 0], &scales_bits[0, 0], &zeros[0, 0],
+        index_ptr(perm), &x[0, 0], &out[0, 0], N, K, G, T, num_threads)
+
+
+cdef blocks_product(str name, int fmt, const uint8_t[:, ::1] blocks, const float *x, long T,
+                    long xk, float *out, long oT, long oN, int num_threads, bint float_act):
+    """x (T, xk), out (oT, oN) as pointers and shapes (matvec: T = oT = 1)."""
+    cdef long bb = 18 if fmt == FMT_0 else 20
+    cdef long N = blocks.shape[0], K = check_q4_blocks(name, blocks, bb)
+    if xk != K or oT != T or oN != N:
+        raise ValueError(f"{name}: W is {N}x{K} ({FORMAT_NAMES[fmt]}), x is {T}x{xk}, "
+                         f"out is {oT}x{oN}")
+    if N == 0 or T == 0:
+        return
+    cdef long i
+    if K == 0:
+        for i in range(T * N):
+            out[i] = 0
+        return
+    run(fmt, float_act, &blocks[0, 0], NULL, NULL, NULL, x, out, N, K, 1, T, num_threads)
+
+
+def matvec_q4_0(const uint8_t[:, ::1] blocks, const float[::1] x, float[::1] out,
+                int num_threads=1, bint float_act=False):
+    """out = W @ x, W GGUF Q4_0 blocks.
+
+    blocks : IN (N, K/32*18) uint8: per row K/32 blocks of (f16 d, 16 bytes of nibbles)
+    x : IN (K,) float32; out : OUT (N,) float32, must not alias x
+    float_act : float activations instead of int8-quantized ones
+    """
+    blocks_product("matvec_q4_0", FMT_0, blocks, &x[0], 1, x.shape[0], &out[0], 1, out.shape[0],
+                   num_threads, float_act)
+
+
+def matmul_q4_0(const uint8_t[:, ::1] blocks, const float[:, ::1] x, float[:, ::1] out,
+                int num_threads=1, bint float_act=False):
+    """out = x @ W.T, W GGUF Q4_0 blocks; x (T, K), out (T, N). Rows equal matvec_q4_0's."""
+    blocks_product("matmul_q4_0", FMT_0, blocks, &x[0, 0], x.shape[0], x.shape[1], &out[0, 0],
+                   out.shape[0], out.shape[1], num_threads, float_act)
+
+
+def matvec_q4_1(const uint8_t[:, ::1] blocks, const float[::1] x, float[::1] out,
+                int num_threads=1, bint float_act=False):
+    """out = W @ x, W GGUF Q4_1 blocks.
+
+    blocks : IN (N, K/32*20) uint8: per row K/32 blocks of (f16 d, f16 m, 16 bytes of nibbles)
+    x : IN (K,) float32; out : OUT (N,) float32, must not alias x
+    float_act : float activations instead of int8-quantized ones
+    """
+    blocks_product("matvec_q4_1", FMT_1, blocks, &x[0], 1, x.shape[0], &out[0], 1, out.shape[0],
+                   num_threads, float_act)
+
+
+def matmul_q4_1(const uint8_t[:, ::1] blocks, const float[:, ::1] x, float[:, ::1] out,
+                int num_threads=1, bint float_act=False):
+    """out = x @ W.T, W GGUF Q4_1 blocks; x (T, K), out (T, N). Rows equal matvec_q4_1's."""
+    blocks_product("matmul_q4_1", FMT_1, blocks, &x[0, 0], x.shape[0], x.shape[1], &out[0, 0],
+                   out.shape[0], out.shape[1], num_threads, float_act)
+
+
+cdef gptq_product(str name, const int32_t[:, ::1] qweight, const int32_t[:, ::1] qzeros,
+                  uint32_t zero_add, const uint16_t[:, ::1] scales, const int32_t[::1] g_idx,
+                  const int32_t[::1] out_perm, const float *xp, long T, long xk, float *o,
+                  long oT, long oN, int num_threads):
+    """x (T, xk), out (oT, oN) as pointers and shapes (matvec: T = oT = 1)."""
+    cdef long K = 8 * qweight.shape[0], N = qweight.shape[1], G = scales.shape[0]
+    cdef long units = N // 8, accf, b, u0, u1, t, i
+    if N % 8 != 0:
+        raise ValueError(f"{name}: N = {N} output columns is not a multiple of 8")
+    if scales.shape[1] != N:
+        raise ValueError(f"{name}: qweight has {N} columns but scales has {scales.shape[1]}")
+    if qzeros.shape[0] != G or qzeros.shape[1] != N // 8:
+        raise ValueError(f"{name}: qzeros is {qzeros.shape[0]}x{qzeros.shape[1]}, expected "
+                         f"{G}x{N // 8} (G x N/8)")
+    if g_idx is None or g_idx.shape[0] != K:
+        raise ValueError(f"{name}: g_idx needs {K} entries (K), got "
+                         f"{'none' if g_idx is None else g_idx.shape[0]}")
+    check_index(name, "g_idx", g_idx, K, G)
+    check_index(name, "out_perm", out_perm, N, N)
+    if xk != K or oT != T or oN != N:
+        raise ValueError(f"{name}: W is {N}x{K}, x is {T}x{xk}, out is {oT}x{oN}")
+    if N == 0 or T == 0:
+        return
+    if K == 0:
+        for i in range(T * N):
+            o[i] = 0
+        return
+    cdef const int32_t *op = index_ptr(out_perm)
+    cdef int nt = num_threads
+    if nt <= 1 or N * K * T < PARALLEL_MIN_WEIGHTS or units < 2 * nt:
+        nt = 1
+    accf = gptq_acc_floats(G)
+    cdef float *xsum = <float *>malloc(T * G * sizeof(float))
+    cdef float *acc = <float *>malloc(nt * accf * sizeof(float))
+    cdef float *y = o
+    cdef float *tmp = NULL
+    if op != NULL:
+        tmp = <float *>malloc(T * N * sizeof(float))
+        y = tmp
+    if xsum == NULL or acc == NULL or (op != NULL and tmp == NULL):
+        free(xsum)
+        free(acc)
+        free(tmp)
+        raise MemoryError(f"{name}: no memory for the scratch")
+    cdef const uint32_t *qw = <const uint32_t *>&qweight[0, 0]
+    cdef const uint32_t *qz = <const uint32_t *>&qzeros[0, 0]
+    try:
+        with nogil:
+            for t in range(T):
+                gptq_xsum(xp + t * K, &g_idx[0], xsum + t * G, K, G)
+            if nt <= 1:
+                gptq_cols(qw, qz, zero_add, &scales[0, 0], &g_idx[0], K, N, G, xp, xsum, T, y,
+                          N, 0, units, acc)
+            else:
+                for b in prange(nt, schedule='static', num_threads=nt):
+                    u0 = units * b // nt
+                    u1 = units * (b + 1) // nt
+                    gptq_cols(qw, qz, zero_add, &scales[0, 0], &g_idx[0], K, N, G, xp, xsum, T,
+                              y, N, u0, u1, acc + b * accf)
+            if op != NULL:
+                for t in range(T):
+                    for i in range(N):
+                        o[t * N + i] = y[t * N + op[i]]
+    finally:
+        free(xsum)
+        free(acc)
+        free(tmp)
+
+
+def matvec_gptq(const int32_t[:, ::1] qweight, const int32_t[:, ::1] qzeros, uint32_t zero_add,
+                const uint16_t[:, ::1] scales_bits, const int32_t[::1] g_idx,
+                const int32_t[::1] out_perm, const float[::1] x, float[::1] out,
+                int num_threads=1):
+    """out = W @ x, W in the native GPTQ layout (module docstring), float activations.
+
+    qweight : IN (K/8, N) int32 packed codes
+    qzeros : IN (G, N/8) int32 packed zero words; zero_add : 0x11111111 (v1) or 0 (gptq_v2)
+    scales_bits : IN (G, N) uint16, the f16 scales' bit patterns
+    g_idx : IN (K,) int32 group of each input, in [0, G) (any order)
+    out_perm : IN (N,) int32 or empty / None: out[i] = y[out_perm[i]]
+    x : IN (K,) float32; out : OUT (N,) float32, must not alias x
+    """
+    gptq_product("matvec_gptq", qweight, qzeros, zero_add, scales_bits, g_idx, out_perm,
+                 &x[0], 1, x.shape[0], &out[0], 1, out.shape[0], num_threads)
+
+
+def matmul_gptq(const int32_t[:, ::1] qweight, const int32_t[:, ::1] qzeros, uint32_t zero_add,
+                const uint16_t[:, ::1] scales_bits, const int32_t[::1] g_idx,
+                const int32_t[::1] out_perm, const float[:, ::1] x, float[:, ::1] out,
+                int num_threads=1):
+    """out = x @ W.T for x (T, K), out (T, N); the rest as matvec_gptq. Rows equal matvec's."""
+    gptq_product("matmul_gptq", qweight, qzeros, zero_add, scales_bits, g_idx, out_perm,
+                 &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[0], out.shape[1],
+                 num_threads)
+
+
+def _reset_simd():
+    """Re-read PECCA_SIMD in this module (each extension keeps its own choice)."""
+    pecca_simd_reset()

@@ -1,0 +1,676 @@
+"""4-bit weight kernels (q4g, GGUF Q4_0 / Q4_1, native GPTQ) on every SIMD path this CPU has.
+
+References, all NumPy float64:
+ - W dequantized from the codes (q4g / gptq: s * (code - z); Q4_0 / Q4_1: gguf's dequantize),
+   then x @ W.T;
+ - the int8-activation kernels against the same product with the activations they quantize
+   (llama.cpp's quantize_row_q8_0 re-implemented, d kept float32, dequantized block by block):
+   only float32 rounding differs, bounded by eps32 * (4 sqrt(m) + 8) * sum |terms| with m the
+   number of partial sums (blocks + groups) as in test_q8_kernels.py, the terms including the
+   zero-point ones (|s| (code + z) |x|); and against the exact x within the activation rounding:
+   |x_j - q_j d_b| <= d_b (1/2 + 2^-16), so |out - W x| <= 0.50002 sum_j |W_j| d_b(j) + the above;
+ - the float-activation kernels against W x within the float32 bound.
+matmul rows must equal matvec bit for bit, and 1 and 2 threads must agree bit for bit.
+"""
+import json
+import struct
+
+import gguf
+import numpy as np
+import pytest
+from gguf.quants import dequantize, quantize
+
+from pecca import _kernels
+from pecca._kernels import q4, runtime
+from pecca.weights import GPTQLinear, Q4_0Linear, Q4_1Linear, Q4GLinear
+from shared_data import shared_file
+
+ORDER = ["portable", "avx2", "avx512"]
+PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
+EPS = float(np.finfo(np.float32).eps)
+ROWS = [1, 7, 264]
+TOKENS = [1, 3, 17]
+# (K, group sizes): gs = -1 is K; multiples of 32 use int8 activations, the others (16, 8, 24:
+# AVX2 float code; 12: portable float code) float ones. K = 96 and 288 leave a partial SIMD step.
+Q4G_SHAPES = [(32, [32, 16, 8]), (96, [32, 96, 24, 12, 8]), (256, [32, 64, 128, -1, 16]),
+              (288, [32, 96, -1, 16, 24, 12]), (4096, [32, 128, -1, 16])]
+Q4G_CASES = [(k, gs) for k, gss in Q4G_SHAPES for gs in gss]
+BLOCK_K = [32, 96, 256, 288, 4096]
+V1_ADD = 0x11111111
+
+
+@pytest.fixture(params=PATHS)
+def simd(request):
+    assert _kernels.set_simd_path(request.param) == request.param
+    q4._reset_simd()
+    yield request.param
+    _kernels.set_simd_path(None)
+    q4._reset_simd()
+
+
+# ---------------- NumPy references ----------------
+
+def round_half_away(v):
+    v = v.astype(np.float64)
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def np_quantize_q8_0(x):
+    """llama.cpp's quantize_row_q8_0 with d kept float32 -> x as the kernels see it (float64)
+    and the block scale of every element."""
+    xb = x.reshape(-1, 32)
+    d = np.abs(xb).max(axis=1) / np.float32(127.0)
+    with np.errstate(divide="ignore"):
+        idv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    q = np.clip(round_half_away(xb * idv[:, None]), -127, 127)
+    return (q * d.astype(np.float64)[:, None]).reshape(-1), np.repeat(d.astype(np.float64), 32)
+
+
+def random_x(n, rng):
+    return (rng.standard_normal(n) * rng.uniform(0.1, 10.0)).astype(np.float32)
+
+
+def random_scales(shape, rng):
+    """f16 scales of both signs, a few exactly zero"""
+    s = (rng.standard_normal(shape) * 0.02).astype(np.float16)
+    s.reshape(-1)[::37] = 0
+    return s
+
+
+def pack_q4g(codes):
+    """codes (N, K) 0..15 -> qs (N, K/2): block b byte j = code 32b+j | code 32b+16+j << 4"""
+    n, k = codes.shape
+    c = codes.reshape(n, k // 32, 2, 16).astype(np.uint8)
+    return np.ascontiguousarray((c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2))
+
+
+def random_q4g(n, k, gs, rng, sym, act_order):
+    """(qs, scales f16, zeros int8, perm or None, dense W (N, K) float64 in input order,
+    |terms| weights (N, K) in input order: |s| (code + z))"""
+    g = k // gs
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    scales = random_scales((n, g), rng)
+    zeros = np.full((n, g), 8, np.int8) if sym else rng.integers(0, 16, (n, g), dtype=np.int8)
+    perm = rng.permutation(k).astype(np.int32) if act_order else None
+    s = np.repeat(scales.astype(np.float64), gs, axis=1)
+    z = np.repeat(zeros.astype(np.float64), gs, axis=1)
+    wp = s * (codes - z)  # permuted order: column i is input perm[i]
+    mag = np.abs(s) * (codes + z)
+    w, m = np.empty_like(wp), np.empty_like(mag)
+    p = perm if perm is not None else np.arange(k)
+    w[:, p] = wp
+    m[:, p] = mag
+    return pack_q4g(codes), scales, zeros, perm, w, m
+
+
+def random_blocks(kind, n, k, rng):
+    """GGUF Q4_0 / Q4_1 rows built by hand over the whole nibble range with f16 d (and m) of both
+    signs; returns (blocks, W float64 (from gguf's dequantize), |terms| (N, K))."""
+    nb = k // 32
+    bb = 18 if kind == "q4_0" else 20
+    blocks = np.empty((n, nb, bb), np.uint8)
+    d = random_scales((n, nb), rng)
+    blocks[:, :, :2] = d.view(np.uint8).reshape(n, nb, 2)
+    m = np.zeros((n, nb), np.float16)
+    if kind == "q4_1":
+        m = (rng.standard_normal((n, nb)) * 0.05).astype(np.float16)
+        blocks[:, :, 2:4] = m.view(np.uint8).reshape(n, nb, 2)
+    blocks[:, :, bb - 16:] = rng.integers(0, 256, (n, nb, 16), dtype=np.uint8)
+    blocks = blocks.reshape(n, nb * bb)
+    return blocks, *block_terms(kind, blocks)
+
+
+def block_terms(kind, blocks):
+    n = blocks.shape[0]
+    bb = 18 if kind == "q4_0" else 20
+    b = blocks.reshape(n, -1, bb)
+    d = b[:, :, :2].copy().view(np.float16).astype(np.float64)[:, :, 0]
+    qs = b[:, :, bb - 16:]
+    codes = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.float64)  # (n, nb, 32)
+    if kind == "q4_0":
+        w = d[:, :, None] * (codes - 8)
+        mag = np.abs(w)
+    else:
+        m = b[:, :, 2:4].copy().view(np.float16).astype(np.float64)[:, :, 0]
+        w = d[:, :, None] * codes + m[:, :, None]
+        mag = np.abs(d[:, :, None]) * codes + np.abs(m[:, :, None])
+    qtype = gguf.GGMLQuantizationType.Q4_0 if kind == "q4_0" else gguf.GGMLQuantizationType.Q4_1
+    wg = dequantize(blocks, qtype).astype(np.float64)
+    np.testing.assert_array_equal(wg, w.reshape(n, -1))  # our reading of the layout is gguf's
+    return wg, mag.reshape(n, -1)
+
+
+def pack_gptq(codes, true_zeros, v1):
+    """codes (K, N), true zeros (G, N) -> (qweight (K/8, N) int32, qzeros (G, N/8) int32,
+    zero_add). v1 stores the zero word minus 0x11111111 (GPTQModel's export: whole-word
+    subtraction, so a zero of 0 borrows from the next nibble)."""
+    k, n = codes.shape
+    c = codes.astype(np.uint32).reshape(k // 8, 8, n)
+    qweight = np.zeros((k // 8, n), np.uint32)
+    for j in range(8):
+        qweight |= c[:, j, :] << np.uint32(4 * j)
+    z = true_zeros.astype(np.uint32).reshape(true_zeros.shape[0], n // 8, 8)
+    zw = np.zeros(z.shape[:2], np.uint32)
+    for j in range(8):
+        zw |= z[:, :, j] << np.uint32(4 * j)
+    if v1:
+        zw = (zw.astype(np.uint64) - V1_ADD) % (1 << 32)
+        zw = zw.astype(np.uint32)
+    return qweight.view(np.int32), zw.view(np.int32), V1_ADD if v1 else 0
+
+
+def random_gptq(k, n, gs, rng, sym, act_order, v1):
+    """(qweight, qzeros, zero_add, scales f16 (G, N), g_idx, W (N, K) float64, |terms| (N, K))"""
+    g = k // gs
+    codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
+    zeros = np.full((g, n), 8, np.int64) if sym else rng.integers(0, 16, (g, n))
+    if not sym:
+        zeros.reshape(-1)[::5] = 0  # borrows in v1 words
+    scales = random_scales((g, n), rng)
+    gidx = np.arange(k) // gs
+    if act_order:
+        gidx = rng.permutation(gidx)
+    gidx = gidx.astype(np.int32)
+    qweight, qzeros, zero_add = pack_gptq(codes, zeros, v1)
+    s = scales.astype(np.float64)[gidx]  # (K, N)
+    z = zeros.astype(np.float64)[gidx]
+    w = (s * (codes - z)).T
+    mag = (np.abs(s) * (codes + z)).T
+    return qweight, qzeros, zero_add, scales, gidx, w, mag
+
+
+def f32_bound(mag, x, m):
+    """float32 rounding bound of sum_j w_j x_j over m partial sums; mag (N, K) |terms|"""
+    return EPS * (4 * np.sqrt(m) + 8) * (mag @ np.abs(x.astype(np.float64))) + 1e-30
+
+
+def check_float(out, w, mag, x, m):
+    ref = w @ x.astype(np.float64)
+    assert np.all(np.abs(out - ref) <= f32_bound(mag, x, m))
+
+
+def check_int8_perm(out, w, mag, x, perm, m):
+    """int8 path: W x with x quantized per 32-block of x[perm] (the order the kernel sees)."""
+    p = perm if perm is not None else np.arange(x.shape[0])
+    xd_p, d_p = np_quantize_q8_0(x[p])
+    xd, d = np.empty_like(xd_p), np.empty_like(d_p)
+    xd[p], d[p] = xd_p, d_p
+    exact = w @ xd
+    fb = f32_bound(mag, xd, m)
+    assert np.all(np.abs(out - exact) <= fb)
+    qb = 0.50002 * (np.abs(w) @ d)
+    assert np.all(np.abs(out - w @ x.astype(np.float64)) <= qb + fb)
+
+
+def run_both(matvec, matmul, n, x1, xs, check):
+    """matvec at 1 and 2 threads (equal), matmul (each row == matvec) for every T of xs."""
+    out1 = np.full(n, np.nan, np.float32)
+    out2 = np.full(n, np.nan, np.float32)
+    matvec(x1, out1, 1)
+    matvec(x1, out2, 2)
+    np.testing.assert_array_equal(out1, out2)
+    check(out1, x1)
+    for x in xs:
+        t = x.shape[0]
+        outs = np.full((t, n), np.nan, np.float32)
+        matmul(x, outs, 2)
+        one = np.zeros(n, np.float32)
+        for i in range(t):
+            matvec(x[i], one, 1)
+            np.testing.assert_array_equal(outs[i], one)
+        check(outs[t - 1], x[t - 1])
+
+
+def token_batches(k, rng):
+    return [np.stack([random_x(k, rng) for _ in range(t)]) for t in TOKENS]
+
+
+# ---------------- q4g ----------------
+
+@pytest.mark.parametrize("k,gs", Q4G_CASES)
+@pytest.mark.parametrize("n", ROWS)
+def test_q4g(simd, n, k, gs):
+    rng = np.random.default_rng(n * 10007 + k * 31 + gs)
+    gs = k if gs == -1 else gs
+    G = k // gs
+    m = k // 32 + G
+    xs = token_batches(k, rng)
+    for sym, act in [(True, False), (False, False), (True, True), (False, True)]:
+        qs, scales, zeros, perm, w, mag = random_q4g(n, k, gs, rng, sym, act)
+        sb = scales.view(np.uint16)
+        for float_act in ([False, True] if gs % 32 == 0 else [True]):
+            def mv(x, out, nt):
+                q4.matvec_q4g(qs, sb, zeros, perm, x, out, nt, float_act)
+
+            def mm(x, out, nt):
+                q4.matmul_q4g(qs, sb, zeros, perm, x, out, nt, float_act)
+
+            if float_act:
+                def check(out, x):
+                    check_float(out, w, mag, x, m)
+            else:
+                def check(out, x):
+                    check_int8_perm(out, w, mag, x, perm, m)
+            run_both(mv, mm, n, random_x(k, rng), xs, check)
+        if gs % 32 != 0:  # float_act=False still takes the float path
+            out_a, out_b = np.zeros(n, np.float32), np.zeros(n, np.float32)
+            x = random_x(k, rng)
+            q4.matvec_q4g(qs, sb, zeros, perm, x, out_a, 1, False)
+            q4.matvec_q4g(qs, sb, zeros, perm, x, out_b, 1, True)
+            np.testing.assert_array_equal(out_a, out_b)
+
+
+def test_q4g_perm_none_or_empty(simd):
+    rng = np.random.default_rng(1)
+    qs, scales, zeros, _, w, mag = random_q4g(9, 256, 64, rng, False, False)
+    x = random_x(256, rng)
+    outs = []
+    for perm in (None, np.zeros(0, np.int32), np.arange(256, dtype=np.int32)):
+        out = np.zeros(9, np.float32)
+        q4.matvec_q4g(qs, scales.view(np.uint16), zeros, perm, x, out)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    check_int8_perm(outs[0], w, mag, x, None, 4 + 8)
+
+
+def test_q4g_zero_activations(simd):
+    rng = np.random.default_rng(2)
+    qs, scales, zeros, perm, _, _ = random_q4g(12, 288, 32, rng, False, True)
+    for fa in (False, True):
+        out = np.full((3, 12), np.nan, np.float32)
+        q4.matmul_q4g(qs, scales.view(np.uint16), zeros, perm, np.zeros((3, 288), np.float32), out, 2, fa)
+        assert not out.any()
+
+
+# ---------------- Q4_0 / Q4_1 ----------------
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("k", BLOCK_K)
+@pytest.mark.parametrize("n", ROWS)
+def test_q4_blocks(simd, kind, n, k):
+    rng = np.random.default_rng(n * 7919 + k + (kind == "q4_1"))
+    blocks, w, mag = random_blocks(kind, n, k, rng)
+    mv_f = q4.matvec_q4_0 if kind == "q4_0" else q4.matvec_q4_1
+    mm_f = q4.matmul_q4_0 if kind == "q4_0" else q4.matmul_q4_1
+    m = 2 * (k // 32)
+    xs = token_batches(k, rng)
+    for float_act in (False, True):
+        def mv(x, out, nt):
+            mv_f(blocks, x, out, nt, float_act)
+
+        def mm(x, out, nt):
+            mm_f(blocks, x, out, nt, float_act)
+
+        if float_act:
+            def check(out, x):
+                check_float(out, w, mag, x, m)
+        else:
+            def check(out, x):
+                check_int8_perm(out, w, mag, x, None, m)
+        run_both(mv, mm, n, random_x(k, rng), xs, check)
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+def test_q4_blocks_from_gguf_quantize(simd, kind):
+    """gguf's own quantizer's blocks run through the kernels like any other."""
+    rng = np.random.default_rng(4)
+    qtype = gguf.GGMLQuantizationType.Q4_0 if kind == "q4_0" else gguf.GGMLQuantizationType.Q4_1
+    wf = rng.standard_normal((37, 288)).astype(np.float32)
+    blocks = quantize(wf, qtype)
+    assert blocks.dtype == np.uint8 and blocks.shape == (37, 288 // 32 * (18 if kind == "q4_0" else 20))
+    w, mag = block_terms(kind, blocks)
+    x = random_x(288, rng)
+    f = q4.matvec_q4_0 if kind == "q4_0" else q4.matvec_q4_1
+    for fa in (False, True):
+        out = np.zeros(37, np.float32)
+        f(blocks, x, out, 2, fa)
+        if fa:
+            check_float(out, w, mag, x, 18)
+        else:
+            check_int8_perm(out, w, mag, x, None, 18)
+
+
+# ---------------- native GPTQ ----------------
+
+GPTQ_SHAPES = [(32, [32, 8]), (256, [32, 128, -1, 16]), (4096, [32, 128, -1])]
+GPTQ_CASES = [(k, gs) for k, gss in GPTQ_SHAPES for gs in gss]
+
+
+@pytest.mark.parametrize("k,gs", GPTQ_CASES)
+@pytest.mark.parametrize("n", [8, 24, 264])
+def test_gptq(simd, n, k, gs):
+    rng = np.random.default_rng(n * 13 + k * 3 + gs)
+    gs = k if gs == -1 else gs
+    xs = token_batches(k, rng)
+    m = k + k // gs
+    for sym, act, v1, operm in [(True, False, True, False), (False, False, True, True),
+                                (False, True, True, False), (False, True, False, True),
+                                (True, True, False, False)]:
+        qweight, qzeros, zero_add, scales, gidx, w, mag = random_gptq(k, n, gs, rng, sym, act, v1)
+        op = rng.permutation(n).astype(np.int32) if operm else None
+        wo = w[op] if operm else w
+        mo = mag[op] if operm else mag
+        sb = scales.view(np.uint16)
+
+        def mv(x, out, nt):
+            q4.matvec_gptq(qweight, qzeros, zero_add, sb, gidx, op, x, out, nt)
+
+        def mm(x, out, nt):
+            q4.matmul_gptq(qweight, qzeros, zero_add, sb, gidx, op, x, out, nt)
+
+        def check(out, x):
+            check_float(out, wo, mo, x, m)
+
+        run_both(mv, mm, n, random_x(k, rng), xs, check)
+
+
+def read_safetensors(path):
+    """tiny reader: 8-byte header length, JSON header, raw little-endian tensors"""
+    dtypes = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I64": np.int64}
+    raw = path.read_bytes()
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + hlen])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + hlen + a:8 + hlen + b], dtypes[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def borrow_case():
+    path = shared_file("reference", "gptq", "gptq_v1_asym_borrow_case.safetensors")
+    return {k.split(".", 1)[1]: np.ascontiguousarray(v) for k, v in read_safetensors(path).items()}
+
+
+def borrow_weights(c):
+    """(exact W (N, K) float64 from the true zeros, |terms|); the file's dequant_fp32 is that W
+    rounded to f16 (GPTQModel's dequantize_weight computes in the scales' dtype)."""
+    qw = c["qweight"].view(np.uint32)
+    k, n = 8 * qw.shape[0], qw.shape[1]
+    codes = np.stack([(qw >> np.uint32(4 * j)) & 15 for j in range(8)], axis=1).reshape(k, n).astype(np.int64)
+    s = c["scales"].astype(np.float64)[c["g_idx"]]
+    z = c["true_zeros"].astype(np.int64)[c["g_idx"]]
+    w = (s * (codes - z)).T
+    np.testing.assert_array_equal(w.astype(np.float16).astype(np.float32), c["dequant_fp32"])
+    return w, (np.abs(s) * (codes + z)).T, codes
+
+
+def check_borrow(out, c, w, mag, x, m):
+    check_float(out, w, mag, x, m)
+    d = c["dequant_fp32"].astype(np.float64)
+    bound = 2.0 ** -11 * (np.abs(d) @ np.abs(x.astype(np.float64))) + f32_bound(mag, x, m)
+    assert np.all(np.abs(out - d @ x.astype(np.float64)) <= bound)
+
+
+def test_gptq_v1_borrow_reference(simd):
+    """GPTQModel's own v1 asym export with zero points of 0 (borrowing words): the whole-word
+    +0x11111111 rule reproduces its dequantized weights (dequant_fp32 @ x, to their f16
+    rounding; the exact s * (q - z) to float32 rounding)."""
+    c = borrow_case()
+    w, mag, _ = borrow_weights(c)
+    n, k = w.shape
+    rng = np.random.default_rng(6)
+    lin = GPTQLinear(c["qweight"], c["qzeros"], c["scales"], c["g_idx"], v1=True)
+    assert (lin.out_features, lin.in_features) == (n, k)
+    x = random_x(k, rng)
+    out = np.zeros(n, np.float32)
+    lin(x, out, 2)
+    check_borrow(out, c, w, mag, x, k)
+    xs = np.stack([random_x(k, rng) for _ in range(5)])
+    outs = np.zeros((5, n), np.float32)
+    lin.batch(xs, outs, 2)
+    for t in range(5):
+        check_borrow(outs[t], c, w, mag, xs[t], k)
+    # the case really borrows: reading its words as v2 (no add) is far off
+    lin2 = GPTQLinear(c["qweight"], c["qzeros"], c["scales"], c["g_idx"], v1=False)
+    lin2(x, out, 1)
+    assert np.abs(out - w @ x).max() > 1e-2 * np.abs(w @ x).max()
+    # and its v2 words hold the true zeros
+    lin3 = GPTQLinear(c["qweight"], c["qzeros_v2"], c["scales"], c["g_idx"], v1=False)
+    lin3(x, out, 1)
+    check_borrow(out, c, w, mag, x, k)
+
+
+def test_gptq_case_as_q4g(simd):
+    """The same case repacked into q4g (inputs sorted by group, codes transposed, true zeros)
+    gives the same product through the q4g kernels."""
+    c = borrow_case()
+    w, mag, codes = borrow_weights(c)
+    n, k = w.shape
+    perm = np.argsort(c["g_idx"], kind="stable").astype(np.int32)
+    lin = Q4GLinear(pack_q4g(codes[perm].T.astype(np.uint8)), np.ascontiguousarray(c["scales"].T),
+                    np.ascontiguousarray(c["true_zeros"].T.astype(np.int8)), perm)
+    x = random_x(k, np.random.default_rng(7))
+    out = np.zeros(n, np.float32)
+    lin.float_act = True
+    lin(x, out)
+    check_borrow(out, c, w, mag, x, k)
+    lin.float_act = False
+    lin(x, out)
+    check_int8_perm(out, w, mag, x, perm, k)
+
+
+# ---------------- shapes, memory, classes ----------------
+
+def test_reads_readonly_memmap(tmp_path, simd):
+    rng = np.random.default_rng(8)
+    qs, scales, zeros, perm, _, _ = random_q4g(6, 256, 128, rng, False, True)
+    blocks, _, _ = random_blocks("q4_0", 6, 256, rng)
+    p = tmp_path / "w.bin"
+    p.write_bytes(qs.tobytes() + scales.tobytes() + zeros.tobytes() + perm.tobytes() + blocks.tobytes())
+    off = 0
+    views = []
+    for a in (qs, scales.view(np.uint16), zeros, perm, blocks):
+        views.append(np.memmap(p, dtype=a.dtype, mode="r", offset=off, shape=a.shape))
+        off += a.nbytes
+    x = random_x(256, rng)
+    out, ref = np.zeros(6, np.float32), np.zeros(6, np.float32)
+    q4.matvec_q4g(*views[:4], x, out, 2)
+    q4.matvec_q4g(qs, scales.view(np.uint16), zeros, perm, x, ref, 2)
+    np.testing.assert_array_equal(out, ref)
+    q4.matvec_q4_0(views[4], x, out, 2)
+    q4.matvec_q4_0(blocks, x, ref, 2)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_matmul_writes_into_a_cache_slice():
+    rng = np.random.default_rng(9)
+    blocks, w, mag = random_blocks("q4_1", 12, 64, rng)
+    x = np.stack([random_x(64, rng) for _ in range(3)])
+    cache = np.zeros((2, 8, 12), np.float32)
+    q4.matmul_q4_1(blocks, x, cache[1, 4:7], 2)
+    for t in range(3):
+        check_int8_perm(cache[1, 4 + t], w, mag, x[t], None, 4)
+    assert not cache[0].any() and not cache[1, :4].any() and not cache[1, 7:].any()
+
+
+def test_rejects_bad_shapes():
+    qs = np.zeros((3, 32), np.uint8)  # K = 64
+    sc = np.zeros((3, 2), np.uint16)
+    z = np.zeros((3, 2), np.int8)
+    x = np.zeros(64, np.float32)
+    out = np.zeros(3, np.float32)
+    q4.matvec_q4g(qs, sc, z, None, x, out)  # the valid call
+    for bad in [
+        lambda: q4.matvec_q4g(np.zeros((3, 24), np.uint8), np.zeros((3, 3), np.uint16), np.zeros((3, 3), np.int8), None, np.zeros(48, np.float32), out),  # K % 32
+        lambda: q4.matvec_q4g(qs, np.zeros((3, 3), np.uint16), np.zeros((3, 3), np.int8), None, x, out),  # 3 groups of 64
+        lambda: q4.matvec_q4g(qs, np.zeros((3, 0), np.uint16), np.zeros((3, 0), np.int8), None, x, out),
+        lambda: q4.matvec_q4g(qs, np.zeros((4, 2), np.uint16), z, None, x, out),
+        lambda: q4.matvec_q4g(qs, sc, np.zeros((3, 1), np.int8), None, x, out),
+        lambda: q4.matvec_q4g(qs, sc, z, np.arange(63, dtype=np.int32), x, out),
+        lambda: q4.matvec_q4g(qs, sc, z, np.full(64, 64, np.int32), x, out),  # out of range
+        lambda: q4.matvec_q4g(qs, sc, z, np.full(64, -1, np.int32), x, out),
+        lambda: q4.matvec_q4g(qs, sc, z, None, np.zeros(63, np.float32), out),
+        lambda: q4.matvec_q4g(qs, sc, z, None, x, np.zeros(4, np.float32)),
+        lambda: q4.matmul_q4g(qs, sc, z, None, np.zeros((2, 64), np.float32), np.zeros((3, 3), np.float32)),
+        lambda: q4.matmul_q4g(qs, sc, z, None, np.zeros((2, 32), np.float32), np.zeros((2, 3), np.float32)),
+        lambda: q4.matvec_q4g(qs.astype(np.int8), sc, z, None, x, out),  # dtypes
+        lambda: q4.matvec_q4g(qs, sc.view(np.float16), z, None, x, out),
+        lambda: q4.matvec_q4g(qs, sc, z, None, x.astype(np.float64), out),
+    ]:
+        with pytest.raises(ValueError):
+            bad()
+    b0 = np.zeros((3, 36), np.uint8)
+    q4.matvec_q4_0(b0, x, out)
+    q4.matvec_q4_1(np.zeros((3, 40), np.uint8), x, out)
+    for bad in [
+        lambda: q4.matvec_q4_0(np.zeros((3, 35), np.uint8), x, out),
+        lambda: q4.matvec_q4_1(b0, x, out),  # 36 bytes is not whole 20-byte blocks
+        lambda: q4.matvec_q4_0(b0, np.zeros(32, np.float32), out),
+        lambda: q4.matvec_q4_0(b0, x, np.zeros(2, np.float32)),
+        lambda: q4.matmul_q4_0(b0, np.zeros((2, 64), np.float32), np.zeros((2, 4), np.float32)),
+        lambda: q4.matmul_q4_1(np.zeros((3, 40), np.uint8), np.zeros((2, 64), np.float32), np.zeros((3, 3), np.float32)),
+    ]:
+        with pytest.raises(ValueError):
+            bad()
+    qw = np.zeros((8, 16), np.int32)  # K = 64, N = 16
+    qz = np.zeros((2, 2), np.int32)
+    gsc = np.zeros((2, 16), np.uint16)
+    gi = (np.arange(64) // 32).astype(np.int32)
+    out16 = np.zeros(16, np.float32)
+    q4.matvec_gptq(qw, qz, V1_ADD, gsc, gi, None, x, out16)
+    for bad in [
+        lambda: q4.matvec_gptq(np.zeros((8, 12), np.int32), qz, 0, np.zeros((2, 12), np.uint16), gi, None, x, np.zeros(12, np.float32)),  # N % 8
+        lambda: q4.matvec_gptq(qw, np.zeros((2, 3), np.int32), 0, gsc, gi, None, x, out16),
+        lambda: q4.matvec_gptq(qw, np.zeros((3, 2), np.int32), 0, gsc, gi, None, x, out16),
+        lambda: q4.matvec_gptq(qw, qz, 0, np.zeros((2, 8), np.uint16), gi, None, x, out16),
+        lambda: q4.matvec_gptq(qw, qz, 0, gsc, gi[:63], None, x, out16),
+        lambda: q4.matvec_gptq(qw, qz, 0, gsc, None, None, x, out16),
+        lambda: q4.matvec_gptq(qw, qz, 0, gsc, gi + 1, None, x, out16),  # group 2 of 2
+        lambda: q4.matvec_gptq(qw, qz, 0, gsc, gi, np.arange(15, dtype=np.int32), x, out16),
+        lambda: q4.matvec_gptq(qw, qz, 0, gsc, gi, np.arange(1, 17, dtype=np.int32), x, out16),
+        lambda: q4.matvec_gptq(qw, qz, 0, gsc, gi, None, np.zeros(56, np.float32), out16),
+        lambda: q4.matvec_gptq(qw, qz, 0, gsc, gi, None, x, out),
+        lambda: q4.matmul_gptq(qw, qz, 0, gsc, gi, None, np.zeros((2, 64), np.float32), np.zeros((3, 16), np.float32)),
+    ]:
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_q4g_linear():
+    rng = np.random.default_rng(10)
+    qs, scales, zeros, perm, w, mag = random_q4g(40, 256, 64, rng, False, True)
+    lin = Q4GLinear(qs, scales, zeros, perm)
+    assert lin.kind == "gptq4" and (lin.out_features, lin.in_features) == (40, 256)
+    assert lin.float_act is False and lin.group_size == 64
+    assert lin.nbytes == qs.nbytes + scales.nbytes + zeros.nbytes + perm.nbytes
+    x = random_x(256, rng)
+    out = np.zeros(40, np.float32)
+    lin(x, out, 2)
+    check_int8_perm(out, w, mag, x, perm, 12)
+    xs = np.stack([random_x(256, rng) for _ in range(4)])
+    outs = np.zeros((4, 40), np.float32)
+    lin.float_act = True
+    lin.batch(xs, outs, 2)
+    for t in range(4):
+        check_float(outs[t], w, mag, xs[t], 12)
+    # gs % 32 != 0 takes the float path by itself
+    qs, scales, zeros, _, w, mag = random_q4g(5, 96, 24, rng, True, False)
+    lin = Q4GLinear(qs, scales, zeros)
+    assert lin.nbytes == qs.nbytes + scales.nbytes + zeros.nbytes
+    x = random_x(96, rng)
+    out = np.zeros(5, np.float32)
+    lin(x, out)
+    check_float(out, w, mag, x, 8)
+
+
+def test_q4g_linear_validates():
+    rng = np.random.default_rng(11)
+    qs, scales, zeros, perm, _, _ = random_q4g(4, 64, 32, rng, False, True)
+    Q4GLinear(qs, scales, zeros, perm)
+    bad_perm = perm.copy()
+    bad_perm[0] = bad_perm[1]
+    bad_zeros = zeros.copy()
+    bad_zeros[0, 0] = 16
+    neg_zeros = zeros.copy()
+    neg_zeros[1, 1] = -1
+    for args in [
+        (qs.astype(np.int8), scales, zeros, perm),
+        (qs, scales.astype(np.float32), zeros, perm),
+        (qs, scales, zeros.astype(np.int32), perm),
+        (qs, scales, zeros, perm.astype(np.int64)),
+        (qs, scales, zeros, bad_perm),  # not a permutation
+        (qs, scales, bad_zeros, perm),
+        (qs, scales, neg_zeros, perm),
+        (qs, scales[:, :1].copy(), zeros, perm),
+        (qs, scales, zeros[:3], perm),
+        (qs[:, :16], scales, zeros, perm),
+        (np.asfortranarray(qs), scales, zeros, perm),
+        (qs, scales, zeros, perm[:-1]),
+        (qs[:, :12].copy(), scales[:, :1].copy(), zeros[:, :1].copy(), None),  # K = 24
+        (qs, np.zeros((4, 3), np.float16), np.zeros((4, 3), np.int8), perm),  # 3 does not divide 64
+    ]:
+        with pytest.raises(ValueError):
+            Q4GLinear(*args)
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+def test_q4_block_linear(kind):
+    rng = np.random.default_rng(12)
+    blocks, w, mag = random_blocks(kind, 20, 288, rng)
+    cls = Q4_0Linear if kind == "q4_0" else Q4_1Linear
+    lin = cls(blocks)
+    assert lin.kind == kind and (lin.out_features, lin.in_features) == (20, 288)
+    assert lin.nbytes == blocks.nbytes and lin.float_act is False
+    x = random_x(288, rng)
+    out = np.zeros(20, np.float32)
+    lin(x, out, 2)
+    check_int8_perm(out, w, mag, x, None, 18)
+    lin.float_act = True
+    outs = np.zeros((2, 20), np.float32)
+    lin.batch(np.stack([x, x]), outs, 2)
+    check_float(outs[1], w, mag, x, 18)
+    for bad in (blocks.astype(np.int8), blocks[:, :-1].copy(), np.asfortranarray(blocks), blocks[0]):
+        with pytest.raises(ValueError):
+            cls(bad)
+
+
+def test_gptq_linear():
+    rng = np.random.default_rng(13)
+    k, n, gs = 256, 24, 32
+    qweight, qzeros, zero_add, scales, gidx, w, mag = random_gptq(k, n, gs, rng, False, True, True)
+    op = rng.permutation(n).astype(np.int32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    lin = GPTQLinear(qweight, qzeros, scales, gidx, v1=True, out_perm=op, bias=bias)
+    assert lin.kind == "gptq4" and (lin.out_features, lin.in_features) == (n, k)
+    assert lin.nbytes == sum(a.nbytes for a in (qweight, qzeros, scales, gidx, op, bias))
+    x = random_x(k, rng)
+    out = np.zeros(n, np.float32)
+    lin(x, out, 2)
+    ref = w[op] @ x.astype(np.float64) + bias
+    assert np.all(np.abs(out - ref) <= f32_bound(mag[op], x, k + 8) + 1e-6 * np.abs(bias))
+    outs = np.zeros((3, n), np.float32)
+    lin.batch(np.stack([x, x, x]), outs, 2)
+    np.testing.assert_array_equal(outs[2], out)
+
+
+def test_gptq_linear_validates():
+    rng = np.random.default_rng(14)
+    k, n = 64, 16
+    qweight, qzeros, _, scales, gidx, _, _ = random_gptq(k, n, 32, rng, False, False, True)
+    GPTQLinear(qweight, qzeros, scales, gidx, v1=True)
+    bad_g = gidx.copy()
+    bad_g[3] = 2
+    for kw in [
+        dict(qweight=qweight.view(np.uint32)),
+        dict(qweight=qweight[:, :8].copy()),
+        dict(qzeros=qzeros.astype(np.int64)),
+        dict(qzeros=qzeros[:1].copy()),
+        dict(scales=scales.astype(np.float32)),
+        dict(scales=scales[:, :8].copy()),
+        dict(g_idx=bad_g),
+        dict(g_idx=gidx[:-8].copy()),
+        dict(g_idx=gidx.astype(np.int64)),
+        dict(out_perm=np.zeros(n, np.int32)),  # not a permutation
+        dict(out_perm=np.arange(n + 1, dtype=np.int32)),
+        dict(bias=np.zeros(n + 1, np.float32)),
+        dict(bias=np.zeros(n, np.float64)),
+        dict(qweight=np.asfortranarray(qweight)),
+    ]:
+        args = dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=gidx, v1=True)
+        args.update(kw)
+        with pytest.raises(ValueError):
+            GPTQLinear(**args)
