@@ -14,7 +14,6 @@ import typer
 import pecca
 from pecca import generate as gen
 from pecca._kernels import runtime
-from pecca.sampling import Sampler
 from pecca.errors import InvalidArgumentError, PeccaError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -25,6 +24,17 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def sampling_options(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed, stop):
+    """The options shared by generate and chat, validated (with the CLI's own names)."""
+    if max_tokens is not None and max_tokens < 0:
+        raise InvalidArgumentError(f"--max-tokens must be >= 0, got {max_tokens}")
+    return gen.GenerationOptions(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty,
+                                 repeat_last_n, seed, list(stop or ()))
+
+
+STOP_HELP = "stop before this text (repeat the option for several)"
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="model file or known name (e.g. stories260K)"),
@@ -33,6 +43,12 @@ def generate(
     temperature: float = typer.Option(1.0, "-t", "--temperature", help="0 = greedy"),
     top_p: float = typer.Option(0.9, "--top-p", help="nucleus sampling, in (0, 1]; 1 = off"),
     top_k: int = typer.Option(0, "--top-k", help="keep the k most likely tokens; 0 = off"),
+    min_p: float = typer.Option(0.0, "--min-p", help="drop tokens less likely than min-p times the "
+                                "most likely one; 0 = off"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="penalize recent tokens; 1 = off"),
+    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="tokens the penalty looks back over "
+                                      "(-1: all)"),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help=STOP_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="RNG seed (default: random)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="kernel threads"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
@@ -40,18 +56,15 @@ def generate(
     echo: bool = typer.Option(True, "--echo/--no-echo", help="print the prompt first"),
 ):
     """Continue PROMPT, streaming text to stdout; timings go to stderr."""
-    if max_tokens < 0:
-        raise InvalidArgumentError(f"--max-tokens must be >= 0, got {max_tokens}")
+    opts = sampling_options(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
+                            seed, stop)
     m = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=ctx)
-    sampler = Sampler(m.config.vocab_size, temperature, top_p, top_k, seed)
     prompt_ids = gen.prompt_tokens(m.tokenizer, prompt)
     stats = gen.GenerationStats()
-    ids = m.stream_ids(prompt_ids, sampler, max_tokens, stats)
-    if echo:
-        pieces = gen.stream_text(m.tokenizer, prompt_ids[0],
-                                            itertools.chain(prompt_ids[1:], ids))
-    else:
-        pieces = gen.stream_text(m.tokenizer, prompt_ids[-1], ids)
+    ids = m.stream_ids(prompt_ids, opts.sampler(m.config.vocab_size), max_tokens, stats)
+    pieces = gen.stream_text(m.tokenizer, prompt_ids[-1], ids, opts.stop, stats)
+    if echo:  # the prompt as the tokens print it (stop strings apply to the new text only)
+        pieces = itertools.chain(gen.stream_text(m.tokenizer, prompt_ids[0], prompt_ids[1:]), pieces)
     out = sys.stdout
     for piece in pieces:
         out.write(piece)
@@ -63,6 +76,40 @@ def generate(
          f"{stats.decode_tok_s:.1f} tok/s | threads {m.threads}, {runtime.simd_path()}")
     if stats.stop_reason == "context":
         _err(f"stopped: the context of {m.model.seq_len} positions is full")
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="model file or known name"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja template file "
+                                                "(or a tokenizer_config.json); default: the model's"),
+    max_tokens: Optional[int] = typer.Option(None, "-n", "--max-tokens", help="new tokens per reply at "
+                                             "most (default: until the end of the turn)"),
+    temperature: float = typer.Option(0.8, "-t", "--temperature", help="0 = greedy"),
+    top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling, in (0, 1]; 1 = off"),
+    top_k: int = typer.Option(40, "--top-k", help="keep the k most likely tokens; 0 = off"),
+    min_p: float = typer.Option(0.05, "--min-p", help="drop tokens less likely than min-p times the "
+                                "most likely one; 0 = off"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="penalize recent tokens; 1 = off"),
+    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="tokens the penalty looks back over "
+                                      "(-1: all)"),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help=STOP_HELP),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="RNG seed (default: random)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="kernel threads"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="context length (default: the model's)"),
+):
+    """Talk with MODEL: type a message, the reply streams. Ctrl-C stops a reply, Ctrl-D or /exit
+    quits, /reset starts the conversation again."""
+    from pecca.chat import Chat
+    from pecca.repl import run_repl
+
+    opts = sampling_options(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
+                            seed, stop)
+    m = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=ctx)
+    session = Chat(m, system, chat_template, **vars(opts))
+    run_repl(session)
 
 
 @app.command()

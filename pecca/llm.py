@@ -2,19 +2,22 @@
 import os
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional, Union
 
 import numpy as np
 
 from pecca import hub
 from pecca._kernels import runtime
-from pecca.errors import ModelFormatError, ModelNotFoundError, TokenizerMismatchError
+from pecca.errors import ContextLengthError, ModelFormatError, ModelNotFoundError, TokenizerMismatchError
 from pecca.formats import LoadedModel, open_model
-from pecca.generate import GenerationStats, generate_ids, prompt_tokens, stream_text
-from pecca.model import Model
+from pecca.generate import (CachedModel, GenerationOptions, GenerationStats, generate_ids, prompt_tokens,
+                            stream_text)
 from pecca.sampling import Sampler
 from pecca.threads import resolve_threads
 from pecca.tokenizers import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from pecca.chat import Chat
 
 
 def find_tokenizer(model_path: str, vocab_size: int) -> Tokenizer:
@@ -49,14 +52,15 @@ def check_tokenizer(tok: Tokenizer, loaded: LoadedModel) -> None:
 
 
 class LLM:
-    """A loaded model: `generate`, `forward`, `tokenizer`, `config`, `info()`."""
+    """A loaded model: `generate`, `chat`, `chat_session`, `forward`, `tokenizer`, `config`,
+    `info()`."""
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, threads: int, ctx=None,
                  load_seconds: float = 0.0):
         self.loaded = loaded
         self.config = loaded.config
         self.tokenizer = tokenizer
-        self.model = Model(loaded.config, loaded.weights, threads, ctx)
+        self.model = CachedModel(loaded.config, loaded.weights, threads, ctx)
         self.load_seconds = load_seconds
         self.last_stats: Optional[GenerationStats] = None
 
@@ -68,6 +72,11 @@ class LLM:
     def threads(self, n: int) -> None:
         self.model.threads = resolve_threads(n)
 
+    @property
+    def stop_ids(self) -> frozenset:
+        """BOS ends a llama2.c story; EOS and end-of-turn tokens (<|eot_id|>...) end a reply."""
+        return frozenset({self.tokenizer.bos_id, self.tokenizer.eos_id} | set(self.tokenizer.eot_ids))
+
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Logits (float32, vocab_size) after feeding `token` at position `pos`. Positions
         before `pos` must have been fed already (they fill the KV cache)."""
@@ -75,27 +84,60 @@ class LLM:
 
     def generate(self, prompt: str = "", max_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None,
-                 stream: bool = False) -> Union[str, Iterator[str]]:
+                 stream: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 repeat_last_n: int = 64, stop=None) -> Union[str, Iterator[str]]:
         """Continue `prompt`. Returns the new text, or with stream=True yields it in pieces.
+        stop: a string or list of strings; the text ends before the first one found.
         Statistics of the last call are in `self.last_stats`."""
-        sampler = Sampler(self.config.vocab_size, temperature, top_p, top_k, seed)
+        opts = GenerationOptions(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
+                                 repeat_last_n, seed, stop)
         prompt_ids = prompt_tokens(self.tokenizer, prompt)
-        pieces = self._stream(prompt_ids, sampler, max_tokens)
-        if stream:
-            return pieces
-        return "".join(pieces)
+        stats = GenerationStats()
+        limit = opts.token_limit(self.model.seq_len)
+        ids = self.stream_ids(prompt_ids, opts.sampler(self.config.vocab_size), limit, stats)
+        pieces = stream_text(self.tokenizer, prompt_ids[-1], ids, opts.stop, stats)
+        return pieces if stream else "".join(pieces)
 
     def stream_ids(self, prompt_ids: List[int], sampler: Sampler, max_tokens: int,
-                   stats: GenerationStats) -> Iterator[int]:
-        # BOS ends a llama2.c story; EOS and end-of-turn tokens (<|eot_id|>...) end a reply
-        stops = {self.tokenizer.bos_id, self.tokenizer.eos_id} | set(self.tokenizer.eot_ids)
+                   stats: GenerationStats, reuse_cache: bool = False) -> Iterator[int]:
+        """New token ids after `prompt_ids`, fed from position 0 (or, with reuse_cache, from
+        where the KV cache stops holding the prompt)."""
         self.last_stats = stats
-        return generate_ids(self.model, prompt_ids, sampler, max_tokens, stops, stats)
+        return generate_ids(self.model, prompt_ids, sampler, max_tokens, self.stop_ids, stats,
+                            reuse_cache=reuse_cache)
 
-    def _stream(self, prompt_ids, sampler, max_tokens) -> Iterator[str]:
-        stats = GenerationStats()
-        ids = self.stream_ids(prompt_ids, sampler, max_tokens, stats)
-        return stream_text(self.tokenizer, prompt_ids[-1], ids)
+    def reply_stream(self, prompt_ids: List[int], sampler: Sampler, opts: GenerationOptions,
+                     stats: GenerationStats) -> Iterator[str]:
+        """The text of a reply to a chat prompt, reusing the KV cache."""
+        limit = opts.token_limit(self.model.seq_len)
+        ids = self.stream_ids(prompt_ids, sampler, limit, stats, reuse_cache=True)
+        return stream_text(self.tokenizer, prompt_ids[-1], ids, opts.stop, stats)
+
+    def chat(self, messages: List[dict], stream: bool = False, chat_template: Optional[str] = None,
+             **options) -> Union[str, Iterator[str]]:
+        """The assistant's reply to `messages` ([{"role": "user", "content": ...}, ...]),
+        rendered with the model's chat template (or `chat_template`, a file or Jinja source).
+        Options as `generate` (max_tokens default: until the end of the turn), with chat
+        defaults (pecca.chat.CHAT_DEFAULTS). Calls with a growing conversation reuse the KV
+        cache for the part already fed. For a conversation that keeps itself, see chat_session."""
+        from pecca.chat import chat_options
+        from pecca.chat_template import ChatTemplate, chat_ids
+
+        template = ChatTemplate.for_tokenizer(self.tokenizer, chat_template)
+        prompt = chat_ids(self.tokenizer, template.render(messages, add_generation_prompt=True))
+        if len(prompt) >= self.model.seq_len:
+            raise ContextLengthError(f"the conversation is {len(prompt)} tokens; the context holds "
+                                     f"{self.model.seq_len} (leave room for the reply)")
+        opts = chat_options(**options)
+        pieces = self.reply_stream(prompt, opts.sampler(self.config.vocab_size), opts, GenerationStats())
+        return pieces if stream else "".join(pieces)
+
+    def chat_session(self, system: Optional[str] = None, chat_template: Optional[str] = None,
+                     **options) -> "Chat":
+        """A pecca.chat.Chat: send(text) turn after turn; the KV cache is kept between turns."""
+        from pecca.chat import Chat
+
+        return Chat(self, system, chat_template, **options)
 
     def info(self) -> dict:
         c = self.config

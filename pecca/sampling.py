@@ -6,14 +6,23 @@ multinomial sampling (top_p = 1) or nucleus sampling over the probabilities sort
 descending order (a stable sort, as glibc's qsort is for these sizes). The same seed,
 temperature and top-p therefore give run.c's exact tokens. top-k (pecca's addition) keeps
 the k largest logits before the softmax.
+
+Two more filters work on the logits first, and only when asked for, so the default path stays
+run.c's:
+  - repetition_penalty (llama.cpp's repeat_penalty, transformers' repetition_penalty): each
+    distinct token among the last `repeat_last_n` tokens has its logit divided by the penalty
+    when positive and multiplied by it when negative (also when greedy);
+  - min_p (llama.cpp's): tokens whose probability is below min_p times the most likely one's
+    are dropped, i.e. logits below max + ln(min_p), before the temperature.
 """
 import math
 import os
+from typing import Sequence
 
 import numpy as np
 
 from pecca._kernels import ops
-from pecca.errors import InvalidArgumentError
+from pecca.errors import InvalidArgumentError, PeccaError
 
 MASK64 = (1 << 64) - 1
 F32 = np.float32
@@ -38,13 +47,30 @@ class XorShiftRng:
         return F32(self.u32() >> 8) / F32(16777216.0)
 
 
-def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+class NonFiniteLogitsError(PeccaError):
+    """The model produced NaN or infinite logits (broken weights, or an overflow)."""
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
+
+
+def validate_sampling(temperature: float, top_p: float, top_k: int, min_p: float = 0.0,
+                      repetition_penalty: float = 1.0, repeat_last_n: int = 64) -> None:
+    if not (_number(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if not (_number(top_p) and 0 < top_p <= 1):
         raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
-    if not (isinstance(top_k, int) and top_k >= 0):
+    if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
         raise InvalidArgumentError(f"top_k must be an integer >= 0 (0 disables it), got {top_k}")
+    if not (_number(min_p) and 0 <= min_p <= 1):
+        raise InvalidArgumentError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
+    if not (_number(repetition_penalty) and math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise InvalidArgumentError(f"repetition_penalty must be a finite number > 0 (1 disables it), "
+                                   f"got {repetition_penalty}")
+    if not (isinstance(repeat_last_n, int) and not isinstance(repeat_last_n, bool) and repeat_last_n >= -1):
+        raise InvalidArgumentError(f"repeat_last_n must be an integer >= -1 (0 disables the penalty, "
+                                   f"-1 means every previous token), got {repeat_last_n}")
 
 
 def resolve_seed(seed):
@@ -59,19 +85,30 @@ def resolve_seed(seed):
 
 class Sampler:
     def __init__(self, vocab_size: int, temperature: float = 1.0, top_p: float = 0.9,
-                 top_k: int = 0, seed=None):
-        validate_sampling(temperature, top_p, top_k)
+                 top_k: int = 0, seed=None, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 repeat_last_n: int = 64):
+        validate_sampling(temperature, top_p, top_k, min_p, repetition_penalty, repeat_last_n)
         self.vocab_size = vocab_size
         self.temperature = F32(temperature)
         self.top_p = F32(top_p)
         self.top_k = top_k
+        self.min_p = float(min_p)
+        self.repetition_penalty = F32(repetition_penalty)
+        self.repeat_last_n = repeat_last_n
         self.seed = resolve_seed(seed)
         self.rng = XorShiftRng(self.seed)
 
-    def sample(self, logits: np.ndarray) -> int:
-        """The next token. `logits` (float32, vocab_size) is overwritten."""
+    def sample(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
+        """The next token. `logits` (float32, vocab_size) is overwritten. `previous`: the
+        tokens so far (prompt and generated), for the repetition penalty."""
+        check_finite(logits)
+        if self.repetition_penalty != 1 and self.repeat_last_n != 0 and len(previous):
+            window = previous if self.repeat_last_n < 0 else previous[-self.repeat_last_n:]
+            penalize(logits, window, self.repetition_penalty)
         if self.temperature == 0:
             return int(np.argmax(logits))  # first maximum, as run.c
+        if self.min_p > 0:
+            apply_min_p(logits, self.min_p)
         if 0 < self.top_k < self.vocab_size:
             kth = np.partition(logits, -self.top_k)[-self.top_k]
             logits[logits < kth] = -np.inf
@@ -81,6 +118,27 @@ class Sampler:
         if self.top_p >= 1:
             return sample_mult(logits, coin)
         return sample_topp(logits, self.top_p, coin)
+
+
+def check_finite(logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
+        bad = np.flatnonzero(~np.isfinite(logits))
+        raise NonFiniteLogitsError(
+            f"the model produced {len(bad)} non-finite logits (token {int(bad[0])}: {logits[bad[0]]}); "
+            "its weights may be broken, or a value overflowed")
+
+
+def penalize(logits: np.ndarray, tokens: Sequence[int], penalty) -> None:
+    """Repetition penalty on each distinct token of `tokens`: positive logits / penalty,
+    negative ones * penalty (llama.cpp, transformers)."""
+    ids = np.unique(np.asarray(tokens, dtype=np.int64))
+    x = logits[ids]
+    logits[ids] = np.where(x > 0, x / penalty, x * penalty)
+
+
+def apply_min_p(logits: np.ndarray, min_p: float) -> None:
+    """Drop (-inf) the tokens whose probability is below min_p times the largest one's."""
+    logits[logits < logits.max() + F32(math.log(min_p))] = -np.inf
 
 
 def sample_mult(probs: np.ndarray, coin) -> int:

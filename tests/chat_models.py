@@ -41,3 +41,44 @@ def chatml_file(d: Path) -> Path:
     p = d / "chatml.jinja"
     p.write_text(CHATML, encoding="utf-8")
     return p
+
+
+class TalkativeSource:
+    """An export source: random weights big enough to take seconds per reply (tens of MB per
+    token), with tok512's vocabulary and a classifier that can only pick text pieces (its rows
+    for <unk>, BOS, EOS and the 256 byte tokens are zero, and with greedy sampling a zero logit
+    never wins): a reply runs until the context or max_tokens. For Ctrl-C tests."""
+
+    def __init__(self, dim=512, hidden_dim=1536, n_layers=4, seq_len=1024):
+        from export.gguf import tensor_plan
+        from export.vocab import vocab_from_llama2c
+
+        self.vocab = vocab_from_llama2c(str(llama2c_model("tok512.bin")))
+        self.name, self.tied = "talkative", False
+        self.config = ModelConfig(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=dim // 64,
+                                  n_kv_heads=dim // 64, vocab_size=512, seq_len=seq_len)
+        self.shapes = dict(tensor_plan(self.config, False))
+
+    def tensor(self, name):
+        import numpy as np
+
+        from pecca.formats.tensors import RawTensor
+
+        shape = self.shapes[name]
+        rng = np.random.default_rng(sum(map(ord, name)) * 7 + len(name))
+        if len(shape) == 1:
+            x = np.ones(shape, np.float32)
+        else:
+            x = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[1])).astype(np.float32)
+        if name == "output.weight":
+            x[:259] = 0
+        return RawTensor(x, "f32")
+
+
+def talkative_gguf(d: Path) -> Path:
+    from export.gguf import write_gguf
+
+    out = d / "talkative.gguf"
+    if not out.exists():
+        write_gguf(str(out), TalkativeSource(), "f16")
+    return out
