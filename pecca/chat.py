@@ -60,11 +60,12 @@ class Chat:
             raise InvalidArgumentError(f"a message must be a string, got {type(text).__name__}")
         if self.messages and self.messages[-1]["role"] == "user":
             self.messages.pop()  # a turn whose reply was never asked for
+        before, notices = list(self.messages), len(self.notices)
         self.messages.append({"role": "user", "content": text})
         try:
             prompt = self._fit()
-        except Exception:
-            self.messages.pop()
+        except Exception:  # a refused message leaves the conversation as it was
+            self.messages, self.notices[notices:] = before, []
             raise
         self.last_stats = GenerationStats()
         pieces = self._reply(prompt, self.last_stats)
