@@ -49,7 +49,7 @@ class TalkativeSource:
     for <unk>, BOS, EOS and the 256 byte tokens are zero, and with greedy sampling a zero logit
     never wins): a reply runs until the context or max_tokens. For Ctrl-C tests."""
 
-    def __init__(self, dim=512, hidden_dim=1536, n_layers=4, seq_len=1024):
+    def __init__(self, dim=768, hidden_dim=2048, n_layers=6, seq_len=1024):
         from export.gguf import tensor_plan
         from export.vocab import vocab_from_llama2c
 
