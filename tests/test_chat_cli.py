@@ -18,7 +18,8 @@ from chat_models import chatml_file, stories_gguf, talkative_gguf
 
 pexpect = pytest.importorskip("pexpect")
 
-STATS = re.compile(r"\[(\d+) tokens, [\d.]+ tok/s \| prompt: (\d+) new tokens of (\d+), [\d.]+ tok/s( \| interrupted)?\]")
+STATS = re.compile(r"\[(\d+) tokens, [\d.]+ tok/s \| prompt: (\d+) new tokens of (\d+), [\d.]+ tok/s"
+                   r"( \| interrupted)?\]")
 
 
 def spawn(*args, timeout=60):

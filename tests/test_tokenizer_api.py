@@ -18,7 +18,8 @@ import pytest
 import pecca
 from chat_models import stories_gguf, vocab_gguf
 from pecca.cli import main
-from pecca.errors import InvalidArgumentError
+from pecca.errors import (InvalidArgumentError, ModelFormatError, TokenizerFormatError,
+                          TokenizerMismatchError)
 from pecca.tokenizers import HFTokenizer, Llama2cTokenizer, SentencePieceTokenizer
 from shared_data import llama2c_model, shared_file
 
@@ -125,3 +126,57 @@ def test_pecca_tokenize_command(capsys, stories):
     assert json.loads(capsys.readouterr().out) == [128000, 13347, 128009]
     assert main(["tokenize", str(llama3), "Hi<|eot_id|>", "--ids", "--no-special", "--no-bos"]) == 0
     assert 128009 not in json.loads(capsys.readouterr().out)
+
+
+# --- bad input ---
+
+def one_line_error(capsys, argv, pattern):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
+
+
+def test_tokenizer_file_that_is_not_json(tmp_path, capsys):
+    bad = tmp_path / "tokenizer.json"
+    for content in (b"{ this is not JSON", b"\x00\x01\x02binary", b"[1, 2, 3]"):
+        bad.write_bytes(content)
+        with pytest.raises(TokenizerFormatError, match="tokenizer.json: not"):
+            pecca.Tokenizer.from_file(bad)
+    with pytest.raises(TokenizerFormatError, match="JSON"):
+        pecca.load(str(llama2c_model()), tokenizer=str(bad))
+    bad.write_text('{"model": {"type": "BPE", "vocab": 7}}')  # JSON, but not a tokenizer
+    with pytest.raises(TokenizerFormatError, match="tokenizers package"):
+        pecca.Tokenizer.from_file(bad)
+    bad.write_text("{ not JSON")
+    one_line_error(capsys, ["generate", llama2c_model(), "hi", "-z", bad], "not readable as JSON")
+    one_line_error(capsys, ["tokenize", bad, "hi"], "not readable as JSON")
+    one_line_error(capsys, ["chat", llama2c_model(), "-z", bad], "not readable as JSON")
+
+
+def test_tokenizer_larger_than_the_model(stories, capsys):
+    """A vocabulary with more tokens than the model has embedding rows would sample ids the
+    model cannot embed: refused when loading, naming both sizes."""
+    llama3 = shared_file("models", "tokenizers", "llama3", "tokenizer.json")
+    with pytest.raises(TokenizerMismatchError, match=r"128256 tokens but the model .* has vocab_size 512"):
+        pecca.load(str(llama2c_model()), tokenizer=str(llama3))
+    llama2 = shared_file("models", "tokenizers", "llama2-chat", "tokenizer.model")
+    with pytest.raises(TokenizerMismatchError, match="32000 tokens"):
+        pecca.load(str(stories), tokenizer=str(llama2))  # overriding the GGUF's own vocabulary
+    one_line_error(capsys, ["chat", stories, "-z", llama3], "128256 tokens")
+    one_line_error(capsys, ["generate", stories, "hi", "-z", llama2], "32000 tokens")
+
+
+def test_gguf_without_a_vocabulary(tmp_path):
+    import gguf
+
+    p = tmp_path / "novocab.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    with pytest.raises(TokenizerFormatError, match="holds no vocabulary"):
+        pecca.Tokenizer.from_file(p)
+    p.write_bytes(b"GGUF\x03\x00\x00\x00")  # truncated
+    with pytest.raises(ModelFormatError, match="not a valid GGUF"):
+        pecca.Tokenizer.from_file(p)
