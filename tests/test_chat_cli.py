@@ -7,6 +7,8 @@
   second, so this uses a GGUF of random weights (86 MB of f16, more than the CPU caches hold:
   tens of tokens per second on two cores) whose classifier can only pick text pieces, so that
   a reply runs until -n. Ctrl-C stops it, the session goes on.
+- SmolLM2-135M-Instruct, the 4-bit GPTQ directory of ../shared/models/gptq: a real instruct
+  model with its own template; replies end at its end-of-turn token.
 """
 import os
 import re
@@ -101,3 +103,28 @@ def test_no_template_is_one_clear_line(files):
     child.close()
     assert child.exitstatus == 1
     assert "error: " in child.before and "--chat-template" in child.before and "Traceback" not in child.before
+
+
+def test_smollm2_instruct_gptq_directory():
+    """A real instruct model: SmolLM2-135M-Instruct (4-bit GPTQ directory, with its own
+    chat_template.jinja and tokenizer.json). Its reply ends at <|im_end|> (an end-of-turn
+    token, not -n), and the second turn feeds only its new tokens."""
+    from shared_data import shared_file
+
+    d = shared_file("models", "gptq", "SmolLM2-135M-Instruct-gptq-4bit-g64-actorder")
+    child = spawn(d, "-t", "0", "-n", "48", "--threads", "2", timeout=300)
+    child.expect("template: .*chat_template.jinja")
+    child.expect(">>> ")
+    child.sendline("What is the capital of France?")
+    n1, new1, total1, _ = stats(child)
+    reply = child.before.split("France?", 1)[1].strip()
+    assert 0 < n1 < 48 and new1 == total1 and reply and "<|im_end|>" not in reply
+    child.expect(">>> ")
+    child.sendline("Name three primary colors.")
+    n2, new2, total2, _ = stats(child)
+    assert new2 < 20 < total2 - total1  # only the end of turn 1, the question and the header
+    child.expect(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
