@@ -25,7 +25,8 @@
  * no sign trick. Each int16 of AVX2's maddubs(lo) + maddubs(hi) is at most 4 * 15 * 127 = 7620
  * < 32767: no saturation. Int32 lane l of a block covers its elements 4l..4l+3 and 16+4l..16+4l+3
  * on both paths (and the Q4_0 correction is laid out the same way). Per row:
- *   q4g:  sum_b (d_b s_g(b)) * dot_b  -  sum_g s_g z_g X_g   (the second sum once per row)
+ *   q4g:  sum_b (d_b s_g(b)) * dot_b  -  sum_g s_g z_g X_g   (the second sum once per row and
+ *         token, folded into the accumulator's lanes 8 / 16 groups at a time)
  *   Q4_0: sum_b (d_b d_w) * (dot_b - 8 sum q_b)                (integer, exact)
  *   Q4_1: sum_b (d_b d_w) * dot_b + m_b xs_b
  *  AVX2: 2 blocks (64 inputs) per step on ymm. AVX-512 + VNNI: 4 blocks per step on zmm, two
@@ -371,18 +372,19 @@ static inline __m256 q4_halves2_avx2(uint32_t h0, uint32_t h1) {
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(f), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
-/* sum_g s_g * z_g * X_g over a q4g row */
+/* q4g row: acc - s_g z_g X_g for the groups g < G rounded down to 8 (lane g % 8), then the
+ * sum of the lanes minus the remaining groups' terms */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline float q4g_zcorr_avx2(const uint16_t *sr, const int8_t *zr, const float *xg, long G) {
-    __m256 c = _mm256_setzero_ps();
+static inline float q4g_finish_avx2(__m256 acc, const uint16_t *sr, const int8_t *zr,
+                                    const float *xg, long G) {
     long g = 0;
     for (; g + 8 <= G; g += 8) {
         __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + g)));
         __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g))));
-        c = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(xg + g), c);
+        acc = _mm256_fnmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(xg + g), acc);
     }
-    float t = hsum256(c);
-    for (; g < G; g++) t += _cvtsh_ss(sr[g]) * (float)zr[g] * xg[g];
+    float t = hsum256(acc);
+    for (; g < G; g++) t -= _cvtsh_ss(sr[g]) * (float)zr[g] * xg[g];
     return t;
 }
 
@@ -417,10 +419,15 @@ static inline void q4_block_avx2(int fmt, int sf, const uint8_t *w, const uint16
         __m256 xs = _mm256_setzero_ps();
         if (fmt == Q4_FMT_0) nc = _mm256_loadu_si256((const __m256i *)(ext + 32 * s));
         if (fmt == Q4_FMT_1) xs = _mm256_loadu_ps((const float *)ext + 8 * s);
-        long ga = g, kstart = k, gb;
-        if (++k == bpg) { k = 0; g++; }
-        gb = g;
-        if (two && ++k == bpg) { k = 0; g++; }
+        long ga = g, kstart = k, gb = g;
+        if (fmt == Q4_FMT_G && sf == Q4_SF_W) {  /* whole steps per group */
+            k += 2;
+            if (k == bpg) { k = 0; g++; }
+        } else if (fmt == Q4_FMT_G) {
+            if (++k == bpg) { k = 0; g++; }
+            gb = g;
+            if (two && ++k == bpg) { k = 0; g++; }
+        }
         for (int r = 0; r < NR; r++) {
             const uint8_t *p = wr[r] + 2 * bb * s;
             __m256i v;
@@ -443,7 +450,7 @@ static inline void q4_block_avx2(int fmt, int sf, const uint8_t *w, const uint16
                 sw[r] = _mm256_permutevar8x32_ps(f8, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
                 sm = _mm256_permutevar8x32_ps(f8, _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3));
             } else if (sf == Q4_SF_W) {
-                if (kstart == 0) sw[r] = _mm256_set1_ps(_cvtsh_ss(sc[(i + r) * G + ga]));
+                if (kstart == 0) sw[r] = _mm256_cvtph_ps(_mm_set1_epi16((short)sc[(i + r) * G + ga]));
             } else {
                 const uint16_t *sr = sc + (i + r) * G;
                 sw[r] = q4_halves2_avx2(sr[ga], two ? sr[gb] : 0);
@@ -453,11 +460,9 @@ static inline void q4_block_avx2(int fmt, int sf, const uint8_t *w, const uint16
         }
     }
     const float *xg = (const float *)(act + 2 * Kp + Kp / 8);
-    for (int r = 0; r < NR; r++) {
-        float v = hsum256(acc[r]);
-        if (fmt == Q4_FMT_G) v -= q4g_zcorr_avx2(sc + (i + r) * G, zp + (i + r) * G, xg, G);
-        out[i + r] = v;
-    }
+    for (int r = 0; r < NR; r++)
+        out[i + r] = fmt == Q4_FMT_G ? q4g_finish_avx2(acc[r], sc + (i + r) * G, zp + (i + r) * G, xg, G)
+                                     : hsum256(acc[r]);
 }
 
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
@@ -578,8 +583,8 @@ static inline void q4f_block_avx2(int fmt, int big, const uint8_t *w, const uint
         }
     }
     for (int r = 0; r < NR; r++) {
-        float v = hsum256(acc[r]);
-        if (fmt == Q4_FMT_G) v -= q4g_zcorr_avx2(sc + (i + r) * G, zp + (i + r) * G, sums, G);
+        float v = fmt == Q4_FMT_G ? q4g_finish_avx2(acc[r], sc + (i + r) * G, zp + (i + r) * G, sums, G)
+                                  : hsum256(acc[r]);
         if (fmt == Q4_FMT_1) v += mc[r];
         out[i + r] = v;
     }
@@ -762,9 +767,15 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
         const int nbk = nb - 4 * s < 4 ? (int)(nb - 4 * s) : 4;
         if (pf) prefetch_lines(next + NR * sb * s, (NR * (int)sb + 63) / 64);
         long gl[4] = {0, 0, 0, 0}, kstart = k;
-        for (int L = 0; L < nbk; L++) {
-            gl[L] = g;
-            if (++k == bpg) { k = 0; g++; }
+        if (fmt == Q4_FMT_G && sf == Q4_SF_W) {  /* whole steps per group: count steps */
+            gl[0] = g;
+            k += 4;
+            if (k == bpg) { k = 0; g++; }
+        } else if (fmt == Q4_FMT_G && sf == Q4_SF_X) {
+            for (int L = 0; L < nbk; L++) {
+                gl[L] = g;
+                if (++k == bpg) { k = 0; g++; }
+            }
         }
         __m512i lo[4], hi[4];
         __m512 sm[4];
@@ -774,7 +785,8 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
             if (fmt == Q4_FMT_G) {
                 v = nbk == 4 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((1ULL << (16 * nbk)) - 1, p);
                 if (sf == Q4_SF_W) {
-                    if (kstart == 0) sw[r] = _mm512_set1_ps(_cvtsh_ss(sc[(i + r) * G + gl[0]]));
+                    if (kstart == 0)
+                        sw[r] = _mm512_cvtph_ps(_mm256_set1_epi16((short)sc[(i + r) * G + gl[0]]));
                 } else if (sf == Q4_SF_1) {
                     const uint16_t *sp = sc + (i + r) * G + 4 * s;
                     __m128i h = nbk == 4 ? _mm_loadl_epi64((const __m128i *)sp)
@@ -819,14 +831,23 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
             }
         }
     }
-    for (int t = 0; t < NT; t++) {
-        const float *xg = (const float *)(at[t] + 2 * Kp + Kp / 8);
-        for (int r = 0; r < NR; r++) {
-            float v = _mm512_reduce_add_ps(acc[r][t]);
-            if (fmt == Q4_FMT_G) v -= q4g_zcorr_avx2(sc + (i + r) * G, zp + (i + r) * G, xg, G);
-            out[(t0 + t) * ldo + i + r] = v;
+    if (fmt == Q4_FMT_G) {
+        /* - sum_g s_g z_g X_g, 16 groups per vector (lane g % 16), s_g z_g shared by the tokens */
+        for (long g = 0; g < G; g += 16) {
+            __mmask16 mk = (__mmask16)(G - g >= 16 ? 0xFFFFu : (1u << (G - g)) - 1);
+            __m512 xg[4];
+            for (int t = 0; t < NT; t++)
+                xg[t] = _mm512_maskz_loadu_ps(mk, (const float *)(at[t] + 2 * Kp + Kp / 8) + g);
+            for (int r = 0; r < NR; r++) {
+                __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sc + (i + r) * G + g));
+                __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, zp + (i + r) * G + g)));
+                __m512 sz = _mm512_mul_ps(sv, zv);
+                for (int t = 0; t < NT; t++) acc[r][t] = _mm512_fnmadd_ps(sz, xg[t], acc[r][t]);
+            }
         }
     }
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++) out[(t0 + t) * ldo + i + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
