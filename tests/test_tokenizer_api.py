@@ -180,3 +180,11 @@ def test_gguf_without_a_vocabulary(tmp_path):
     p.write_bytes(b"GGUF\x03\x00\x00\x00")  # truncated
     with pytest.raises(ModelFormatError, match="not a valid GGUF"):
         pecca.Tokenizer.from_file(p)
+
+
+def test_folders(tmp_path):
+    llama2 = shared_file("models", "tokenizers", "llama2-chat")  # tokenizer.model only
+    assert isinstance(pecca.Tokenizer.from_file(llama2), SentencePieceTokenizer)
+    assert isinstance(pecca.Tokenizer.from_file(shared_file("models", "tokenizers", "llama3")), HFTokenizer)
+    with pytest.raises(TokenizerFormatError, match="folder without tokenizer.json"):
+        pecca.Tokenizer.from_file(tmp_path)

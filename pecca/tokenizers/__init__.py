@@ -32,8 +32,13 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def _load(path: str) -> Tokenizer:
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    if os.path.isdir(path):  # a model folder: its tokenizer file, tokenizer.json first
+        found = [os.path.join(path, n) for n in ("tokenizer.json", "tokenizer.model", "tokenizer.bin")]
+        found = [p for p in found if os.path.isfile(p)]
+        if not found:
+            raise TokenizerFormatError(f"{path}: a folder without tokenizer.json, tokenizer.model or "
+                                       "tokenizer.bin")
+        path = found[0]
     if not os.path.isfile(path):
         raise TokenizerFormatError(f"{path}: tokenizer file not found")
     with open(path, "rb") as f:
