@@ -200,5 +200,6 @@ class GPTQSource(HFSource):
             m, _ = self.modules[base]
             what = base.split(".")[-1]
             self._cache = (base, repack(m, q_k_heads(self.config, what)))
-            release_pages(m.qweight)
+            for a in (m.qweight, m.qzeros, m.scales):  # converted: out of this process's RSS
+                release_pages(a)
         return self._cache[1]

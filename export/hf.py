@@ -12,7 +12,7 @@ from typing import Dict
 import numpy as np
 
 from pecca.errors import ModelFormatError
-from pecca.formats.hf import HF_NAMES, read_config, unpermute, weight_files
+from pecca.formats.hf import HF_NAMES, need_tensor, read_config, unpermute, weight_files
 from pecca.formats.safetensors import read_safetensors
 from pecca.formats.tensors import RawTensor, release_pages
 
@@ -62,10 +62,7 @@ class HFSource:
                                "--tokenizer")
 
     def hf(self, name: str) -> RawTensor:
-        t = self.tensors.get(name)
-        if t is None:
-            raise ModelFormatError(f"{self.dir}: tensor {name} is missing from the checkpoint")
-        return t
+        return need_tensor(self.tensors, name, self.dir)
 
     def tensor(self, name: str) -> RawTensor:
         c = self.config

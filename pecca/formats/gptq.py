@@ -27,7 +27,7 @@ import numpy as np
 
 from pecca.config import ModelConfig
 from pecca.errors import ModelFormatError, UnsupportedModelError
-from pecca.formats.hf import HF_NAMES, find_weights, read_config, unpermute
+from pecca.formats.hf import HF_NAMES, find_weights, need_tensor, read_config, unpermute
 from pecca.formats.safetensors import read_safetensors
 from pecca.formats.tensors import RawTensor
 
@@ -191,7 +191,7 @@ class GPTQCheckpoint:
         self.tensors: Dict[str, RawTensor] = {}
         self.file_of: Dict[str, str] = {}
         for f in self.files:
-            for name, t in read_safetensors(f).items():
+            for name, t in read_safetensors(f, ints=True).items():
                 self.tensors[name] = t
                 self.file_of[name] = f
         has_head = "lm_head.weight" in self.tensors or "lm_head.qweight" in self.tensors
@@ -199,10 +199,7 @@ class GPTQCheckpoint:
         self.name = os.path.basename(os.path.normpath(d))
 
     def raw(self, name: str) -> RawTensor:
-        t = self.tensors.get(name)
-        if t is None:
-            raise ModelFormatError(f"{self.dir}: tensor {name} is missing from the checkpoint")
-        return t
+        return need_tensor(self.tensors, name, self.dir)
 
     def where(self, name: str) -> str:
         return self.file_of.get(name, self.dir)

@@ -52,6 +52,14 @@ def weight_files(d: str):
     return found
 
 
+def need_tensor(tensors: dict, name: str, where: str):
+    """tensors[name], or an error naming the checkpoint and the tensor."""
+    t = tensors.get(name)
+    if t is None:
+        raise ModelFormatError(f"{where}: tensor {name} is missing from the checkpoint")
+    return t
+
+
 def _get(cfg, key, path, default=None, required=False):
     if key in cfg and cfg[key] is not None:
         return cfg[key]

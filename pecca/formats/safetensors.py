@@ -39,8 +39,9 @@ def read_header(path: str):
     return header, 8 + n, size
 
 
-def read_safetensors(path: str) -> Dict[str, RawTensor]:
-    """Every tensor of a .safetensors file as a memory-mapped RawTensor."""
+def read_safetensors(path: str, ints: bool = False) -> Dict[str, RawTensor]:
+    """Every tensor of a .safetensors file as a memory-mapped RawTensor; I32 tensors only with
+    `ints` (GPTQ checkpoints: elsewhere an integer weight is a mistake)."""
     header, start, size = read_header(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r") if size > start else None
     out = {}
@@ -51,9 +52,9 @@ def read_safetensors(path: str) -> Dict[str, RawTensor]:
             dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ModelFormatError(f"{path}: tensor {name}: malformed header entry") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise UnsupportedModelError(f"{path}: tensor {name} has dtype {dtype}; pecca reads F32, F16, BF16 "
-                                        "and I32")
+        if dtype not in SAFETENSORS_DTYPES or (dtype == "I32" and not ints):
+            raise UnsupportedModelError(f"{path}: tensor {name} has dtype {dtype}; pecca reads F32, F16 and "
+                                        "BF16 (and I32 in GPTQ checkpoints)")
         kind, np_dtype = SAFETENSORS_DTYPES[dtype]
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize if shape else np.dtype(np_dtype).itemsize
         if any(d < 0 for d in shape) or not 0 <= begin <= end or end - begin != nbytes:

@@ -68,7 +68,7 @@ def test_smollm2_repack_is_exact():
 
 def test_v1_zero_points_borrow_across_nibbles():
     """GPTQModel's own v1 packing of true zeros of 0: a whole-word +0x11111111 decodes them."""
-    t = read_safetensors(str(shared_file("reference", "gptq", "gptq_v1_asym_borrow_case.safetensors")))
+    t = read_safetensors(str(shared_file("reference", "gptq", "gptq_v1_asym_borrow_case.safetensors")), ints=True)
     want = t["case.true_zeros"].data
     assert np.array_equal(unpack_zeros(t["case.qzeros"].data, 0x11111111), want)
     assert np.array_equal(unpack_zeros(t["case.qzeros_v2"].data, 0), want)
@@ -134,7 +134,7 @@ def broken_copy(src, dst, config=None, quantize_config=None, tensors=None):
         (dst / "config.json").write_text(json.dumps(cfg))
     if tensors is not None:
         mod = bench_script()
-        old = read_safetensors(str(dst / "model.safetensors"))
+        old = read_safetensors(str(dst / "model.safetensors"), ints=True)
         new = {k: v.data for k, v in old.items()}
         for k, v in tensors.items():
             if v is None:
