@@ -10,10 +10,13 @@ from pecca.config import ModelConfig
 from pecca.errors import (ContextLengthError, InvalidArgumentError, ModelFormatError,
                           ModelNotFoundError, PeccaError, TokenizerFormatError,
                           TokenizerMismatchError, UnsupportedModelError)
+from pecca.chat import Chat
 from pecca.chat_template import ChatTemplate, ChatTemplateError
 from pecca.llm import LLM, load
+from pecca.sampling import NonFiniteLogitsError
 from pecca.tokenizers import Tokenizer
 
-__all__ = ["load", "LLM", "ModelConfig", "Tokenizer", "ChatTemplate", "ChatTemplateError", "PeccaError",
-           "ModelFormatError", "UnsupportedModelError", "TokenizerMismatchError", "TokenizerFormatError",
-           "ModelNotFoundError", "InvalidArgumentError", "ContextLengthError", "__version__"]
+__all__ = ["load", "LLM", "ModelConfig", "Tokenizer", "Chat", "ChatTemplate", "ChatTemplateError",
+           "PeccaError", "ModelFormatError", "UnsupportedModelError", "TokenizerMismatchError", "TokenizerFormatError",
+           "ModelNotFoundError", "InvalidArgumentError", "ContextLengthError", "NonFiniteLogitsError",
+           "__version__"]
