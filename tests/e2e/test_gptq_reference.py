@@ -9,8 +9,8 @@ The exported GGUF's default path quantizes the activations to int8 per block of 
 llama.cpp's Q4_0 does). That noise is the method's, not the reader's: a NumPy simulation of
 it lands as far from the reference, and each product of the kernel equals that simulation to
 float rounding. Per product it is ~0.5-1.5% of the output's scale; through the layers it adds
-up to 0.6-1.1% of the logit scale on stories260K and 4-9% on SmolLM2-135M (30 layers; bf16
-GPTQModel is 1-2% there, llama.cpp's int8 path on the Q4_1 file 2-4%). So the int8 path is held
+up to 0.6-2.0% of the logit scale on stories260K and 2.4-6.6% on SmolLM2-135M (30 layers;
+GPTQModel's bf16 kernel is 0.8-2% from the same reference there). So the int8 path is held
 to INT8_TOL (a different top-1 only on a near tie), and its greedy text only reported (it parts from the fp32
 reference on near ties, as bf16 GPTQModel's does).
 
@@ -33,8 +33,8 @@ from gptq_helpers import (HAVE_KERNELS, SMOL_PROMPTS, SMOLLM2, STORY_PROMPTS, be
 from shared_data import REPO_ROOT, shared_file, shared_root
 
 TOL = 1e-3  # of the logit scale
-INT8_TOL = {SMOLLM2: 0.12}  # int8 activations (module docstring); measured max 0.09 per position
-INT8_TOL_DEFAULT = 2e-2  # stories260K: measured 0.6e-2 .. 1.1e-2
+INT8_TOL = {SMOLLM2: 0.1}  # int8 activations (module docstring); measured 0.024 .. 0.066
+INT8_TOL_DEFAULT = 3e-2  # stories260K: measured 0.0064 .. 0.020
 PATHS = ["int8", "float", "numpy"]  # int8 activations (default), float activations, NumPy dequant
 
 
