@@ -38,14 +38,16 @@ class HFSource:
 
     def read_vocab(self, tokenizer_path: str = None) -> None:
         """self.vocab from the tokenizer given, or the directory's."""
-        from export.vocab import chat_template_beside, vocab_from_sentencepiece, vocab_from_tokenizer_json
+        from export.vocab import vocab_from_sentencepiece, vocab_from_tokenizer_json
+        from pecca.chat_template import template_beside
 
         tok = tokenizer_path or self.tokenizer_file(self.dir)
         if tok.endswith(".json"):
             self.vocab = vocab_from_tokenizer_json(tok, self.config.vocab_size)
         else:
             self.vocab = vocab_from_sentencepiece(tok)
-        self.vocab.chat_template = chat_template_beside(tok)
+        found = template_beside(tok)
+        self.vocab.chat_template = found[0] if found else None
 
     @staticmethod
     def tokenizer_file(d: str) -> str:

@@ -139,27 +139,3 @@ def json_brief(v, limit: int = 120) -> str:
 
     s = json.dumps(v, ensure_ascii=False)
     return s if len(s) <= limit else s[:limit] + "..."
-
-
-def chat_template_beside(tokenizer_path: str) -> Optional[str]:
-    """The chat_template of the tokenizer_config.json beside a tokenizer file, if any (a string,
-    or the "default" entry of a list of named templates), else of a chat_template.jinja there
-    (where transformers 5 writes it)."""
-    import json
-    import os
-
-    d = os.path.dirname(tokenizer_path)
-    try:
-        with open(os.path.join(d, "tokenizer_config.json"), encoding="utf-8") as f:
-            t = json.load(f).get("chat_template")
-    except (OSError, ValueError, AttributeError):
-        t = None
-    if t is None:
-        try:
-            with open(os.path.join(d, "chat_template.jinja"), encoding="utf-8") as f:
-                t = f.read()
-        except OSError:
-            return None
-    if isinstance(t, list):
-        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-    return t if isinstance(t, str) and t else None

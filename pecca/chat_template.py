@@ -18,12 +18,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import List, Optional, Tuple
 
-from pecca.errors import InvalidArgumentError, PeccaError
-
-
-class ChatTemplateError(PeccaError):
-    """No chat template, one that is not valid Jinja, or one that refuses a conversation
-    (its raise_exception message, e.g. roles out of order, is in the error)."""
+from pecca.errors import ChatTemplateError, InvalidArgumentError  # noqa: F401 (re-exported)
 
 
 def template_beside(path: str) -> Optional[Tuple[str, str]]:

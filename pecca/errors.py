@@ -32,3 +32,12 @@ class InvalidArgumentError(PeccaError, ValueError):
 
 class ContextLengthError(InvalidArgumentError):
     """The prompt does not fit the model's context window."""
+
+
+class ChatTemplateError(PeccaError):
+    """No chat template, one that is not valid Jinja, or one that refuses a conversation
+    (its raise_exception message, e.g. roles out of order, is in the error)."""
+
+
+class NonFiniteLogitsError(PeccaError):
+    """The model produced NaN or infinite logits (broken weights, or an overflow)."""

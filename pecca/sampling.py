@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from pecca._kernels import ops
-from pecca.errors import InvalidArgumentError, PeccaError
+from pecca.errors import InvalidArgumentError, NonFiniteLogitsError  # noqa: F401 (re-exported)
 
 MASK64 = (1 << 64) - 1
 F32 = np.float32
@@ -45,10 +45,6 @@ class XorShiftRng:
     def f32(self) -> np.float32:
         """A float32 in [0, 1)."""
         return F32(self.u32() >> 8) / F32(16777216.0)
-
-
-class NonFiniteLogitsError(PeccaError):
-    """The model produced NaN or infinite logits (broken weights, or an overflow)."""
 
 
 def _number(x) -> bool:
