@@ -64,7 +64,7 @@ def generate(
     ids = m.stream_ids(prompt_ids, opts.sampler(m.config.vocab_size), max_tokens, stats)
     pieces = gen.stream_text(m.tokenizer, prompt_ids[-1], ids, opts.stop, stats)
     if echo:  # the prompt as the tokens print it (stop strings apply to the new text only)
-        pieces = itertools.chain(gen.stream_text(m.tokenizer, prompt_ids[0], prompt_ids[1:]), pieces)
+        pieces = itertools.chain(echo_text(m.tokenizer, prompt_ids), pieces)
     out = sys.stdout
     for piece in pieces:
         out.write(piece)
@@ -76,6 +76,14 @@ def generate(
          f"{stats.decode_tok_s:.1f} tok/s | threads {m.threads}, {runtime.simd_path()}")
     if stats.stop_reason == "context":
         _err(f"stopped: the context of {m.model.seq_len} positions is full")
+
+
+def echo_text(tok, prompt_ids):
+    """The prompt as its tokens print: after a BOS as llama2.c prints it (BOS itself silent),
+    and from the first token on when the tokenizer adds none (Llama 3, SmolLM2)."""
+    if prompt_ids and prompt_ids[0] == tok.bos_id:
+        return gen.stream_text(tok, prompt_ids[0], prompt_ids[1:])
+    return gen.stream_text(tok, -1, prompt_ids)
 
 
 @app.command()
