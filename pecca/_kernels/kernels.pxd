@@ -65,9 +65,10 @@ cdef extern from "q4_kernels.h" nogil:
     void q4_f32_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                      long K, long G, const uint8_t *act, long ab, long T, float *out,
                      long ldo, long r0, long r1) noexcept
-    void gptq_xsum(const float *x, const int32_t *gidx, float *xsum, long K, long G) noexcept
+    void gptq_prepare(const float *x, const int32_t *gidx, float *xsum, float *xk, long K,
+                      long G) noexcept
     long gptq_acc_floats(long G) noexcept
     void gptq_cols(const uint32_t *qw, const uint32_t *qz, uint32_t zadd, const uint16_t *sc,
                    const int32_t *gidx, long K, long N, long G, const float *x,
-                   const float *xsum, long T, float *out, long ldo, long u0, long u1,
-                   float *acc) noexcept
+                   const float *xsum, const float *xk, long T, float *out, long ldo,
+                   long u0, long u1, float *acc) noexcept

@@ -30,7 +30,7 @@ from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
 from libc.stdlib cimport malloc, free
 from pecca._kernels.kernels cimport (pecca_simd_reset, q4_act_bytes, q4_actf_floats,
                                      q4_prepare_int8, q4_prepare_f32, q4_int8_rows, q4_f32_rows,
-                                     gptq_xsum, gptq_acc_floats, gptq_cols)
+                                     gptq_prepare, gptq_acc_floats, gptq_cols)
 
 # below this many multiply-adds a product runs on one thread
 cdef long PARALLEL_MIN_WEIGHTS = 32768
@@ -304,14 +304,16 @@ cdef gptq_product(str name, const int32_t[:, ::1] qweight, const int32_t[:, ::1]
         nt = 1
     accf = gptq_acc_floats(G)
     cdef float *xsum = <float *>malloc(T * G * sizeof(float))
+    cdef float *xsc = <float *>malloc(T * K * sizeof(float))
     cdef float *acc = <float *>malloc(nt * accf * sizeof(float))
     cdef float *y = o
     cdef float *tmp = NULL
     if op != NULL:
         tmp = <float *>malloc(T * N * sizeof(float))
         y = tmp
-    if xsum == NULL or acc == NULL or (op != NULL and tmp == NULL):
+    if xsum == NULL or xsc == NULL or acc == NULL or (op != NULL and tmp == NULL):
         free(xsum)
+        free(xsc)
         free(acc)
         free(tmp)
         raise MemoryError(f"{name}: no memory for the scratch")
@@ -320,22 +322,23 @@ cdef gptq_product(str name, const int32_t[:, ::1] qweight, const int32_t[:, ::1]
     try:
         with nogil:
             for t in range(T):
-                gptq_xsum(xp + t * K, &g_idx[0], xsum + t * G, K, G)
+                gptq_prepare(xp + t * K, &g_idx[0], xsum + t * G, xsc + t * K, K, G)
             if nt <= 1:
-                gptq_cols(qw, qz, zero_add, &scales[0, 0], &g_idx[0], K, N, G, xp, xsum, T, y,
-                          N, 0, units, acc)
+                gptq_cols(qw, qz, zero_add, &scales[0, 0], &g_idx[0], K, N, G, xp, xsum, xsc, T,
+                          y, N, 0, units, acc)
             else:
                 for b in prange(nt, schedule='static', num_threads=nt):
                     u0 = units * b // nt
                     u1 = units * (b + 1) // nt
-                    gptq_cols(qw, qz, zero_add, &scales[0, 0], &g_idx[0], K, N, G, xp, xsum, T,
-                              y, N, u0, u1, acc + b * accf)
+                    gptq_cols(qw, qz, zero_add, &scales[0, 0], &g_idx[0], K, N, G, xp, xsum, xsc,
+                              T, y, N, u0, u1, acc + b * accf)
             if op != NULL:
                 for t in range(T):
                     for i in range(N):
                         o[t * N + i] = y[t * N + op[i]]
     finally:
         free(xsum)
+        free(xsc)
         free(acc)
         free(tmp)
 
