@@ -1,5 +1,6 @@
-"""Reader for GGUF model files (llama.cpp's format, and pecca's own), through the `gguf`
-package, whose reader memory-maps the file: tensors are numpy views, never copies.
+"""Reader for GGUF model files (llama.cpp's format, and pecca's own). The container is parsed
+by pecca.formats.gguf_file (its docstring says why not gguf.GGUFReader), which memory-maps the
+file: tensors are numpy views, never copies.
 
 Architecture `llama` only. Metadata keys and tensor names are llama.cpp's:
     llama.context_length, llama.embedding_length, llama.block_count, llama.feed_forward_length,
@@ -18,6 +19,7 @@ import numpy as np
 from pecca.config import ModelConfig
 from pecca.errors import ModelFormatError, UnsupportedModelError
 from pecca.formats import LoadedModel
+from pecca.formats.gguf_file import GGUFFile, Undecodable, open_gguf
 from pecca.formats.llama2c import LIMITS
 from pecca.quant import BLOCK_BYTES, BLOCK_VALUES, BlockRows
 from pecca.weights import F32Linear, LayerWeights, Weights
@@ -27,30 +29,22 @@ LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_
                  "ffn_gate", "ffn_up", "ffn_down")
 
 
-def open_reader(path: str):
-    """A gguf.GGUFReader, or a clear error for a file it cannot parse."""
-    import gguf
-
-    try:
-        return gguf.GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: not a valid GGUF file, truncated or corrupt ({e})") from None
+def open_reader(path: str) -> GGUFFile:
+    """The parsed file (gguf_file.GGUFFile), or a ModelFormatError saying what is wrong."""
+    return open_gguf(path)
 
 
 class Metadata:
     """Typed access to a GGUF file's key-value fields, with errors naming the key."""
 
-    def __init__(self, path, reader):
+    def __init__(self, path, reader: GGUFFile):
         self.path, self.fields = path, reader.fields
 
     def get(self, key, default=None):
-        f = self.fields.get(key)
-        if f is None:
-            return default
-        try:
-            return f.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as e:
-            raise ModelFormatError(f"{self.path}: metadata {key} cannot be read ({e})") from None
+        v = self.fields.get(key, default)
+        if isinstance(v, Undecodable):  # reported only when asked for, as GGUFReader did
+            raise ModelFormatError(f"{self.path}: metadata {key} cannot be read ({v.reason})")
+        return v
 
     def require(self, key):
         v = self.get(key)
@@ -71,11 +65,8 @@ def read(path: str) -> LoadedModel:
     arch = meta.require("general.architecture")
     if arch != "llama":
         raise UnsupportedModelError(f"{path}: general.architecture is {arch!r}; pecca runs 'llama'")
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}  # names unique, byte ranges checked by gguf_file
     size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ModelFormatError(f"{path}: tensor {t.name} lies past the end of the file")
     config = read_config(path, meta, tensors)
     weights = read_weights(path, config, tensors)
     from pecca.tokenizers.gguf_vocab import tokenizer_from_gguf
