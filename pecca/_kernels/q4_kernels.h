@@ -41,7 +41,8 @@
  * float-activation path (q4g with any gs dividing K, Q4_0, Q4_1; also forced by float_act):
  *  codes widened to float and multiplied with float x (x gathered by perm first). q4g sums per
  *  group, then s * gsum, and subtracts sum_g s_g z_g X_g (X_g: sums of x); Q4_0 widens q - 8;
- *  Q4_1 adds m_b * (sum of x over the block). AVX2 for gs % 8 == 0 (also on the AVX-512 level),
+ *  Q4_1 adds m_b * (sum of x over the block). AVX-512 for whole-block groups (Q4_0, Q4_1, q4g
+ *  with gs % 32 == 0), AVX2 for gs % 8 == 0 (also on the AVX-512 level for 8 <= gs < 32 etc.),
  *  portable otherwise.
  *
  * gptq (float activations): threads own ranges of output columns; each chunk of columns walks
@@ -741,6 +742,19 @@ static void gptq_cols_avx2(const uint32_t *qw, const uint32_t *qz, uint32_t zadd
 /* ---------------- AVX-512 (gptq) ---------------- */
 #define PECCA_Q4_AVX512 "avx2,fma,f16c,avx512f,avx512bw,avx512vl"
 
+/* q4g row: acc - s_g z_g X_g, 16 groups per vector (lane g % 16) */
+__attribute__((target(PECCA_Q4_AVX512), always_inline))
+static inline __m512 q4g_fold_avx512(__m512 acc, const uint16_t *sr, const int8_t *zr,
+                                     const float *xg, long G) {
+    for (long g = 0; g < G; g += 16) {
+        __mmask16 mk = (__mmask16)(G - g >= 16 ? 0xFFFFu : (1u << (G - g)) - 1);
+        __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sr + g));
+        __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, zr + g)));
+        acc = _mm512_fnmadd_ps(_mm512_mul_ps(sv, zv), _mm512_maskz_loadu_ps(mk, xg + g), acc);
+    }
+    return acc;
+}
+
 /* gptq_chunk_avx2 with 16 columns per vector: columns c .. c + 16V - 1, the last vector masked
  * by `last` (0x00FF: 8 columns). acc: NT * G * 16V floats. */
 __attribute__((target(PECCA_Q4_AVX512), always_inline))
@@ -808,6 +822,87 @@ static inline void gptq_chunk_avx512(const uint32_t *qw, const uint32_t *qz, uin
         }
         for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(out + t * ldo + cc, mk, y[t]);
     }
+}
+
+/* float path with whole-block groups (Q4_0, Q4_1, q4g with gs % 32 == 0), 16 lanes: the 16
+ * code bytes of a block widen to 16 int32 lanes, low nibbles meet x[0:16], high x[16:32]. */
+__attribute__((target(PECCA_Q4_AVX512), always_inline))
+static inline void q4f_block_avx512(int fmt, const uint8_t *w, const uint16_t *sc,
+                                    const int8_t *zp, long K, long G, const float *act,
+                                    float *out, long i, int NR, int pf) {
+    long nb = K / Q4_QK, gs = fmt == Q4_FMT_G ? K / G : Q4_QK;
+    long bb = q4_block_bytes(fmt), off = q4_code_offset(fmt), rb = nb * bb;
+    const float *x = act, *sums = act + K;
+    const __m512i m4 = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+    const uint8_t *wr[4];
+    __m512 acc[4], ga[4], gb[4];
+    float mc[4];
+    for (int r = 0; r < NR; r++) {
+        wr[r] = w + (i + r) * rb;
+        acc[r] = ga[r] = gb[r] = _mm512_setzero_ps();
+        mc[r] = 0.0f;
+    }
+    const char *next = (const char *)(w + (i + NR) * rb);
+    long g = 0, e = 0;
+    for (long b = 0; b < nb; b++) {
+        if (pf) prefetch_lines(next + NR * bb * b, (NR * (int)bb + 63) / 64);
+        __m512 x0 = _mm512_loadu_ps(x + Q4_QK * b), x1 = _mm512_loadu_ps(x + Q4_QK * b + 16);
+        for (int r = 0; r < NR; r++) {
+            __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr[r] + bb * b + off)));
+            __m512i lo = _mm512_and_si512(z, m4), hi = _mm512_srli_epi32(z, 4);
+            if (fmt == Q4_FMT_0) {
+                lo = _mm512_sub_epi32(lo, eight);
+                hi = _mm512_sub_epi32(hi, eight);
+            }
+            ga[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), x0, ga[r]);
+            gb[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), x1, gb[r]);
+        }
+        int end = 1;
+        if (fmt == Q4_FMT_G) {
+            e += Q4_QK;
+            end = e == gs;
+        }
+        if (end) {
+            for (int r = 0; r < NR; r++) {
+                const uint8_t *blk = wr[r] + bb * b;
+                float sv = _cvtsh_ss(fmt == Q4_FMT_G ? sc[(i + r) * G + g] : q4_u16(blk));
+                acc[r] = _mm512_fmadd_ps(_mm512_add_ps(ga[r], gb[r]), _mm512_set1_ps(sv), acc[r]);
+                ga[r] = gb[r] = _mm512_setzero_ps();
+                if (fmt == Q4_FMT_1) mc[r] += _cvtsh_ss(q4_u16(blk + 2)) * sums[b];
+            }
+            e = 0;
+            g++;
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        if (fmt == Q4_FMT_G) acc[r] = q4g_fold_avx512(acc[r], sc + (i + r) * G, zp + (i + r) * G, sums, G);
+        out[i + r] = _mm512_reduce_add_ps(acc[r]) + (fmt == Q4_FMT_1 ? mc[r] : 0.0f);
+    }
+}
+
+__attribute__((target(PECCA_Q4_AVX512), always_inline))
+static inline void q4f_gemm_avx512(int fmt, const uint8_t *w, const uint16_t *sc,
+                                   const int8_t *zp, long K, long G, const uint8_t *act, long ab,
+                                   long T, float *out, long ldo, long r0, long r1) {
+    long i = r0;
+    for (; i + 4 <= r1; i += 4)
+        for (long t = 0; t < T; t++)
+            q4f_block_avx512(fmt, w, sc, zp, K, G, (const float *)(act + t * ab), out + t * ldo,
+                             i, 4, t == 0 && i + 8 <= r1);
+    for (; i < r1; i++)
+        for (long t = 0; t < T; t++)
+            q4f_block_avx512(fmt, w, sc, zp, K, G, (const float *)(act + t * ab), out + t * ldo,
+                             i, 1, 0);
+}
+
+/* Q4_0, Q4_1, q4g with gs % 32 == 0 */
+__attribute__((target(PECCA_Q4_AVX512)))
+static void q4_f32_rows_avx512(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
+                               long K, long G, const uint8_t *act, long ab, long T, float *out,
+                               long ldo, long r0, long r1) {
+    if (fmt == Q4_FMT_0) q4f_gemm_avx512(Q4_FMT_0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+    else if (fmt == Q4_FMT_1) q4f_gemm_avx512(Q4_FMT_1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+    else q4f_gemm_avx512(Q4_FMT_G, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
 }
 
 /* As gptq_cols_avx2: one token in chunks of 64 columns, several in chunks of 32 against tiles of
@@ -1035,7 +1130,12 @@ static void q4_f32_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int
                         long K, long G, const uint8_t *act, long ab, long T, float *out,
                         long ldo, long r0, long r1) {
 #if PECCA_X86
-    if (q8_kernel_level() >= 1 && (fmt != Q4_FMT_G || (K / G) % 8 == 0)) {
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512 && (fmt != Q4_FMT_G || (K / G) % Q4_QK == 0)) {
+        q4_f32_rows_avx512(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+        return;
+    }
+    if (level >= PECCA_SIMD_AVX2 && (fmt != Q4_FMT_G || (K / G) % 8 == 0)) {
         q4_f32_rows_avx2(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
         return;
     }
