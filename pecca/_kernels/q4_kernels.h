@@ -42,8 +42,8 @@
  *  codes widened to float and multiplied with float x (x gathered by perm first). q4g sums per
  *  group, then s * gsum, and subtracts sum_g s_g z_g X_g (X_g: sums of x); Q4_0 widens q - 8;
  *  Q4_1 adds m_b * (sum of x over the block). AVX-512 for whole-block groups (Q4_0, Q4_1, q4g
- *  with gs % 32 == 0), AVX2 for gs % 8 == 0 (also on the AVX-512 level for 8 <= gs < 32 etc.),
- *  portable otherwise.
+ *  with gs % 32 == 0); AVX2 for those on the AVX2 level and for the other gs % 8 == 0 on both
+ *  levels; portable otherwise.
  *
  * gptq (float activations): threads own ranges of output columns; each chunk of columns walks
  *  the packed rows (contiguous along N), keeping per-group partial sums acc[g][col] of x_i * code
@@ -55,8 +55,8 @@
  *  per vector) and AVX-512 (16; any AVX-512 CPU, VNNI not needed). Packed rows are 4N bytes
  *  apart, so the next rows are prefetched in software.
  *
- * Portable code mirrors each path's arithmetic in scalar C (no FMA: the baseline x86-64 build
- * has none) and is used for PECCA_SIMD=portable and non-x86.
+ * Portable code is plain scalar C over the same layouts (its own summation order, no FMA: the
+ * baseline x86-64 build has none), used for PECCA_SIMD=portable and non-x86 CPUs.
  */
 #ifndef PECCA_Q4_KERNELS_H
 #define PECCA_Q4_KERNELS_H
