@@ -1,0 +1,248 @@
+"""pecca against llama.cpp on the same model files, every precision, alternating runs.
+
+Cases (--cases, comma-separated):
+  smollm2     the real SmolLM2-135M-Instruct: llama.cpp's Q4_1 GGUF as shipped (pecca and
+              llama.cpp), pecca's export of the GPTQModel checkpoint of it (4-bit, group 64,
+              act-order; ../shared/models/gptq), and pecca's f32 and q8_0 re-exports of the Q4_1
+              file (pecca and llama.cpp)
+  7B-layers   random weights with Llama-2-7B's layer shapes (dim 4096, hidden 11008, 32 heads,
+              vocab 32000), --layers of them: a GPTQ checkpoint (group 128, act-order, written by
+              bench/make_gptq_checkpoint.py) exported by pecca, and re-exports of that file's
+              dequantized weights as Q4_0, Q8_0, F16 and F32 (pecca and llama.cpp on each)
+  stories15M  random weights of stories15M's shape, as F32, F16, Q8_0 and Q4_0
+
+Every engine does the same work per run: P prompt positions in one batch, then G greedy decode
+positions (pecca.bench.time_model; for llama.cpp: eval(prompt) then eval of one token at a time,
+compare_q8.time_llama). Each timed run follows an untimed 4 + 2 token run of the same engine,
+and within a repetition the engines run in turn, so drift of the machine hits all alike. A
+repetition during which other processes used more than 0.1 core is redone (up to 3 times).
+
+GB/s = bytes the decode streams per token (every layer matrix and the classifier, as pecca
+reads the file: Weights.nbytes) x decode tok/s; the same bytes are counted for llama.cpp on
+the same file. The STREAM-style read bandwidth (a 512 MiB f32 matvec, best of 5) is measured
+in the same run at each thread count: the ceiling for every decode here.
+
+Files go to --out-dir (default bench/out/, gitignored); 7B-layers needs ~4 GB of disk.
+Usage: python bench/compare.py [--cases smollm2,7B-layers] [--threads 1,2] [--reps 3]
+       [--prompt-tokens 32] [--gen-tokens 32] [--layers 2] [--json]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `export` is a top-level package of the repo, not installed
+sys.path.insert(0, str(REPO / "bench"))
+
+import pecca  # noqa: E402
+from compare_llama2c import (cpu_seconds, fmt, foreign_load, log, mean_std,  # noqa: E402
+                             read_bandwidth, shared_dir)
+from compare_q8 import load_llama, set_llama_threads, time_llama  # noqa: E402
+from export import export  # noqa: E402
+from pecca.bench import time_model  # noqa: E402
+
+FOREIGN_LIMIT = 0.1
+RETRIES = 3
+
+
+# ---------------------------------------------------------------- files
+
+def smollm2_files(out: Path, args) -> list:
+    """(label, engine, path) of the smollm2 case."""
+    q4_1 = Path(subprocess.run(["bash", str(shared_dir() / "models/gguf/fetch-smollm2.sh")],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    gptq_dir = shared_dir() / "models/gptq/SmolLM2-135M-Instruct-gptq-4bit-g64-actorder"
+    files = {"gptq": out / "smollm2-gptq-g64.gguf", "q8_0": out / "smollm2-q8_0.gguf",
+             "f32": out / "smollm2-f32.gguf"}
+    if not files["gptq"].exists():
+        export(str(gptq_dir), str(files["gptq"]))
+    for dtype in ("q8_0", "f32"):
+        if not files[dtype].exists():
+            export(str(q4_1), str(files[dtype]), dtype)
+    return [("GPTQ g64 act-order", "pecca", files["gptq"]), ("Q4_1 (llama.cpp's)", "pecca", q4_1),
+            ("Q4_1 (llama.cpp's)", "llama.cpp", q4_1), ("Q8_0", "pecca", files["q8_0"]),
+            ("Q8_0", "llama.cpp", files["q8_0"]), ("F32", "pecca", files["f32"])]
+
+
+def seven_b_files(out: Path, args) -> list:
+    ckpt = out / f"7B-layers{args.layers}-gptq"
+    gptq = out / f"7B-layers{args.layers}-gptq.gguf"
+    if not gptq.exists():
+        subprocess.run([sys.executable, str(REPO / "bench/make_gptq_checkpoint.py"), str(ckpt),
+                        "--preset", "7b", "--layers", str(args.layers), "--group-size", "128"],
+                       check=True)
+        export(str(ckpt), str(gptq))
+    rows = [("GPTQ g128 act-order", "pecca", gptq)]
+    for dtype in ("q4_0", "q8_0", "f16", "f32"):
+        path = out / f"7B-layers{args.layers}-{dtype}.gguf"
+        if not path.exists():
+            export(str(gptq), str(path), dtype)  # the GPTQ weights, dequantized
+        rows += [(dtype.upper(), "pecca", path), (dtype.upper(), "llama.cpp", path)]
+    return rows
+
+
+def stories15m_files(out: Path, args) -> list:
+    from export.gguf import write_gguf
+    from export.llama2c import Llama2cSource, STORIES_SHAPES, write_llama2c
+    from compare_llama2c import bos_safe_weights
+
+    c = STORIES_SHAPES["stories15M"]
+    bin_path = out / "stories15M-random.bin"
+    if not bin_path.exists():
+        write_llama2c(str(bin_path), c, bos_safe_weights(c, 0), version=0, shared=True)
+    tok = shared_dir() / "models/llama2c/tokenizer.bin"
+    rows = []
+    for dtype in ("q4_0", "q8_0", "f16", "f32"):
+        path = out / f"stories15M-random-{dtype}.gguf"
+        if not path.exists():
+            write_gguf(str(path), Llama2cSource(str(bin_path), str(tok)), dtype)
+        rows += [(dtype.upper(), "pecca", path), (dtype.upper(), "llama.cpp", path)]
+    return rows
+
+
+CASES = {"smollm2": smollm2_files, "7B-layers": seven_b_files, "stories15M": stories15m_files}
+
+
+# ---------------------------------------------------------------- engines
+
+class Engine:
+    """One (engine, file): pecca.load or llama_cpp.Llama, timed the same way."""
+
+    def __init__(self, label, kind, path, n_p, n_g):
+        self.label, self.kind, self.path, self.n_p, self.n_g = label, kind, path, n_p, n_g
+        self.m = pecca.load(str(path), threads=1)  # also for llama.cpp: the byte count
+        self.bytes_per_token = self.m.loaded.weights.nbytes
+        self.vocab = self.m.config.vocab_size
+        self.llm = load_llama(path, n_ctx=n_p + n_g + 16, n_batch=max(n_p, 32)) if kind == "llama.cpp" else None
+
+    def set_threads(self, threads):
+        if self.llm is None:
+            self.m.threads = threads
+        else:
+            set_llama_threads(self.llm, threads)
+
+    def run(self, r):
+        if self.llm is None:
+            time_model(self.m, min(self.n_p, 4), 2)
+            return time_model(self.m, self.n_p, self.n_g, r)[:2]
+        time_llama(self.llm, self.vocab, min(self.n_p, 4), 2, r)
+        return time_llama(self.llm, self.vocab, self.n_p, self.n_g, r)[:2]
+
+
+def bench_threads(case, engines, threads, reps):
+    for e in engines:
+        e.set_threads(threads)
+        e.run(0)  # warm: page in, start thread pools
+    samples = [[] for _ in engines]
+    redone = 0
+    for r in range(reps):
+        for attempt in range(RETRIES + 1):
+            before, t0 = cpu_seconds(), time.perf_counter()
+            rep = [e.run(r) for e in engines]
+            load = foreign_load(before, cpu_seconds(), time.perf_counter() - t0)
+            log(f"  {case} threads={threads} rep {r + 1}/{reps}: " + " | ".join(
+                f"{e.kind} {e.label} {tg:.1f}" for e, (_, tg) in zip(engines, rep))
+                + f" (tg tok/s) | other load {load:.2f} cores")
+            if load <= FOREIGN_LIMIT or attempt == RETRIES:
+                break
+            redone += 1
+            time.sleep(2.0)
+        for s, x in zip(samples, rep):
+            s.append(x)
+    return samples, redone
+
+
+def summarize(case, engines, threads, samples, redone, bandwidth):
+    rows = []
+    for e, s in zip(engines, samples):
+        pp, tg = [p for p, _ in s], [t for _, t in s]
+        gbs = statistics.mean(tg) * e.bytes_per_token / 1e9
+        rows.append({"case": case, "threads": threads, "label": e.label, "engine": e.kind,
+                     "file": str(e.path), "bytes_per_token": e.bytes_per_token,
+                     "pp": mean_std(pp), "tg": mean_std(tg), "gb_s": gbs,
+                     "of_bandwidth": gbs / bandwidth, "reps_redone": redone})
+    # paired ratios: each pecca row against llama.cpp on the same file, and against llama.cpp's
+    # first row of the case (e.g. GPTQ against llama.cpp's Q4_0)
+    cpp = [(e, s) for e, s in zip(engines, samples) if e.kind == "llama.cpp"]
+    for row, e, s in zip(rows, engines, samples):
+        if e.kind != "pecca":
+            continue
+        for ce, cs in cpp:
+            if ce.path == e.path or ce is cpp[0][0]:
+                key = "vs llama.cpp same file" if ce.path == e.path else f"vs llama.cpp {ce.label}"
+                row[key] = mean_std([a[1] / b[1] for a, b in zip(s, cs)])
+    return rows
+
+
+def format_table(rows, bandwidth, n_p, n_g, reps) -> str:
+    out = [f"tok/s, mean ± std of {reps} alternating reps; pp{n_p} prefill, tg{n_g} greedy decode",
+           f"{'case':<10} {'thr':>3}  {'engine':<9} {'weights':<20} {'pp tok/s':>16} {'tg tok/s':>14} "
+           f"{'GB/s':>6} {'of BW':>6}  tg ratios (paired)", "-" * 130]
+    for r in rows:
+        ratios = ", ".join(f"{k} {fmt(*v, prec=2)}" for k, v in r.items() if k.startswith("vs "))
+        out.append(f"{r['case']:<10} {r['threads']:>3}  {r['engine']:<9} {r['label']:<20} "
+                   f"{fmt(*r['pp']):>16} {fmt(*r['tg']):>14} {r['gb_s']:>6.1f} "
+                   f"{100 * r['of_bandwidth']:>5.0f}%  {ratios}")
+    out.append("read bandwidth (512 MiB f32 matvec, best of 5): " + ", ".join(
+        f"{t} thread{'s' if t > 1 else ''} {b:.1f} GB/s" for t, b in bandwidth.items()))
+    import llama_cpp
+    from pecca._kernels import runtime
+
+    out.append(f"llama-cpp-python {llama_cpp.__version__} (prebuilt wheel, f16 KV cache); pecca "
+               f"{pecca.__version__}: {runtime.simd_path()} f32 kernels, {runtime.int8_path()} "
+               "int8 kernels, f32 KV cache")
+    return "\n".join(out)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="smollm2,7B-layers")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2, help="7B-layers: how many layers")
+    p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    args.threads = [int(t) for t in args.threads.split(",") if t]
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case {unknown}; known: {', '.join(CASES)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("compare: skipped: llama_cpp (llama-cpp-python) is not installed")
+        return 0
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    bandwidth = {t: read_bandwidth(t) for t in args.threads}
+    rows = []
+    for case in args.cases:
+        log(f"{case}: preparing files")
+        files = CASES[case](args.out_dir, args)
+        os.sync()
+        engines = [Engine(*f, args.prompt_tokens, args.gen_tokens) for f in files]
+        for t in args.threads:
+            samples, redone = bench_threads(case, engines, t, args.reps)
+            rows += summarize(case, engines, t, samples, redone, bandwidth[t])
+        del engines
+    result = {"rows": rows, "bandwidth_gb_s": bandwidth}
+    (args.out_dir / "compare.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.json else
+          format_table(rows, bandwidth, args.prompt_tokens, args.gen_tokens, args.reps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
