@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -158,6 +159,20 @@ def probe(path):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def print_open_times(path):
+    """pecca's GGUF parser against gguf.GGUFReader, which it replaced for speed (reported only)."""
+    import gguf
+
+    from pecca.formats.gguf_file import open_gguf
+
+    t0 = time.perf_counter()
+    gguf.GGUFReader(str(path))
+    t1 = time.perf_counter()
+    open_gguf(str(path))
+    t2 = time.perf_counter()
+    print(f"\n70B shape, 2 layers: GGUF open {(t2 - t1) * 1000:.0f} ms (gguf.GGUFReader {(t1 - t0) * 1000:.0f} ms)")
+
+
 def test_llama2_70b_shaped_two_layers(tmp_path):
     need_kernels()
     if shutil.disk_usage(tmp_path).free < 6 << 30:
@@ -166,6 +181,7 @@ def test_llama2_70b_shaped_two_layers(tmp_path):
     bench_script().make_checkpoint(src, layers=2)  # 70B widths, group 128, act-order, sym
     export(str(src), str(out))
     size = os.path.getsize(out)
+    print_open_times(out)
     for path in (out, src):
         r = probe(path)
         print(f"\n70B shape, 2 layers, {path.name}: file {size / 2**30:.2f} GiB, load {r['load_s'] * 1000:.0f} ms, "
