@@ -45,6 +45,8 @@ _SCALARS = {
 }
 _STRUCTS = {t: struct.Struct(fmt) for t, (fmt, _) in _SCALARS.items()}
 
+_KINDS = {int(k): k for k in GGMLQuantizationType}
+
 # tensor types whose data GGUFReader views as numbers; every other type is rows of bytes
 _ELEMENT_DTYPES = {
     GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F32: np.float32,
@@ -127,18 +129,17 @@ class _Cursor:
 
     def name(self, what):
         """A key or tensor name: must be UTF-8 now."""
-        raw = self.raw_string(what)
-        try:
-            return str(raw, "utf-8")
-        except UnicodeDecodeError as e:
-            self.fail(f"{what} at offset {self.pos - len(raw)} is not UTF-8 ({e})")
+        v = self.string_value(what)
+        if isinstance(v, Undecodable):
+            self.fail(v.reason)
+        return v
 
     def string_value(self, what):
         raw = self.raw_string(what)
         try:
             return str(raw, "utf-8")
         except UnicodeDecodeError as e:
-            return Undecodable(f"{what} is not UTF-8 ({e})")
+            return Undecodable(f"{what} at offset {self.pos - len(raw)} is not UTF-8 ({e})")
 
 
 def open_gguf(path: str) -> GGUFFile:
@@ -288,11 +289,10 @@ def _tensors(cur: _Cursor, mm, infos, data_offset, alignment):
 
 
 def _tensor(cur: _Cursor, mm, name, dims, raw_type, offset, data_offset, alignment):
-    try:
-        kind = GGMLQuantizationType(raw_type)
-        block, type_size = GGML_QUANT_SIZES[kind]
-    except (ValueError, KeyError):
+    kind = _KINDS.get(raw_type)
+    if kind not in GGML_QUANT_SIZES:
         cur.fail(f"tensor {name} has unknown type {raw_type}")
+    block, type_size = GGML_QUANT_SIZES[kind]
     n = _element_count(cur, name, dims)
     if dims[0] % block:
         cur.fail(f"tensor {name}: a row of {dims[0]} values is not whole {kind.name} blocks of {block}")
