@@ -4,11 +4,12 @@ Cases (--cases, comma-separated):
   smollm2     the real SmolLM2-135M-Instruct: llama.cpp's Q4_1 GGUF as shipped (pecca and
               llama.cpp), pecca's export of the GPTQModel checkpoint of it (4-bit, group 64,
               act-order; ../shared/models/gptq), and pecca's f32 and q8_0 re-exports of the Q4_1
-              file (pecca and llama.cpp)
+              file (pecca and llama.cpp). Every 4-bit file has a Q8_0 embedding and classifier.
   7B-layers   random weights with Llama-2-7B's layer shapes (dim 4096, hidden 11008, 32 heads,
               vocab 32000), --layers of them: a GPTQ checkpoint (group 128, act-order, written by
-              bench/make_gptq_checkpoint.py) exported by pecca, and re-exports of that file's
-              dequantized weights as Q4_0, Q8_0, F16 and F32 (pecca and llama.cpp on each)
+              bench/make_gptq_checkpoint.py) exported by pecca (Q8_0 embedding and classifier, as
+              llama.cpp's Q4_0 files here), and re-exports of that file's dequantized weights as
+              Q4_0, Q8_0, F16 and F32 (pecca and llama.cpp on each)
   stories15M  random weights of stories15M's shape, as F32, F16, Q8_0 and Q4_0
 
 Every engine does the same work per run: P prompt positions in one batch, then G greedy decode
@@ -59,8 +60,8 @@ def smollm2_files(out: Path, args) -> list:
     gptq_dir = shared_dir() / "models/gptq/SmolLM2-135M-Instruct-gptq-4bit-g64-actorder"
     files = {"gptq": out / "smollm2-gptq-g64.gguf", "q8_0": out / "smollm2-q8_0.gguf",
              "f32": out / "smollm2-f32.gguf"}
-    if not files["gptq"].exists():
-        export(str(gptq_dir), str(files["gptq"]))
+    if not files["gptq"].exists():  # Q8_0 embedding and classifier, as in the Q4_1 file
+        export(str(gptq_dir), str(files["gptq"]), "q8_0")
     for dtype in ("q8_0", "f32"):
         if not files[dtype].exists():
             export(str(q4_1), str(files[dtype]), dtype)
@@ -76,7 +77,7 @@ def seven_b_files(out: Path, args) -> list:
         subprocess.run([sys.executable, str(REPO / "bench/make_gptq_checkpoint.py"), str(ckpt),
                         "--preset", "7b", "--layers", str(args.layers), "--group-size", "128"],
                        check=True)
-        export(str(ckpt), str(gptq))
+        export(str(ckpt), str(gptq), "q8_0")  # Q8_0 embedding and classifier, as in Q4_0 files
     rows = [("GPTQ g128 act-order", "pecca", gptq)]
     for dtype in ("q4_0", "q8_0", "f16", "f32"):
         path = out / f"7B-layers{args.layers}-{dtype}.gguf"
@@ -206,7 +207,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2, help="7B-layers: how many layers")
+    p.add_argument("--layers", type=int, default=4, help="7B-layers: how many layers")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
