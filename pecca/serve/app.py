@@ -1,0 +1,363 @@
+"""The HTTP side of `pecca serve`: OpenAI's routes on Starlette, the engine behind them.
+
+    GET  /health                 the engine's state (open without the API key)
+    GET  /v1/models              the one model served
+    POST /v1/completions         a prompt, continued
+    POST /v1/chat/completions    messages, rendered with the model's chat template
+
+Both POST routes answer one JSON object, or with "stream": true server-sent events in
+OpenAI's chunk format ending with `data: [DONE]`. The asyncio side only parses, tokenizes
+(in a worker thread, so a large prompt does not stall other clients) and relays: the engine
+thread does the model's work, and a client that disconnects has its job cancelled, which frees
+its slot before the engine's next step.
+"""
+import asyncio
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Optional
+
+from pecca.chat_template import ChatTemplate, chat_ids
+from pecca.errors import ChatTemplateError, PeccaError
+from pecca.generate import prompt_tokens
+from pecca.serve import protocol as P
+from pecca.serve.engine import EngineClosedError, Engine, Job, QueueFullError
+
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # a long context's prompt is well under 1 MB of text
+
+
+class PeccaServer:
+    """An LLM behind OpenAI's routes. `app` is the ASGI application; `start()` starts the
+    engine thread, `close()` stops it. `run(host, port)` serves with uvicorn until stopped.
+
+    llm: a pecca.LLM. parallel: KV-cache slots (sequences decoding together). ctx_size: positions
+    per slot (default: the model's context, at most 4096). api_key: when set, /v1 routes need
+    `Authorization: Bearer <api_key>`. model_name: the id clients name (default: the file's stem).
+    chat_template: a template file or Jinja source instead of the model's own.
+    max_queue: requests that may wait for a slot before the server answers 503.
+    """
+
+    def __init__(self, llm, parallel: int = 4, ctx_size: Optional[int] = None, api_key: Optional[str] = None,
+                 model_name: Optional[str] = None, chat_template: Optional[str] = None,
+                 max_queue: Optional[int] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        self.llm = llm
+        self.engine = Engine(llm, parallel, ctx_size, max_queue)
+        self.api_key = api_key or None
+        self.model_name = model_name or default_model_name(llm.loaded.path)
+        self.max_request_bytes = int(max_request_bytes)
+        self.created = P.now()
+        self.template, self.template_error = None, None
+        try:
+            self.template = ChatTemplate.for_tokenizer(llm.tokenizer, chat_template)
+        except ChatTemplateError as e:  # completions still work; chat answers this error
+            if chat_template is not None:
+                raise
+            self.template_error = str(e)
+        # tokenizing and template rendering, off the event loop, one at a time
+        self.cpu = ThreadPoolExecutor(1, thread_name_prefix="pecca-tokenize")
+        self.app = build_app(self)
+
+    @classmethod
+    def load(cls, model: str, threads: Optional[int] = None, tokenizer: Optional[str] = None, **kwargs):
+        """Open MODEL (a file or known name) with pecca.load and serve it."""
+        import pecca
+
+        # ctx=1: the LLM's own KV cache goes unused (each slot has its own), so keep it tiny
+        llm = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=1)
+        return cls(llm, **kwargs)
+
+    def start(self) -> "PeccaServer":
+        self.engine.start()
+        return self
+
+    def close(self) -> None:
+        self.engine.close()
+        self.cpu.shutdown(wait=False)
+
+    def run(self, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+            sock: Optional[socket.socket] = None) -> None:
+        """Serve until interrupted (uvicorn; Ctrl-C stops it)."""
+        import uvicorn
+
+        sock = sock or bind(host, port)
+        server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=3))
+        self.start()
+        try:
+            server.run(sockets=[sock])
+        finally:
+            self.close()
+
+    # ---- helpers of the routes ------------------------------------------------------------
+
+    def check_key(self, request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() != self.api_key:
+            raise P.ApiError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+
+    def check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if name is not None and name != self.model_name:
+            raise P.ApiError(404, f"The model '{name}' does not exist; this server serves "
+                                  f"'{self.model_name}'", "model", "model_not_found")
+
+    async def read_json(self, request) -> dict:
+        """The request body as a JSON object: 413 past max_request_bytes (read to the end, so
+        that the client sees the answer rather than a reset connection), 400 if not JSON."""
+        limit, size, chunks = self.max_request_bytes, 0, []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > 64 * limit:
+                break
+        if size > limit:
+            raise P.ApiError(413, f"The request body is {size / 2**20:.1f} MiB; this server accepts "
+                                  f"{limit / 2**20:.1f} MiB at most", code="request_too_large")
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise P.bad(f"The request body is not valid JSON ({e})", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise P.bad("The request body must be a JSON object", code="invalid_json")
+        return body
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+
+    def completion_ids(self, prompt) -> List[int]:
+        if isinstance(prompt, str):
+            return prompt_tokens(self.llm.tokenizer, prompt)
+        vocab = self.llm.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise P.bad(f"token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", "prompt")
+        return list(prompt)
+
+    def chat_prompt_ids(self, messages) -> List[int]:
+        if self.template is None:
+            raise P.bad(f"This model has no chat template ({self.template_error}); start the server "
+                        "with --chat-template FILE, or use /v1/completions", "messages")
+        try:
+            text = self.template.render(messages, add_generation_prompt=True)
+        except PeccaError as e:
+            raise P.bad(str(e), "messages") from None
+        return chat_ids(self.llm.tokenizer, text)
+
+    def check_length(self, ids: List[int], param: str) -> None:
+        ctx = self.engine.ctx
+        if len(ids) > ctx:
+            raise P.bad(f"This model's maximum context length is {ctx} tokens; the prompt is {len(ids)} "
+                        "tokens", param, "context_length_exceeded")
+
+    def submit(self, ids: List[int], params: P.Params) -> "Relay":
+        relay = Relay(asyncio.get_running_loop())
+        opts = params.options
+        job = Job(ids, opts.sampler(self.llm.config.vocab_size), opts.token_limit(self.engine.ctx), opts.stop,
+                  relay.sink)
+        try:
+            self.engine.submit(job)
+        except QueueFullError as e:
+            raise P.ApiError(503, str(e), code="server_busy") from None
+        except EngineClosedError as e:
+            raise P.ApiError(503, str(e), code="server_shutting_down") from None
+        relay.job = job
+        return relay
+
+
+class Relay:
+    """Carries a job's events from the engine thread to the request's event loop."""
+
+    def __init__(self, loop):
+        self.loop, self.queue, self.job = loop, asyncio.Queue(), None
+
+    def sink(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+def default_model_name(path: str) -> str:
+    p = Path(path)
+    return p.name if p.is_dir() else p.stem
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free port; read it from getsockname())."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+# ---- the routes ---------------------------------------------------------------------------
+
+def build_app(server: PeccaServer):
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    def error_response(e: P.ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def route(fn, key=True):
+        async def handler(request):
+            try:
+                if key:
+                    server.check_key(request)
+                return await fn(request)
+            except P.ApiError as e:
+                return error_response(e)
+        return handler
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "model": server.model_name, **server.engine.status()})
+
+    def model_card() -> dict:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "pecca"}
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request):
+        name = request.path_params["name"]
+        if name != server.model_name:
+            raise P.ApiError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return JSONResponse(model_card())
+
+    async def completions(request):
+        body = await server.read_json(request)
+        server.check_model(body)
+        params = P.params(body, chat=False)
+        ids = await server.off_loop(server.completion_ids, P.prompt(body))
+        return await answer(request, ids, params, chat=False)
+
+    async def chat_completions(request):
+        body = await server.read_json(request)
+        server.check_model(body)
+        params = P.params(body, chat=True)
+        ids = await server.off_loop(server.chat_prompt_ids, P.messages(body))
+        return await answer(request, ids, params, chat=True)
+
+    async def answer(request, ids, params: P.Params, chat: bool):
+        server.check_length(ids, "messages" if chat else "prompt")
+        relay = server.submit(ids, params)
+        rid, created = P.new_id("chatcmpl" if chat else "cmpl"), P.now()
+        if params.stream:
+            return stream(relay, rid, created, chat, params.include_usage)
+        return await whole(request, relay, rid, created, chat)
+
+    async def whole(request, relay: Relay, rid, created, chat: bool):
+        pieces = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(relay.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)  # nobody reads it
+                    continue
+                if event[0] == "text":
+                    pieces.append(event[1])
+                elif event[0] == "done":
+                    build = P.chat_completion if chat else P.completion
+                    return JSONResponse(build(rid, server.model_name, "".join(pieces), event[1],
+                                              event[2].as_dict(), created))
+                else:
+                    raise P.ApiError(500, event[1], code="generation_failed")
+        finally:
+            server.engine.cancel(relay.job)  # nothing when it ended; frees the slot when it did not
+
+    def stream(relay: Relay, rid, created, chat: bool, include_usage: bool):
+        from sse_starlette.sse import EventSourceResponse
+
+        name = server.model_name
+
+        def chunk(**kw) -> str:
+            return json.dumps((P.chat_chunk if chat else P.completion_chunk)(rid, name, created, **kw))
+
+        async def events():
+            try:
+                if chat:
+                    yield chunk(delta={"role": "assistant", "content": ""})
+                while True:
+                    event = await relay.queue.get()
+                    if event[0] == "text":
+                        yield chunk(**({"delta": {"content": event[1]}} if chat else {"text": event[1]}))
+                    elif event[0] == "done":
+                        yield chunk(finish=event[1])
+                        if include_usage:
+                            yield chunk(usage=event[2].as_dict())
+                        break
+                    else:
+                        yield json.dumps(P.ApiError(500, event[1], code="generation_failed").body())
+                        break
+                yield "[DONE]"
+            finally:  # also when the client disconnects: the slot is freed at once
+                server.engine.cancel(relay.job)
+
+        return EventSourceResponse(events(), sep="\n")
+
+    async def not_found(request, exc):
+        status = getattr(exc, "status_code", 404)
+        msg = "Not found" if status == 404 else getattr(exc, "detail", "error")
+        return error_response(P.ApiError(status, f"{msg}: {request.method} {request.url.path}",
+                                         code="not_found" if status == 404 else None))
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", route(models), methods=["GET"]),
+        Route("/v1/models/{name:path}", route(model), methods=["GET"]),
+        Route("/v1/completions", route(completions), methods=["POST"]),
+        Route("/v1/chat/completions", route(chat_completions), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+class BackgroundServer:
+    """A PeccaServer served by uvicorn in a thread (tests, notebooks): `url`, `stop()`.
+
+        with BackgroundServer(PeccaServer.load("stories260K")) as bg:
+            openai.OpenAI(base_url=bg.url + "/v1", api_key="x") ...
+    """
+
+    def __init__(self, server: PeccaServer, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = server
+        self.sock = bind(host, port)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> "BackgroundServer":
+        self.server.start()
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=10)
+        self.server.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
