@@ -1,4 +1,4 @@
-"""The `pecca` command: generate, chat, tokenize, info, export, perplexity, bench.
+"""The `pecca` command: generate, chat, tokenize, info, export, perplexity, bench, serve.
 
 Errors pecca raises on purpose (bad files, bad arguments, missing models) are printed as
 one line on stderr with a non-zero exit, never as a traceback.
@@ -237,6 +237,45 @@ def bench(
     thread_list = parse_threads(threads)
     results = run_bench(model, thread_list, prompt_tokens, gen_tokens, reps, tokenizer)
     print(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="model file or known name"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8000, "--port", help="port (0: any free one, printed at start)"),
+    parallel: int = typer.Option(4, "--parallel", "-np", help="sequences decoding together (KV-cache slots)"),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="positions per slot (default: the "
+                                           "model's context, at most 4096)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PECCA_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' on /v1 routes"),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="the model id clients use "
+                                             "(default: the file name without extension)"),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja template file (or a "
+                                                "tokenizer_config.json); default: the model's"),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="requests waiting for a slot before "
+                                            "the server answers 503 (default: 4 x --parallel)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="kernel threads"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
+):
+    """Serve MODEL over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health), decoding up to --parallel requests together."""
+    try:
+        from pecca.serve.app import PeccaServer, bind
+    except ImportError as e:
+        raise PeccaError(f"pecca serve needs the server extra: pip install 'pecca[server]' ({e})") from None
+    if parallel < 1:
+        raise InvalidArgumentError(f"--parallel must be >= 1, got {parallel}")
+    server = PeccaServer.load(model, threads=threads, tokenizer=tokenizer, parallel=parallel,
+                              ctx_size=ctx_size, api_key=api_key, model_name=model_name,
+                              chat_template=chat_template, max_queue=max_queue)
+    sock = bind(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    e = server.engine
+    _err(f"pecca serve: '{server.model_name}' on http://{shown}:{sock.getsockname()[1]}/v1 | {e.parallel} slots "
+         f"of {e.ctx} positions | threads {server.llm.threads}, {runtime.simd_path()}"
+         f"{' | API key required' if api_key else ''}")
+    server.run(sock=sock)
 
 
 def main(argv=None) -> int:

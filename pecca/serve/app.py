@@ -13,6 +13,7 @@ its slot before the engine's next step.
 """
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -221,7 +222,8 @@ def build_app(server: PeccaServer):
         return handler
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": server.model_name, **server.engine.status()})
+        return JSONResponse({"status": "ok", "model": server.model_name, "pid": os.getpid(),
+                             **server.engine.status()})
 
     def model_card() -> dict:
         return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "pecca"}
@@ -258,14 +260,18 @@ def build_app(server: PeccaServer):
         return await whole(request, relay, rid, created, chat)
 
     async def whole(request, relay: Relay, rid, created, chat: bool):
-        pieces = []
+        pieces, checked = [], time.monotonic()
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(relay.queue.get(), timeout=0.5)
+                    event = await asyncio.wait_for(relay.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= 0.25:  # is anyone still waiting for the answer?
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)  # nobody reads it
+                if event is None:
                     continue
                 if event[0] == "text":
                     pieces.append(event[1])

@@ -1,0 +1,166 @@
+"""Continuous batching: a row's logits do not depend on the batch around it; the engine gives
+what LLM.generate gives; 8 simultaneous streamed chats give the text each gives alone; a full
+queue answers 503; clients that go away mid-stream leave no slot behind."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serve_helpers import http, wait_until
+
+MODEL = "stories260K"
+OPENINGS = ["Once upon a time", "Lily had a red ball", "Tom and his dog", "The sun was hot",
+            "A little bird sang", "Sam found a box", "It was a rainy day", "The cat jumped"]
+
+
+def chat_messages(i):
+    return [{"role": "user", "content": OPENINGS[i]}]
+
+
+def test_rows_do_not_depend_on_the_batch(llm):
+    from pecca.model import Model
+    from pecca.serve.batch import BatchDecoder, SlotPool
+
+    c, w = llm.config, llm.model.weights
+    pool = SlotPool(c, w, 6, 64, 1)
+    decoder = BatchDecoder(pool, 6)
+    prompts = [[1, 403, 407, 261, 378], [1, 300], [1], [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 50], [1, 60, 70]]
+    ref = Model(c, w, 1, 64)
+    for slot, p in enumerate(prompts):  # prefill into a slot = Model.prefill, bit for bit
+        assert np.array_equal(pool.prefill(slot, p, 0, len(p)), ref.prefill(p, 0))
+    alone = decoder.step([(0, 99, 5)]).copy()
+    together = decoder.step([(1, 50, 2), (0, 99, 5), (2, 7, 1), (3, 8, 9), (4, 9, 2)]).copy()
+    assert np.array_equal(alone[0], together[1])
+    ref.prefill(prompts[0], 0)
+    single = ref.forward(99, 5)
+    assert np.allclose(single, alone[0], atol=1e-4) and single.argmax() == alone[0].argmax()
+
+
+def test_engine_equals_llm_generate_greedy_and_seeded(llm):
+    from pecca.generate import GenerationOptions, prompt_tokens
+    from pecca.serve.engine import Engine, Job
+
+    engine = Engine(llm, parallel=4, ctx_size=512).start()
+    try:
+        for temperature, seed in ((0.0, None), (1.0, 42)):
+            jobs = []
+            for prompt in OPENINGS[:6]:  # 6 jobs on 4 slots: two wait, then join
+                opts = GenerationOptions(80, temperature, 0.9, 0, 0.0, 1.0, 64, seed, ())
+                out, done = [], threading.Event()
+
+                def sink(event, out=out, done=done):
+                    out.append(event)
+                    if event[0] != "text":
+                        done.set()
+
+                jobs.append((prompt, out, done))
+                engine.submit(Job(prompt_tokens(llm.tokenizer, prompt), opts.sampler(512), 80, [], sink))
+            for prompt, out, done in jobs:
+                assert done.wait(30)
+                text = "".join(e[1] for e in out if e[0] == "text")
+                assert text == llm.generate(prompt, max_tokens=80, temperature=temperature, seed=seed)
+                assert out[-1][2].completion_tokens == llm.last_stats.generated_tokens
+    finally:
+        engine.close()
+    assert engine.status()["slots_busy"] == 0
+
+
+def stream_chat(client, i, max_tokens=60):
+    text = []
+    for chunk in client.chat.completions.create(model=MODEL, messages=chat_messages(i), max_tokens=max_tokens,
+                                                temperature=0, stream=True):
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+    return "".join(text)
+
+
+def test_8_simultaneous_streamed_chats_equal_one_at_a_time(bg, client):
+    alone = [stream_chat(client, i) for i in range(8)]
+    engine = bg.server.engine
+    steps = engine.status()["steps"]
+    with ThreadPoolExecutor(8) as pool:
+        with engine.pause():  # all 8 wait, then start in the same step
+            futures = [pool.submit(stream_chat, client, i) for i in range(8)]
+            wait_until(lambda: engine.status()["waiting"] == 8, what="8 queued requests")
+        together = [f.result(timeout=60) for f in futures]
+    assert together == alone
+    assert engine.status()["steps"] - steps <= 61 + 8  # decoded together: ~60 steps, not 8 x 60
+    assert len(set(alone)) == 8
+
+
+def test_full_queue_answers_503(files):
+    from conftest import start_server
+
+    openai = pytest.importorskip("openai")
+    bg = start_server(files, parallel=1, ctx_size=128, max_queue=1)
+    try:
+        client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
+        engine = bg.server.engine
+        with ThreadPoolExecutor(2) as pool:
+            with engine.pause():
+                first = [pool.submit(client.completions.create, model=MODEL, prompt="Lily", max_tokens=8,
+                                     temperature=0) for _ in range(2)]
+                wait_until(lambda: engine.status()["in_flight"] == 2, what="two requests in")
+                with pytest.raises(openai.InternalServerError) as e:
+                    client.completions.create(model=MODEL, prompt="Lily", max_tokens=8)
+                assert e.value.status_code == 503 and e.value.body["code"] == "server_busy"
+            assert [f.result(timeout=30).usage.completion_tokens for f in first] == [8, 8]
+        assert http(bg.url + "/health")[1]["in_flight"] == 0
+    finally:
+        bg.stop()
+
+
+@pytest.fixture
+def slow_engine(bg, monkeypatch):
+    """The main server's engine, 10 ms a step: a reply of 100 tokens lasts a second."""
+    engine = bg.server.engine
+    step = engine.decoder.step
+
+    def slow(rows):
+        time.sleep(0.01)
+        return step(rows)
+
+    monkeypatch.setattr(engine.decoder, "step", slow)
+    return engine
+
+
+def test_disconnect_mid_stream_frees_the_slots(client, slow_engine):
+    engine = slow_engine
+    before = engine.status()
+    streams = [client.chat.completions.create(model=MODEL, messages=chat_messages(i), max_tokens=100,
+                                              temperature=0, stream=True) for i in range(4)]
+    for s in streams:
+        chunks = iter(s)
+        for _ in range(4):  # the role chunk and a few tokens: the job is decoding
+            next(chunks)
+    assert engine.status()["slots_busy"] == 4
+    for s in streams:
+        s.close()
+    wait_until(lambda: engine.status()["in_flight"] == 0, 10, "the slots to be freed")
+    after = engine.status()
+    assert after["cancelled"] - before["cancelled"] == 4 and after["slots_busy"] == 0
+    # the slots serve again
+    assert stream_chat(client, 0, max_tokens=10)
+
+
+def test_disconnect_while_waiting_and_without_stream(bg, client, slow_engine):
+    import socket
+
+    engine = slow_engine
+    before = engine.status()
+    with engine.pause():  # a streamed request that never gets a slot before its client leaves
+        s = client.chat.completions.create(model=MODEL, messages=chat_messages(1), max_tokens=100, stream=True)
+        next(iter(s))
+        s.close()
+        wait_until(lambda: all(j.cancelled for j in engine.waiting), what="the cancel")
+    # a request without streaming whose client hangs up
+    host, port = bg.url.split("//")[1].split(":")
+    body = b'{"model": "stories260K", "prompt": "Lily", "max_tokens": 300, "temperature": 0}'
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: engine.status()["slots_busy"] == 1, what="the job to start")
+    wait_until(lambda: engine.status()["in_flight"] == 0, 10, "the slots to be freed")
+    assert engine.status()["cancelled"] - before["cancelled"] == 2
