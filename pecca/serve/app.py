@@ -88,6 +88,8 @@ class PeccaServer:
         self.start()
         try:
             server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
         finally:
             self.close()
 
