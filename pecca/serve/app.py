@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
@@ -49,6 +50,8 @@ class PeccaServer:
         self.api_key = api_key or None
         self.model_name = model_name or default_model_name(llm.loaded.path)
         self.max_request_bytes = int(max_request_bytes)
+        self._mailboxes = weakref.WeakKeyDictionary()  # event loop -> Mailbox
+        self._max_piece = None  # the longest vocabulary entry, in bytes (see check_chars)
         self.created = P.now()
         self.template, self.template_error = None, None
         try:
@@ -134,8 +137,21 @@ class PeccaServer:
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
+    def check_chars(self, n_chars: int, param: str) -> None:
+        """Refuse, without tokenizing it, a text too long to fit the context whatever its tokens:
+        no token stands for more characters than the longest vocabulary entry (twice that, for
+        normalization's sake). Tokenizing costs more than linear time on some vocabularies."""
+        if self._max_piece is None:
+            tok = self.llm.tokenizer
+            self._max_piece = max(len(tok.piece(t)) for t in range(tok.vocab_size)) or 1
+        limit = 2 * self.engine.ctx * self._max_piece
+        if n_chars > limit:
+            raise P.bad(f"The prompt is {n_chars} characters: more than this model's context of "
+                        f"{self.engine.ctx} tokens can hold", param, "context_length_exceeded")
+
     def completion_ids(self, prompt) -> List[int]:
         if isinstance(prompt, str):
+            self.check_chars(len(prompt), "prompt")
             return prompt_tokens(self.llm.tokenizer, prompt)
         vocab = self.llm.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
@@ -147,6 +163,7 @@ class PeccaServer:
         if self.template is None:
             raise P.bad(f"This model has no chat template ({self.template_error}); start the server "
                         "with --chat-template FILE, or use /v1/completions", "messages")
+        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
             text = self.template.render(messages, add_generation_prompt=True)
         except PeccaError as e:
@@ -160,7 +177,11 @@ class PeccaServer:
                         "tokens", param, "context_length_exceeded")
 
     def submit(self, ids: List[int], params: P.Params) -> "Relay":
-        relay = Relay(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = Mailbox(loop)
+        relay = Relay(mailbox)
         opts = params.options
         job = Job(ids, opts.sampler(self.llm.config.vocab_size), opts.token_limit(self.engine.ctx), opts.stop,
                   relay.sink)
@@ -177,14 +198,47 @@ class PeccaServer:
 class Relay:
     """Carries a job's events from the engine thread to the request's event loop."""
 
-    def __init__(self, loop):
-        self.loop, self.queue, self.job = loop, asyncio.Queue(), None
+    def __init__(self, mailbox: "Mailbox"):
+        self.mailbox, self.queue, self.job = mailbox, asyncio.Queue(), None
 
     def sink(self, event) -> None:
+        self.mailbox.post(self.queue, event)
+
+    async def events(self) -> list:
+        """The events that have arrived (waiting for one), consecutive texts joined: under load
+        a stream sends fewer, larger chunks instead of falling behind."""
+        out = [await self.queue.get()]
+        while not self.queue.empty():
+            event = self.queue.get_nowait()
+            if event[0] == "text" and out[-1][0] == "text":
+                out[-1] = ("text", out[-1][1] + event[1])
+            else:
+                out.append(event)
+        return out
+
+
+class Mailbox:
+    """Events from the engine thread into one event loop: one wake-up of the loop for all the
+    events of an engine step, not one per token per request."""
+
+    def __init__(self, loop):
+        self.loop, self.pending, self.lock = loop, [], threading.Lock()
+
+    def post(self, queue, event) -> None:
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) > 1:
+                return  # a delivery is already scheduled and will take this one too
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 def default_model_name(path: str) -> str:
@@ -298,17 +352,19 @@ def build_app(server: PeccaServer):
             try:
                 if chat:
                     yield chunk(delta={"role": "assistant", "content": ""})
-                while True:
-                    event = await relay.queue.get()
-                    if event[0] == "text":
-                        yield chunk(**({"delta": {"content": event[1]}} if chat else {"text": event[1]}))
-                    elif event[0] == "done":
-                        yield chunk(finish=event[1])
-                        if include_usage:
-                            yield chunk(usage=event[2].as_dict())
-                        break
-                    else:
-                        yield json.dumps(P.ApiError(500, event[1], code="generation_failed").body())
+                ended = False
+                while not ended:
+                    for event in await relay.events():
+                        if event[0] == "text":
+                            yield chunk(**({"delta": {"content": event[1]}} if chat else {"text": event[1]}))
+                            continue
+                        if event[0] == "done":
+                            yield chunk(finish=event[1])
+                            if include_usage:
+                                yield chunk(usage=event[2].as_dict())
+                        else:
+                            yield json.dumps(P.ApiError(500, event[1], code="generation_failed").body())
+                        ended = True
                         break
                 yield "[DONE]"
             finally:  # also when the client disconnects: the slot is freed at once

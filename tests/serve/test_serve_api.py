@@ -165,6 +165,12 @@ def test_prompt_longer_than_context(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="Once upon a time " * 200, max_tokens=5)
     assert e.value.body["code"] == "context_length_exceeded" and "512" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # refused before tokenizing: at once
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a b " * 500_000}])
+    assert e.value.body["code"] == "context_length_exceeded" and "characters" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[5] * 513)
+    assert e.value.body["code"] == "context_length_exceeded"
 
 
 def test_malformed_bodies_and_a_10_mb_prompt(bg, client):

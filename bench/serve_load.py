@@ -1,0 +1,111 @@
+"""Aggregate decode throughput of `pecca serve` at 1, 2, 4, 8 concurrent streams (loopback only).
+
+Starts `pecca serve MODEL --port 0 --parallel MAX` as a subprocess on 127.0.0.1 (or uses --url),
+then for each concurrency level N sends N streamed greedy completions at once with the official
+`openai` async client and reports
+  aggregate tok/s = all completion tokens / wall time from the first request to the last [DONE]
+  per stream      = aggregate / N
+and the speed-up over one stream. Every level runs --reps times (best kept); each request is
+bounded by --max-tokens and a timeout, so the script always ends.
+
+Usage: python bench/serve_load.py [--model PATH] [--streams 1,2,4,8] [--max-tokens 128]
+       [--threads N] [--reps 2] [--url http://127.0.0.1:PORT] [--json]
+Default model: stories260K exported to GGUF (f32) in bench/out/.
+"""
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["Once upon a time", "Lily had a red ball", "Tom and his dog", "The sun was hot",
+           "A little bird sang", "Sam found a box", "It was a rainy day", "The cat jumped"]
+
+
+def default_model() -> str:
+    out = ROOT / "bench" / "out" / "stories260K-f32.gguf"
+    if not out.exists():
+        src = ROOT.parent / "shared" / "models" / "llama2c"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pecca", "export", str(src / "stories260K.bin"), str(out),
+                        "--dtype", "f32", "-z", str(src / "tok512.bin")], check=True)
+    return str(out)
+
+
+def start_server(model: str, parallel: int, threads: int):
+    proc = subprocess.Popen([sys.executable, "-m", "pecca", "serve", model, "--port", "0", "--parallel",
+                             str(parallel), "--threads", str(threads), "--model-name", "bench"],
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
+    if m is None:
+        proc.kill()
+        raise SystemExit(f"pecca serve did not start: {line}{proc.stderr.read()[-2000:]}")
+    print(line.strip(), file=sys.stderr)
+    return proc, m.group(1)
+
+
+async def one_stream(client, prompt: str, max_tokens: int) -> int:
+    tokens = 0
+    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return tokens
+
+
+async def level(url: str, n: int, max_tokens: int) -> dict:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600) as client:
+        await one_stream(client, PROMPTS[0], 4)  # warm the connection pool and the engine
+        t0 = time.perf_counter()
+        counts = await asyncio.wait_for(
+            asyncio.gather(*(one_stream(client, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(n))), 900)
+        dt = time.perf_counter() - t0
+    return {"streams": n, "tokens": sum(counts), "seconds": dt, "tok_s": sum(counts) / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model")
+    ap.add_argument("--url", help="an already running server (its model must be named 'bench')")
+    ap.add_argument("--streams", default="1,2,4,8")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    levels = [int(s) for s in a.streams.split(",")]
+    proc, url = (None, a.url) if a.url else start_server(a.model or default_model(), max(levels), a.threads)
+    try:
+        rows = []
+        for n in levels:
+            runs = [asyncio.run(level(url, n, a.max_tokens)) for _ in range(a.reps)]
+            rows.append(max(runs, key=lambda r: r["tok_s"]))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+    base = rows[0]["tok_s"]
+    for r in rows:
+        r["speedup"] = r["tok_s"] / base
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print("| streams | tokens | seconds | aggregate tok/s | per stream | x one stream |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['streams']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} | "
+              f"{r['tok_s'] / r['streams']:.0f} | {r['speedup']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
