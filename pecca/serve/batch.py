@@ -7,11 +7,13 @@ every linear layer runs as one matrix-matrix product over the B rows (`Linear.ba
 weights stream through memory once per step for all of them, while RoPE and attention run per
 row, at that row's own position, over that row's own slot.
 
-The batch is padded with zero rows to a multiple of `ROW_MULTIPLE`: the f32/f16 GEMM kernels
-compute whole tiles of 4 tokens with a different summation order than their leftover rows, so
-without padding a sequence's logits (and hence its tokens) would depend on how many other
-requests happen to share its step. Padded, each row's arithmetic is the same whatever the
-batch, and a greedy reply is the same under load as alone.
+The batch is padded with zero rows to a multiple of `ROW_MULTIPLE` when the model's kernels
+need it: the f32/f16/bf16 GEMM kernels compute whole tiles of 4 tokens with a different
+summation order than their leftover rows, so without padding a sequence's logits (and hence its
+tokens) would depend on how many other requests happen to share its step. Padded, each row's
+arithmetic is the same whatever the batch, and a greedy reply is the same under load as alone.
+The int8 kernels sum integers, exactly, in any tiling: a model whose every layer is int8 is not
+padded (`rows_exact` checks each kernel once at start).
 """
 from typing import List, Sequence, Tuple
 
@@ -26,8 +28,32 @@ from pecca.weights import Weights
 ROW_MULTIPLE = 4
 
 
-def padded(n: int) -> int:
-    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+def padded(n: int, multiple: int = ROW_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def rows_exact(linear, threads: int) -> bool:
+    """Whether `linear.batch` gives each row of a batch the bits it gives that row alone (float
+    GEMM tiles differ from their leftover rows in the last bits on random data, always)."""
+    x = np.random.default_rng(0).standard_normal((ROW_MULTIPLE + 1, linear.in_features)).astype(np.float32)
+    together = np.zeros((len(x), linear.out_features), np.float32)
+    alone = np.zeros((1, linear.out_features), np.float32)
+    linear.batch(x, together, threads)
+    for t in range(len(x)):
+        linear.batch(x[t:t + 1], alone, threads)
+        if not np.array_equal(alone[0], together[t]):
+            return False
+    return True
+
+
+def row_multiple(weights: Weights, threads: int) -> int:
+    """ROW_MULTIPLE, or 1 when every kernel of the model is exact row by row (one layer's kinds
+    stand for all layers: each layer holds the same kinds of matrices)."""
+    layer = weights.layers[0] if weights.layers else None
+    names = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    linears = [getattr(layer, n) for n in names] if layer is not None else []
+    linears.append(weights.output)
+    return 1 if all(rows_exact(lin, threads) for lin in linears) else ROW_MULTIPLE
 
 
 class SlotPool:
@@ -74,7 +100,8 @@ class BatchDecoder:
         c, f = m0.config, np.float32
         self.pool, self.config, self.weights = pool, c, m0.weights
         self.threads, self.seq_len = m0.threads, m0.seq_len
-        R = padded(max_rows)
+        self.multiple = row_multiple(self.weights, self.threads)
+        R = padded(max_rows, self.multiple)
         self.x = np.zeros((R, c.dim), f)
         self.xb = np.zeros((R, c.dim), f)
         self.xb2 = np.zeros((R, c.dim), f)
@@ -92,7 +119,7 @@ class BatchDecoder:
         input row (a view, overwritten by the next step)."""
         c, w, nt = self.config, self.weights, self.threads
         B = len(rows)
-        R = padded(B)
+        R = padded(B, self.multiple)
         x, xb, xb2, q, k, v = (a[:R] for a in (self.x, self.xb, self.xb2, self.q, self.k, self.v))
         hb, hb2 = self.hb[:R], self.hb2[:R]
         embed(w.token_embedding, [t for _, t, _ in rows], x[:B])

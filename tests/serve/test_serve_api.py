@@ -184,3 +184,13 @@ def test_malformed_bodies_and_a_10_mb_prompt(bg, client):
     # the server keeps serving
     r = client.completions.create(model=MODEL, prompt="Lily", max_tokens=5, temperature=0)
     assert r.usage.completion_tokens == 5
+
+
+def test_chat_without_a_template_400_completions_still_work(files):
+    from pecca.serve import BackgroundServer, PeccaServer
+
+    with BackgroundServer(PeccaServer.load(str(files[0]), threads=1, parallel=1, ctx_size=64)) as bg:
+        status, body = http(bg.url + "/v1/chat/completions", "POST", {"messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 400 and "--chat-template" in body["error"]["message"]
+        status, body = http(bg.url + "/v1/completions", "POST", {"prompt": "Lily", "max_tokens": 3})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3

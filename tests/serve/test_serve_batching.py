@@ -19,11 +19,27 @@ def chat_messages(i):
     return [{"role": "user", "content": OPENINGS[i]}]
 
 
-def test_rows_do_not_depend_on_the_batch(llm):
+@pytest.fixture(scope="module", params=["f32", "f16", "q8_0", "llama2c-q80"])
+def any_precision(request, tmp_path_factory, files):
+    """stories260K as f32 (the served file), f16 and q8_0 exports, and llama2.c's int8 file."""
+    import pecca
+    from export import export
+    from shared_data import llama2c_model
+
+    if request.param == "f32":
+        return pecca.load(str(files[0]), threads=1)
+    if request.param == "llama2c-q80":
+        return pecca.load(str(llama2c_model("stories260K_q80_gs4.bin")), threads=1)
+    out = tmp_path_factory.mktemp("precisions") / f"{request.param}.gguf"
+    export(str(llama2c_model()), str(out), request.param, str(llama2c_model("tok512.bin")))
+    return pecca.load(str(out), threads=1)
+
+
+def test_rows_do_not_depend_on_the_batch(any_precision):
     from pecca.model import Model
     from pecca.serve.batch import BatchDecoder, SlotPool
 
-    c, w = llm.config, llm.model.weights
+    c, w = any_precision.config, any_precision.model.weights
     pool = SlotPool(c, w, 6, 64, 1)
     decoder = BatchDecoder(pool, 6)
     prompts = [[1, 403, 407, 261, 378], [1, 300], [1], [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 50], [1, 60, 70]]
@@ -36,6 +52,8 @@ def test_rows_do_not_depend_on_the_batch(llm):
     ref.prefill(prompts[0], 0)
     single = ref.forward(99, 5)
     assert np.allclose(single, alone[0], atol=1e-4) and single.argmax() == alone[0].argmax()
+    if decoder.multiple == 1:  # int8 throughout: not padded, and exactly Model.forward
+        assert np.array_equal(single, alone[0])
 
 
 def test_engine_equals_llm_generate_greedy_and_seeded(llm):
@@ -76,8 +94,11 @@ def stream_chat(client, i, max_tokens=60):
     return "".join(text)
 
 
-def test_8_simultaneous_streamed_chats_equal_one_at_a_time(bg, client):
+def test_8_simultaneous_streamed_chats_equal_one_at_a_time(bg, client, llm, files):
     alone = [stream_chat(client, i) for i in range(8)]
+    # one at a time, the server says what pecca's own single-sequence generation says
+    assert alone == [llm.chat(chat_messages(i), chat_template=str(files[1]), max_tokens=60, temperature=0)
+                     for i in range(8)]
     engine = bg.server.engine
     steps = engine.status()["steps"]
     with ThreadPoolExecutor(8) as pool:
