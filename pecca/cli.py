@@ -274,6 +274,7 @@ def serve(
     e = server.engine
     _err(f"pecca serve: '{server.model_name}' on http://{shown}:{sock.getsockname()[1]}/v1 | {e.parallel} slots "
          f"of {e.ctx} positions | threads {server.llm.threads}, {runtime.simd_path()}"
+         f" | chat template: {server.template.origin if server.template else 'none (chat answers 400)'}"
          f"{' | API key required' if api_key else ''}")
     server.run(sock=sock)
 
