@@ -203,25 +203,25 @@ class GGUFSource:
         self.tensors = {t.name: t for t in r.tensors}
         self.config = reader.read_config(path, meta, self.tensors)
         self.tied = "output.weight" not in self.tensors and "output.gptq_qs" not in self.tensors
-        self.name = meta.get("general.name") or os.path.splitext(os.path.basename(path))[0]
-        model = meta.get("tokenizer.ggml.model")
+        self.name = meta.string("general.name", None) or os.path.splitext(os.path.basename(path))[0]
+        model = meta.string("tokenizer.ggml.model", None)
         if model not in ("llama", "gpt2"):
             raise ModelFormatError(f"{path}: tokenizer.ggml.model {model!r}; re-export reads the "
                                    "'llama' and 'gpt2' vocabularies")
-        tokens = list(meta.require("tokenizer.ggml.tokens"))
-        unk = meta.get("tokenizer.ggml.unknown_token_id")
-        self.vocab = Vocab(tokens, list(meta.get("tokenizer.ggml.scores") or
+        tokens = meta.strings("tokenizer.ggml.tokens")
+        unk = meta.integer("tokenizer.ggml.unknown_token_id", None)
+        self.vocab = Vocab(tokens, list(meta.numbers("tokenizer.ggml.scores", None) or
                                         ([0.0] * len(tokens) if model == "llama" else [])),
-                           list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)),
-                           bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
-                           eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)),
+                           list(meta.integers("tokenizer.ggml.token_type", None) or [1] * len(tokens)),
+                           bos_id=meta.integer("tokenizer.ggml.bos_token_id", 1),
+                           eos_id=meta.integer("tokenizer.ggml.eos_token_id", 2),
                            unk_id=None if unk is None and model == "gpt2" else int(unk or 0),
-                           add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-                           add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", model == "llama")),
+                           add_bos=meta.flag("tokenizer.ggml.add_bos_token", True),
+                           add_space_prefix=meta.flag("tokenizer.ggml.add_space_prefix", model == "llama"),
                            model=model, source=path,
-                           merges=list(meta.get("tokenizer.ggml.merges") or []),
-                           pre=meta.get("tokenizer.ggml.pre"),
-                           chat_template=meta.get("tokenizer.chat_template"))
+                           merges=list(meta.strings("tokenizer.ggml.merges", None) or []),
+                           pre=meta.string("tokenizer.ggml.pre", None),
+                           chat_template=meta.string("tokenizer.chat_template", None))
         self.path = path
 
     def tensor(self, name: str) -> RawTensor:

@@ -24,6 +24,7 @@ against params.json before yielding anything, then merges one tensor at a time: 
 near one tensor (the shards themselves are memory-mapped views).
 """
 import json
+import math
 import os
 import re
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -32,6 +33,7 @@ import numpy as np
 
 from pecca.config import check_heads
 from pecca.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from pecca.formats.llama2c import LIMITS
 from pecca.formats.pth import read_pth
 from pecca.formats.tensors import RawTensor, release_pages
 
@@ -52,6 +54,10 @@ SPLIT_AXIS = {
 SKIPPED = {"rope.freqs"}
 
 REQUIRED = ("dim", "n_layers", "n_heads", "norm_eps", "vocab_size")
+# far beyond any real model (pecca's llama2.c limits): checked before any loop or product
+PARAM_LIMITS = {"dim": LIMITS["dim"], "n_layers": LIMITS["n_layers"], "n_heads": LIMITS["n_heads"],
+                "n_kv_heads": LIMITS["n_kv_heads"], "vocab_size": LIMITS["vocab_size"],
+                "multiple_of": LIMITS["hidden_dim"]}
 DEFAULTS = {"n_kv_heads": None, "multiple_of": 256, "ffn_dim_multiplier": None,
             "rope_theta": 10000.0, "use_scaled_rope": False}
 
@@ -98,16 +104,16 @@ def _read_params_json(directory) -> dict:
             raise ModelFormatError(f"{path}: required field {name!r} is missing")
 
     def positive_int(name, allow=()):
-        v = raw[name]
-        if type(v) is not int or not (v > 0 or v in allow):
-            raise ModelFormatError(f"{path}: {name} = {v!r} must be a positive integer"
+        v, limit = raw[name], PARAM_LIMITS[name]
+        if type(v) is not int or not (0 < v <= limit or v in allow):
+            raise ModelFormatError(f"{path}: {name} = {v!r:.40} must be a positive integer (at most {limit})"
                                    + (f" or one of {list(allow)}" if allow else ""))
         return v
 
     def positive_number(name):
         v = raw[name]
-        if type(v) not in (int, float) or not v > 0:
-            raise ModelFormatError(f"{path}: {name} = {v!r} must be a positive number")
+        if type(v) not in (int, float) or not (v > 0 and math.isfinite(v)):
+            raise ModelFormatError(f"{path}: {name} = {v!r:.40} must be a positive number (finite)")
         return float(v)
 
     p = {"dim": positive_int("dim"), "n_layers": positive_int("n_layers"),
@@ -118,6 +124,8 @@ def _read_params_json(directory) -> dict:
                         else DEFAULTS["multiple_of"])
     p["ffn_dim_multiplier"] = (positive_number("ffn_dim_multiplier")
                                if raw.get("ffn_dim_multiplier") is not None else None)
+    if (p["ffn_dim_multiplier"] or 1) > 64:  # real ones are near 1; a huge one overflows the width
+        raise ModelFormatError(f"{path}: ffn_dim_multiplier = {p['ffn_dim_multiplier']} is far beyond any model's")
     p["rope_theta"] = (positive_number("rope_theta") if raw.get("rope_theta") is not None
                        else DEFAULTS["rope_theta"])
     scaled = raw.get("use_scaled_rope", False)
@@ -125,6 +133,9 @@ def _read_params_json(directory) -> dict:
         raise ModelFormatError(f"{path}: use_scaled_rope = {scaled!r} must be true or false")
     p["use_scaled_rope"] = scaled
     check_heads(path, p["dim"], p["n_heads"], p["n_kv_heads"])
+    if not 0 < hidden_dim(p) <= LIMITS["hidden_dim"]:
+        raise ModelFormatError(f"{path}: the feed-forward width {hidden_dim(p)} (dim, multiple_of, "
+                               f"ffn_dim_multiplier) is outside 1..{LIMITS['hidden_dim']}")
     return p
 
 

@@ -25,6 +25,7 @@ from pecca.quant import BLOCK_BYTES, BLOCK_VALUES, BlockRows
 from pecca.weights import F32Linear, LayerWeights, Weights
 
 GGUF_MAGIC = b"GGUF"
+INT32_MAX = (1 << 31) - 1
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
                  "ffn_gate", "ffn_up", "ffn_down")
 
@@ -34,8 +35,26 @@ def open_reader(path: str) -> GGUFFile:
     return open_gguf(path)
 
 
+_REQUIRED = object()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def brief(v, limit: int = 60) -> str:
+    s = repr(v)
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
 class Metadata:
-    """Typed access to a GGUF file's key-value fields, with errors naming the key."""
+    """Typed access to a GGUF file's key-value fields, with errors naming the key: a value of
+    the wrong type (a string where a number belongs, a list of ints for the tokens) is a
+    ModelFormatError here, never a TypeError further on."""
 
     def __init__(self, path, reader: GGUFFile):
         self.path, self.fields = path, reader.fields
@@ -52,17 +71,48 @@ class Metadata:
             raise ModelFormatError(f"{self.path}: metadata key {key} is missing")
         return v
 
+    def _typed(self, key, default, ok, expected):
+        v = self.require(key) if default is _REQUIRED else self.get(key, default)
+        if v is not None and not ok(v):
+            raise ModelFormatError(f"{self.path}: metadata {key} = {brief(v)}, expected {expected}")
+        return v
+
     def positive_int(self, key, limit, default=None):
-        v = self.get(key, default) if default is not None else self.require(key)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 < int(v) <= limit:
-            raise ModelFormatError(f"{self.path}: metadata {key} = {v!r}, expected an integer in 1..{limit}")
-        return int(v)
+        return self.integer(key, _REQUIRED if default is None else default, 1, limit)
+
+    def integer(self, key, default=_REQUIRED, lo=0, hi=(1 << 63) - 1):
+        v = self._typed(key, default, lambda v: _is_int(v) and lo <= v <= hi, f"an integer in {lo}..{hi}")
+        return None if v is None else int(v)
+
+    def number(self, key, default=_REQUIRED):
+        v = self._typed(key, default, lambda v: _is_number(v) and np.isfinite(v), "a finite number")
+        return None if v is None else float(v)
+
+    def string(self, key, default=_REQUIRED):
+        return self._typed(key, default, lambda v: isinstance(v, str), "a string")
+
+    def flag(self, key, default=_REQUIRED):
+        v = self._typed(key, default, lambda v: isinstance(v, bool) or (_is_int(v) and v in (0, 1)),
+                        "a boolean")
+        return None if v is None else bool(v)
+
+    def array(self, key, item_ok, expected, default=_REQUIRED):
+        return self._typed(key, default, lambda v: isinstance(v, list) and all(map(item_ok, v)), expected)
+
+    def strings(self, key, default=_REQUIRED):
+        return self.array(key, lambda x: isinstance(x, str), "an array of strings", default)
+
+    def numbers(self, key, default=_REQUIRED):
+        return self.array(key, lambda x: _is_number(x) and np.isfinite(x), "an array of finite numbers", default)
+
+    def integers(self, key, default=_REQUIRED):
+        return self.array(key, _is_int, "an array of integers", default)
 
 
 def read(path: str) -> LoadedModel:
     reader = open_reader(path)
     meta = Metadata(path, reader)
-    arch = meta.require("general.architecture")
+    arch = meta.string("general.architecture")
     if arch != "llama":
         raise UnsupportedModelError(f"{path}: general.architecture is {arch!r}; pecca runs 'llama'")
     tensors = {t.name: t for t in reader.tensors}  # names unique, byte ranges checked by gguf_file
@@ -79,7 +129,7 @@ def read(path: str) -> LoadedModel:
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     extra = {"tensor_types": types, "architecture": arch, "gptq": gptq_settings(meta),
-             "vocab_kind": meta.get("tokenizer.ggml.model"), "name": meta.get("general.name"),
+             "vocab_kind": meta.string("tokenizer.ggml.model", None), "name": meta.string("general.name", None),
              "tokenizer": tokenizer}
     return LoadedModel(config, weights, path, "gguf", size, extra=extra)
 
@@ -98,12 +148,12 @@ def read_config(path, meta: Metadata, tensors) -> ModelConfig:
         raise ModelFormatError(f"{path}: embedding_length {dim}, head_count {n_heads}, head_count_kv "
                                f"{n_kv}: heads must divide the width, kv heads the heads, head size even")
     head_size = dim // n_heads
-    rot = meta.get("llama.rope.dimension_count", head_size)
+    rot = meta.integer("llama.rope.dimension_count", head_size)
     if rot != head_size:
         raise UnsupportedModelError(f"{path}: llama.rope.dimension_count {rot} differs from the head size "
                                     f"{head_size} (partial rotary embedding)")
-    theta = float(meta.get("llama.rope.freq_base", 10000.0))
-    eps = float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5))
+    theta = meta.number("llama.rope.freq_base", 10000.0)
+    eps = meta.number("llama.attention.layer_norm_rms_epsilon", 1e-5)
     if not (theta > 0 and 0 < eps < 1):
         raise ModelFormatError(f"{path}: rope.freq_base {theta} / rms epsilon {eps} out of range")
     factors = rope_factors(path, meta, tensors, head_size)
@@ -114,24 +164,27 @@ def read_config(path, meta: Metadata, tensors) -> ModelConfig:
         n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
         seq_len=meta.positive_int("llama.context_length", LIMITS["seq_len"]),
         norm_eps=eps, rope_theta=theta,
-        bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
-        eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)),
+        bos_id=meta.integer("tokenizer.ggml.bos_token_id", 1, 0, INT32_MAX),
+        eos_id=meta.integer("tokenizer.ggml.eos_token_id", 2, 0, INT32_MAX),
         rope_freq_factors=factors)
 
 
 def rope_factors(path, meta: Metadata, tensors, head_size):
     """Per-pair frequency divisors: llama.cpp stores Llama 3's as the rope_freqs tensor;
     linear scaling is a key."""
-    kind = meta.get("llama.rope.scaling.type", "none")
+    kind = meta.string("llama.rope.scaling.type", "none")
     t = tensors.get("rope_freqs.weight")
     if t is not None:
         if t.tensor_type.name != "F32" or int(t.n_elements) != head_size // 2:
             raise ModelFormatError(f"{path}: rope_freqs.weight must be F32 with {head_size // 2} values")
-        return tuple(float(v) for v in np.asarray(t.data, np.float32).reshape(-1))
+        factors = np.asarray(t.data, np.float32).reshape(-1)
+        if not (np.isfinite(factors).all() and (factors > 0).all()):
+            raise ModelFormatError(f"{path}: rope_freqs.weight holds values that are not finite and positive")
+        return tuple(float(v) for v in factors)
     if kind in ("none", "", None):
         return None
     if kind == "linear":
-        factor = float(meta.require("llama.rope.scaling.factor"))
+        factor = meta.number("llama.rope.scaling.factor")
         if not factor > 0:
             raise ModelFormatError(f"{path}: llama.rope.scaling.factor {factor} must be > 0")
         return (factor,) * (head_size // 2)
@@ -273,6 +326,6 @@ def gptq_settings(meta: Metadata):
     """The pecca.gptq.* metadata of a GGUF exported from a GPTQ checkpoint, or None."""
     if meta.get("pecca.gptq.bits") is None:
         return None
-    return {"bits": int(meta.get("pecca.gptq.bits")), "group_size": int(meta.get("pecca.gptq.group_size", 0)),
-            "desc_act": bool(meta.get("pecca.gptq.desc_act", False)), "sym": bool(meta.get("pecca.gptq.sym", True)),
-            "format": meta.get("pecca.gptq.source_format")}
+    return {"bits": meta.integer("pecca.gptq.bits"), "group_size": meta.integer("pecca.gptq.group_size", 0, -1),
+            "desc_act": meta.flag("pecca.gptq.desc_act", False), "sym": meta.flag("pecca.gptq.sym", True),
+            "format": meta.string("pecca.gptq.source_format", None)}

@@ -8,6 +8,7 @@ the interleaved order, so those rows are permuted back (`unpermute`), exactly as
 converter does.
 """
 import json
+import math
 import os
 from typing import Tuple
 
@@ -68,54 +69,81 @@ def _get(cfg, key, path, default=None, required=False):
     return default
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _positive(cfg, key, path, limit, default=None):
     v = _get(cfg, key, path, default, required=default is None)
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= limit:
-        raise ModelFormatError(f"{path}: config field {key} = {v!r}, expected an integer in 1..{limit}")
+    if not _is_int(v) or not 0 < v <= limit:
+        raise ModelFormatError(f"{path}: config field {key} = {v!r:.60}, expected an integer in 1..{limit}")
+    return v
+
+
+def _number(d, key, path, default, lo=0.0, hi=math.inf, what="config field"):
+    """A finite number in (lo, hi) (exclusive): a string, a list or NaN is an error naming the key."""
+    v = d.get(key)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and lo < v < hi):
+        raise ModelFormatError(f"{path}: {what} {key} = {v!r:.60}, expected a finite number in ({lo:g}, {hi:g})")
+    return float(v)
+
+
+def _object(v, path, what) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ModelFormatError(f"{path}: {what} = {v!r:.60} is not a JSON object")
     return v
 
 
 def rope_settings(cfg, path, head_size):
     """(theta, per-pair factors or None) from rope_theta/rope_scaling (transformers 4) or
     rope_parameters (transformers 5)."""
-    params = cfg.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta") or 10000.0))
-    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    params = _object(cfg.get("rope_parameters"), path, "rope_parameters")
+    theta = _number(params if params.get("rope_theta") is not None else cfg, "rope_theta", path, 10000.0)
+    kind = params.get("rope_type", "default")
+    scaling = _object(cfg.get("rope_scaling"), path, "rope_scaling") or (params if kind != "default" else {})
     if not scaling:
         return theta, None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
+    factor = lambda key: _number(scaling, key, path, None, what="rope_scaling")  # noqa: E731
     if kind == "linear":
-        return theta, (float(scaling["factor"]),) * (head_size // 2)
+        return theta, (factor("factor"),) * (head_size // 2)
     if kind == "llama3":
-        try:
-            return theta, llama3_rope_factors(
-                head_size, theta, float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise ModelFormatError(f"{path}: rope_scaling of type llama3 lacks {e}") from None
-    raise UnsupportedModelError(f"{path}: rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+        original = scaling.get("original_max_position_embeddings")
+        if not _is_int(original) or original <= 0:
+            raise ModelFormatError(f"{path}: rope_scaling original_max_position_embeddings = {original!r:.40}, "
+                                   "expected a positive integer")
+        low, high = factor("low_freq_factor"), factor("high_freq_factor")
+        if low == high:
+            raise ModelFormatError(f"{path}: rope_scaling low_freq_factor equals high_freq_factor ({low})")
+        return theta, llama3_rope_factors(head_size, theta, factor("factor"), low, high, original)
+    raise UnsupportedModelError(f"{path}: rope_scaling type {kind!r:.40} is not supported (default, linear, llama3)")
 
 
 def read_config(d: str) -> Tuple[ModelConfig, dict]:
     """The ModelConfig of directory `d`, and config.json as read (for the fields it leaves out)."""
     path = os.path.join(d, "config.json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except FileNotFoundError:
         raise ModelFormatError(f"{d}: no config.json") from None
-    except ValueError as e:
-        raise ModelFormatError(f"{path}: not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
+        raise ModelFormatError(f"{path}: not JSON ({str(e)[:100]})") from None
+    cfg = _object(cfg, path, "config.json")
     archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-        raise UnsupportedModelError(f"{path}: architecture {archs or cfg.get('model_type')!r}; pecca exports "
+    if cfg.get("model_type") != "llama" and not (isinstance(archs, list) and "LlamaForCausalLM" in archs):
+        raise UnsupportedModelError(f"{path}: architecture {archs or cfg.get('model_type')!r:.60}; pecca exports "
                                     "LlamaForCausalLM")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                     ("sliding_window", None)):
         if cfg.get(key, ok) != ok:
-            raise UnsupportedModelError(f"{path}: config field {key} = {cfg[key]!r} is not supported "
+            raise UnsupportedModelError(f"{path}: config field {key} = {cfg[key]!r:.60} is not supported "
                                         f"(expected {ok!r})")
     dim = _positive(cfg, "hidden_size", path, LIMITS["dim"])
     n_heads = _positive(cfg, "num_attention_heads", path, LIMITS["n_heads"])
@@ -125,12 +153,15 @@ def read_config(d: str) -> Tuple[ModelConfig, dict]:
                                f"num_key_value_heads {n_kv} do not divide evenly (or odd head size)")
     head_dim = cfg.get("head_dim") or dim // n_heads
     if head_dim != dim // n_heads:
-        raise UnsupportedModelError(f"{path}: head_dim {head_dim} differs from hidden_size / heads")
+        raise UnsupportedModelError(f"{path}: head_dim {head_dim!r:.40} differs from hidden_size / heads")
     theta, factors = rope_settings(cfg, path, dim // n_heads)
 
     def token_id(key, default):
         v = cfg.get(key, default)
-        return int(v[0] if isinstance(v, list) else (default if v is None else v))
+        v = v[0] if isinstance(v, list) and v else (default if v is None else v)
+        if not _is_int(v) or v < 0:
+            raise ModelFormatError(f"{path}: config field {key} = {cfg.get(key)!r:.40}, expected a token id")
+        return v
 
     return ModelConfig(
         dim=dim, hidden_dim=_positive(cfg, "intermediate_size", path, LIMITS["hidden_dim"]),
@@ -138,7 +169,7 @@ def read_config(d: str) -> Tuple[ModelConfig, dict]:
         n_heads=n_heads, n_kv_heads=n_kv,
         vocab_size=_positive(cfg, "vocab_size", path, LIMITS["vocab_size"]),
         seq_len=_positive(cfg, "max_position_embeddings", path, LIMITS["seq_len"], default=2048),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        norm_eps=_number(cfg, "rms_norm_eps", path, 1e-6, hi=1.0), rope_theta=theta,
         bos_id=token_id("bos_token_id", 1), eos_id=token_id("eos_token_id", 2),
         rope_freq_factors=factors), cfg
 

@@ -18,6 +18,7 @@ from pecca.formats.tensors import RawTensor
 SAFETENSORS_DTYPES = {"F32": ("f32", np.float32), "F16": ("f16", np.float16), "BF16": ("bf16", np.uint16),
                       "I32": ("i32", np.int32)}
 MAX_HEADER = 100 << 20
+MAX_DIM = 1 << 40  # far beyond any real tensor; numpy refuses dimensions near 2^63
 
 
 def read_header(path: str):
@@ -32,8 +33,8 @@ def read_header(path: str):
             raise ModelFormatError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ModelFormatError(f"{path}: safetensors header is not JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
+            raise ModelFormatError(f"{path}: safetensors header is not JSON ({str(e)[:100]})") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
     return header, 8 + n, size
@@ -48,19 +49,38 @@ def read_safetensors(path: str, ints: bool = False) -> Dict[str, RawTensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ModelFormatError(f"{path}: tensor {name}: malformed header entry") from None
-        if dtype not in SAFETENSORS_DTYPES or (dtype == "I32" and not ints):
-            raise UnsupportedModelError(f"{path}: tensor {name} has dtype {dtype}; pecca reads F32, F16 and "
-                                        "BF16 (and I32 in GPTQ checkpoints)")
+        dtype, shape, begin, end = _entry(path, name, info, ints)
         kind, np_dtype = SAFETENSORS_DTYPES[dtype]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize if shape else np.dtype(np_dtype).itemsize
-        if any(d < 0 for d in shape) or not 0 <= begin <= end or end - begin != nbytes:
+        nbytes = np.dtype(np_dtype).itemsize
+        for d in shape:  # Python ints: no overflow, however large the claim
+            nbytes *= d
+        if end - begin != nbytes:
             raise ModelFormatError(f"{path}: tensor {name}: offsets {begin}..{end} do not match shape {shape}")
         if start + end > size:
             raise ModelFormatError(f"{path}: tensor {name} lies past the end of the file (truncated?)")
         data = mm[start + begin:start + end].view(np_dtype).reshape(shape) if nbytes else np.zeros(shape, np_dtype)
         out[name] = RawTensor(data, kind)
     return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _entry(path, name, info, ints):
+    """(dtype, shape, begin, end) of one header entry, each of the type the format says."""
+    if not isinstance(info, dict):
+        raise ModelFormatError(f"{path}: tensor {name}: header entry is not a JSON object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list):
+        raise ModelFormatError(f"{path}: tensor {name}: malformed header entry (dtype, shape and "
+                               "data_offsets must be a string and two lists)")
+    if dtype not in SAFETENSORS_DTYPES or (dtype == "I32" and not ints):
+        raise UnsupportedModelError(f"{path}: tensor {name} has dtype {dtype[:20]}; pecca reads F32, F16 and "
+                                    "BF16 (and I32 in GPTQ checkpoints)")
+    if not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape) or len(shape) > 8:
+        raise ModelFormatError(f"{path}: tensor {name}: shape {shape!r:.60} is not a list of non-negative integers")
+    if len(offsets) != 2 or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+        raise ModelFormatError(f"{path}: tensor {name}: data_offsets {offsets!r:.60} are not two increasing "
+                               "non-negative integers")
+    return dtype, shape, offsets[0], offsets[1]

@@ -19,38 +19,38 @@ def tokenizer_from_gguf(path: str, meta):
     """The file's tokenizer, or None when it holds none; it carries the file's
     tokenizer.chat_template, when there is one."""
     tok = _vocabulary(path, meta)
-    template = meta.get("tokenizer.chat_template")
+    template = meta.string("tokenizer.chat_template", None)
     if tok is not None and isinstance(template, str) and template:
         tok.chat_template, tok.chat_template_origin = template, f"{path} (tokenizer.chat_template)"
     return tok
 
 
 def _vocabulary(path: str, meta):
-    kind = meta.get("tokenizer.ggml.model")
+    kind = meta.string("tokenizer.ggml.model", None)
     if kind is None:
         return None
     if kind not in ("llama", "gpt2"):
         raise UnsupportedModelError(f"{path}: tokenizer.ggml.model {kind!r}; pecca reads the 'llama' "
                                     "(sentencepiece) and 'gpt2' (byte-level BPE) vocabularies")
-    tokens = meta.require("tokenizer.ggml.tokens")
-    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    tokens = meta.strings("tokenizer.ggml.tokens")
+    scores = meta.numbers("tokenizer.ggml.scores", None) or [0.0] * len(tokens)
+    types = meta.integers("tokenizer.ggml.token_type", None) or [NORMAL] * len(tokens)
     if not (len(tokens) == len(scores) == len(types)) or not tokens:
         raise TokenizerFormatError(f"{path}: tokenizer.ggml.tokens/scores/token_type lengths differ "
                                    f"({len(tokens)}, {len(scores)}, {len(types)})")
     n = len(tokens)
-    bos = int(meta.get("tokenizer.ggml.bos_token_id", 1))
-    eos = int(meta.get("tokenizer.ggml.eos_token_id", 2))
+    bos = meta.integer("tokenizer.ggml.bos_token_id", 1)
+    eos = meta.integer("tokenizer.ggml.eos_token_id", 2)
     if not (0 <= bos < n and 0 <= eos < n):
         raise TokenizerFormatError(f"{path}: bos/eos token ids {bos}/{eos} outside the vocabulary of {n}")
     if kind == "gpt2":
-        return byte_level_bpe(path, list(tokens), list(types), list(meta.require("tokenizer.ggml.merges")),
-                              meta.get("tokenizer.ggml.pre"), bos, eos,
-                              meta.get("tokenizer.ggml.add_bos_token"))
+        return byte_level_bpe(path, list(tokens), list(types), list(meta.strings("tokenizer.ggml.merges")),
+                              meta.string("tokenizer.ggml.pre", None), bos, eos,
+                              meta.flag("tokenizer.ggml.add_bos_token", None))
     return Llama2cTokenizer.from_spm_vocab(
         list(tokens), scores, types, path=path, bos_id=bos, eos_id=eos,
-        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
-        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)))
+        add_space_prefix=meta.flag("tokenizer.ggml.add_space_prefix", True),
+        add_bos=meta.flag("tokenizer.ggml.add_bos_token", True))
 
 
 def byte_level_bpe(path, tokens, types, merges, pre, bos, eos, add_bos=None):
