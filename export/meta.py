@@ -124,6 +124,8 @@ def _read_params_json(directory) -> dict:
                         else DEFAULTS["multiple_of"])
     p["ffn_dim_multiplier"] = (positive_number("ffn_dim_multiplier")
                                if raw.get("ffn_dim_multiplier") is not None else None)
+    if p["norm_eps"] >= 1:
+        raise ModelFormatError(f"{path}: norm_eps = {p['norm_eps']} must be below 1")
     if (p["ffn_dim_multiplier"] or 1) > 64:  # real ones are near 1; a huge one overflows the width
         raise ModelFormatError(f"{path}: ffn_dim_multiplier = {p['ffn_dim_multiplier']} is far beyond any model's")
     p["rope_theta"] = (positive_number("rope_theta") if raw.get("rope_theta") is not None

@@ -62,16 +62,34 @@ def read_pth(path: str) -> Dict[str, RawTensor]:
                 f"{path}: a legacy (pre-1.6, not zip) torch.save file; re-save it with a current "
                 "torch (torch.save(torch.load(p), p)) to read it") from e
         raise ModelFormatError(f"{path}: not a torch.save zip archive, or truncated ({e})") from e
+    except ZIP_ERRORS as e:  # a name that is not UTF-8, sizes that overflow ...
+        raise ModelFormatError(f"{path}: not a readable zip archive ({type(e).__name__}: {e})") from None
     with zf, open(path, "rb") as raw:
         prefix = _record_prefix(path, zf)
         _check_byteorder(path, zf, prefix)
-        try:
-            pkl = zf.read(f"{prefix}/data.pkl")
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
-            raise ModelFormatError(f"{path}: cannot read {prefix}/data.pkl ({e})") from e
+        pkl = _read_member(path, zf, f"{prefix}/data.pkl", file_size)
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         loader = _Loader(path, pkl, zf, raw, prefix, mm, file_size)
         return loader.state_dict()
+
+
+# what zipfile raises on a corrupt archive besides BadZipFile (UnicodeDecodeError is a ValueError;
+# RuntimeError: an encrypted member)
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+              zlib.error, struct.error, OverflowError, RuntimeError)
+
+
+def _read_member(path, zf, name, file_size) -> bytes:
+    """A small member's bytes (data.pkl, byteorder). Its declared size is checked first: a
+    compressed member could otherwise inflate to any size (a zip bomb)."""
+    try:
+        size = zf.getinfo(name).file_size
+        if size > file_size:
+            raise ModelFormatError(f"{path}: {name} claims {size} bytes, more than the whole file "
+                                   f"({file_size}); torch.save stores members uncompressed")
+        return zf.read(name)
+    except ZIP_ERRORS as e:
+        raise ModelFormatError(f"{path}: cannot read {name} ({type(e).__name__}: {e})") from None
 
 
 def _record_prefix(path, zf: zipfile.ZipFile) -> str:
@@ -89,7 +107,7 @@ def _record_prefix(path, zf: zipfile.ZipFile) -> str:
 def _check_byteorder(path, zf, prefix):
     name = f"{prefix}/byteorder"
     if name in zf.namelist():
-        order = zf.read(name).strip()
+        order = _read_member(path, zf, name, os.path.getsize(path)).strip()
         if order != b"little":
             raise UnsupportedModelError(f"{path}: byteorder {order!r}; pecca reads little-endian "
                                         "checkpoints only")

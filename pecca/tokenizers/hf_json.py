@@ -183,6 +183,22 @@ def default_add_bos(spec: dict, cfg: dict, bos_name: Optional[str]) -> bool:
     return pre_name(spec) == "llama-bpe"
 
 
+MAX_VOCAB = 1 << 22  # ids beyond this are a broken file, not a vocabulary (pecca's llama2.c limit)
+
+
+def vocabulary_by_id(tok, path: str = "") -> List[Optional[str]]:
+    """The token strings of a `tokenizers.Tokenizer` by id; None where an id has none."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    n = max([tok.get_vocab_size(with_added_tokens=True)] + [i + 1 for i in vocab.values()]
+            + [i + 1 for i in tok.get_added_tokens_decoder()])
+    if n > MAX_VOCAB:  # checked before the list is made: an id of 2^32 would ask for 32 GB
+        raise TokenizerFormatError(f"{path}: a token id of {n - 1} is beyond any vocabulary (at most {MAX_VOCAB})")
+    tokens = [None] * n
+    for s, i in vocab.items():
+        tokens[i] = s
+    return tokens
+
+
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` with pecca's interface. `tokens` (the vocabulary strings by id)
     defaults to the tokenizer's own; `control` are ids that print nothing."""
@@ -197,10 +213,7 @@ class HFTokenizer(Tokenizer):
         self.add_bos_default = add_bos
         self.byte_level = byte_level
         if tokens is None:
-            tokens = [None] * max([tok.get_vocab_size(with_added_tokens=True)] +
-                                  [i + 1 for i in tok.get_added_tokens_decoder()])
-            for s, i in tok.get_vocab(with_added_tokens=True).items():
-                tokens[i] = s
+            tokens = vocabulary_by_id(tok, path)
         self.vocab_size = len(tokens)
         added = set(added)
         holes = {i for i, t in enumerate(tokens) if t is None}

@@ -102,7 +102,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     total = sum(sum(c.values()) for c in STATS.values())
-    tr.section(f"fuzz: {total} mutated files ({fuzz_examples()} examples per reader asked)")
+    tr.section(f"fuzz: {total} files loaded ({fuzz_examples()} mutated files per reader asked)")
     for reader in sorted(STATS):
         c = STATS[reader]
         tr.write_line(f"{reader}: {sum(c.values())} files, {TIMES[reader]:.1f} s in the worker")

@@ -29,8 +29,8 @@ FAILURES = {}
 
 
 def fuzz_examples() -> int:
-    """Mutated files per reader: PECCA_FUZZ_N (pytest --fuzz-long sets it), else 300."""
-    return int(os.environ.get("PECCA_FUZZ_N") or 300)
+    """Mutated files per reader: PECCA_FUZZ_N (pytest --fuzz-long sets it), else 500."""
+    return int(os.environ.get("PECCA_FUZZ_N") or 500)
 
 
 def long_run() -> bool:
@@ -146,6 +146,9 @@ class Fuzzer:
                    "export": export}
         result = self.worker.ask(request)
         STATS[self.reader][label(result)] += 1
+        if os.environ.get("PECCA_FUZZ_LOG"):  # every outcome, for a look at what the readers said
+            with open(os.environ["PECCA_FUZZ_LOG"], "a") as f:
+                f.write(json.dumps({"reader": self.reader, **result}) + "\n")
         ok = result["outcome"] in ("ran", "refused") and result.get("stage") != "run"
         if ok and result.get("rss_mb", 0) > RSS_LIMIT_MB:
             ok, result["message"] = False, f"the worker's peak RSS reached {result['rss_mb']} MB"

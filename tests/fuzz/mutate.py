@@ -63,7 +63,7 @@ def pack_value(fmt: str, value) -> bytes:
 
 @st.composite
 def raw_edit(draw, layout: Layout, size: int):
-    kind = draw(st.sampled_from(["set", "set", "set", "truncate", "truncate", "flip", "byte", "extend"]))
+    kind = draw(st.sampled_from(["set", "set", "set", "truncate", "truncate", "flip", "byte", "extend", "put"]))
     if kind == "set" and layout.fields:
         name, offset, fmt = draw(st.sampled_from(layout.fields))
         pool = SPECIAL_FLOATS + SPECIAL_INTS if fmt[-1] in "fd" else SPECIAL_INTS
@@ -76,6 +76,9 @@ def raw_edit(draw, layout: Layout, size: int):
     if kind == "flip":
         end = max(1, min(size, layout.header_end or size))
         return ("flip", draw(st.integers(0, end - 1)), draw(st.integers(1, 255)))
+    if kind == "put":  # NaN, infinities, huge values into the data: the numerical faults
+        at = draw(st.integers(layout.header_end, max(layout.header_end, size - 16)))
+        return ("put", at - at % 4, draw(st.sampled_from(DATA_PATTERNS)))
     if kind == "byte":
         return ("byte", draw(st.integers(0, max(0, size - 1))), draw(st.integers(0, 255)))
     return ("extend", draw(st.sampled_from([1, 3, 8, 31, 4096])), draw(st.integers(0, 255)))
@@ -98,6 +101,8 @@ def apply_raw(data: bytes, edits) -> bytes:
         elif e[0] in ("flip", "byte"):
             if e[1] < len(b):
                 b[e[1]] = b[e[1]] ^ e[2] if e[0] == "flip" else e[2]
+        elif e[0] == "put":
+            b[e[1]:e[1] + len(e[2])] = e[2][:max(0, len(b) - e[1])]
         elif e[0] == "extend":
             b += bytes([e[2]]) * e[1]
     return bytes(b)
