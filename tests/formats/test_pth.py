@@ -174,6 +174,96 @@ def test_hand_written_global_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def hand_pickles(marker):
+    """Hand-written pickles that would touch `marker`, each reaching a callable another way:
+    name -> (pickle bytes, the global pecca must name when refusing it)."""
+    cmd = f"touch {marker}".encode()
+    arg = b"X" + struct.pack("<I", len(cmd)) + cmd
+    code = f"open({str(marker)!r}, 'w').close()".encode()
+    src = b"X" + struct.pack("<I", len(code)) + code
+    rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n"
+    return {
+        # GLOBAL posix.system (os.system's real home), called by REDUCE
+        "posix.system": (b"\x80\x02}X\x01\x00\x00\x00wcposix\nsystem\n" + arg + b"\x85Rs.", "posix.system"),
+        # GLOBAL builtins.eval of a Python expression
+        "builtins.eval": (b"\x80\x02}X\x01\x00\x00\x00wcbuiltins\neval\n" + src + b"\x85Rs.", "builtins.eval"),
+        # a nested reduce: the hostile call sits inside the arguments of an allowed one
+        "nested": (b"\x80\x02}X\x01\x00\x00\x00w" + rebuild + b"(cos\nsystem\n" + arg
+                   + b"\x85RK\x00K\x01\x85K\x01\x85\x89tRs.", "os.system"),
+        # protocol 0's INST opcode: the class named and called in one step
+        "INST": (b"(dp0\nVw\n(" + b"V" + cmd + b"\nios\nsystem\ns.", "os.system"),
+        # protocol 4's STACK_GLOBAL: the names come from the stack
+        "STACK_GLOBAL": (b"\x80\x04}\x8c\x01w\x8c\x08builtins\x8c\x04exec\x93" + src + b"\x85Rs.",
+                         "builtins.exec"),
+        # getattr reached through an allowed class would be a way out: builtins.getattr is refused
+        "getattr": (b"\x80\x02}X\x01\x00\x00\x00wcbuiltins\ngetattr\nccollections\nOrderedDict\n"
+                    b"X\x07\x00\x00\x00__new__\x86Rs.", "builtins.getattr"),
+    }
+
+
+@pytest.mark.parametrize("name", ["posix.system", "builtins.eval", "nested", "INST", "STACK_GLOBAL", "getattr"])
+def test_hand_written_hostile_pickles_are_refused(tmp_path, name):
+    marker = tmp_path / "pwned"
+    pkl, refused = hand_pickles(marker)[name]
+    p = tmp_path / "evil.pth"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("evil/data.pkl", pkl)
+    with pytest.raises(ModelFormatError, match=f"{refused}.*nothing was run"):
+        read_pth(str(p))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["posix.system", "builtins.eval", "nested", "INST", "STACK_GLOBAL"])
+def test_hand_written_pickles_are_live(tmp_path, name):
+    """The pickles above do run their command under a plain unpickler (only the tensor
+    rebuild stubbed out), so their refusal above means something."""
+    class Plain(pickle.Unpickler):
+        def find_class(self, module, cls):
+            return (lambda *a: a) if module == "torch._utils" else super().find_class(module, cls)
+
+    marker = tmp_path / "pwned"
+    Plain(io.BytesIO(hand_pickles(marker)[name][0])).load()
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["posix.system", "nested", "STACK_GLOBAL"])
+def test_export_of_a_hostile_meta_checkpoint_runs_nothing(tmp_path, name, capsys):
+    """The whole path a user takes: `pecca export` on a Meta directory whose shard is hostile
+    exits 1 with one line naming the file and the refused global; nothing ran."""
+    from pecca.cli import main
+
+    marker = tmp_path / "pwned"
+    d = tmp_path / "meta"
+    d.mkdir()
+    (d / "params.json").write_text('{"dim": 64, "n_layers": 1, "n_heads": 8, "norm_eps": 1e-5, "vocab_size": 512}')
+    with zipfile.ZipFile(d / "consolidated.00.pth", "w") as z:
+        z.writestr("consolidated/data.pkl", hand_pickles(marker)[name][0])
+    code = main(["export", str(d), str(tmp_path / "out.gguf")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "consolidated.00.pth" in err and "refused (nothing was run)" in err
+    assert len(err.splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "out.gguf").exists()
+
+
+def test_compressed_pickle_bomb_is_refused_before_inflating(tmp_path):
+    """A data.pkl that inflates from ~100 kB to 100 MB: refused from its declared size,
+    without the 100 MB ever being allocated."""
+    import tracemalloc
+
+    p = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bomb/data.pkl", b"\x80\x02N" + b"\x00" * (100 << 20))
+    assert p.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFormatError, match="data.pkl claims 104857603 bytes, more than the whole file"):
+            read_pth(str(p))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 << 20
+
+
 # --- broken files --------------------------------------------------------------------------
 
 def one_tensor_file(path, prefix="m"):
