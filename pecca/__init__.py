@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from pecca.config import ModelConfig
 from pecca.errors import (ContextLengthError, InvalidArgumentError, ModelFormatError,
                           ModelNotFoundError, PeccaError, TokenizerFormatError,
-                          TokenizerMismatchError, UnsupportedModelError)
+                          TokenizerMismatchError, UnsupportedModelError, InsufficientMemoryError)
 from pecca.chat import Chat
 from pecca.chat_template import ChatTemplate, ChatTemplateError
 from pecca.llm import LLM, load
@@ -19,4 +19,5 @@ from pecca.tokenizers import Tokenizer
 __all__ = ["load", "LLM", "ModelConfig", "Tokenizer", "Chat", "ChatTemplate", "ChatTemplateError",
            "PeccaError", "ModelFormatError", "UnsupportedModelError", "TokenizerMismatchError", "TokenizerFormatError",
            "ModelNotFoundError", "InvalidArgumentError", "ContextLengthError", "NonFiniteLogitsError",
+           "InsufficientMemoryError",
            "__version__"]

@@ -41,3 +41,8 @@ class ChatTemplateError(PeccaError):
 
 class NonFiniteLogitsError(PeccaError):
     """The model produced NaN or infinite logits (broken weights, or an overflow)."""
+
+
+class InsufficientMemoryError(PeccaError):
+    """The buffers a model needs (the KV cache for the context asked for) do not fit this
+    machine's memory; the message gives the size and says to pass a smaller context."""

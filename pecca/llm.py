@@ -1,6 +1,8 @@
 """`pecca.load(path)`: a model with its tokenizer, ready to generate text."""
 import os
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional, Union
 
@@ -8,7 +10,8 @@ import numpy as np
 
 from pecca import hub
 from pecca._kernels import runtime
-from pecca.errors import ContextLengthError, ModelFormatError, ModelNotFoundError, TokenizerMismatchError
+from pecca.errors import (ContextLengthError, ModelFormatError, ModelNotFoundError, PeccaError,
+                          TokenizerMismatchError)
 from pecca.formats import LoadedModel, open_model
 from pecca.generate import (CachedModel, GenerationOptions, GenerationStats, generate_ids, prompt_tokens,
                             stream_text)
@@ -51,9 +54,42 @@ def check_tokenizer(tok: Tokenizer, loaded: LoadedModel) -> None:
             f"has vocab_size {loaded.config.vocab_size}")
 
 
+class GenerationLock:
+    """One generation at a time on a model: its KV cache and buffers exist once. Other threads
+    wait their turn. A stream holds the lock from its first piece until it ends or is closed
+    (a stream abandoned but still referenced keeps other threads waiting: close it). The thread
+    that holds the lock never waits on itself: a new call there (after a stream left open, or
+    an interrupted one still on a traceback) takes the model over, and the old stream raises
+    if it is resumed."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner = None  # the thread holding the lock (only that thread sets it to itself)
+        self._holder = None  # the call holding it
+
+    @contextmanager
+    def hold(self):
+        ticket = object()
+        if self._owner != threading.get_ident():
+            self._lock.acquire()
+            self._owner = threading.get_ident()
+        self._holder = ticket
+        try:
+            yield ticket
+        finally:
+            if self._holder is ticket:
+                self._holder = self._owner = None
+                self._lock.release()
+
+    def check(self, ticket) -> None:
+        if self._holder is not ticket:
+            raise PeccaError("this stream was interrupted: another call used the model since "
+                             "(finish or close a stream before the next call)")
+
+
 class LLM:
     """A loaded model: `generate`, `chat`, `chat_session`, `forward`, `tokenizer`, `config`,
-    `info()`."""
+    `info()`. Safe to share between threads: generation calls run one at a time."""
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, threads: int, ctx=None,
                  load_seconds: float = 0.0):
@@ -63,6 +99,7 @@ class LLM:
         self.model = CachedModel(loaded.config, loaded.weights, threads, ctx)
         self.load_seconds = load_seconds
         self.last_stats: Optional[GenerationStats] = None
+        self.lock = GenerationLock()
 
     @property
     def threads(self) -> int:
@@ -80,7 +117,8 @@ class LLM:
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Logits (float32, vocab_size) after feeding `token` at position `pos`. Positions
         before `pos` must have been fed already (they fill the KV cache)."""
-        return self.model.forward(int(token), int(pos)).copy()
+        with self.lock.hold():
+            return self.model.forward(int(token), int(pos)).copy()
 
     def generate(self, prompt: str = "", max_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None,
@@ -96,15 +134,29 @@ class LLM:
         limit = opts.token_limit(self.model.seq_len)
         ids = self.stream_ids(prompt_ids, opts.sampler(self.config.vocab_size), limit, stats)
         pieces = stream_text(self.tokenizer, prompt_ids[-1], ids, opts.stop, stats)
-        return pieces if stream else "".join(pieces)
+        return pieces if stream else _joined(pieces, ids)
 
     def stream_ids(self, prompt_ids: List[int], sampler: Sampler, max_tokens: int,
                    stats: GenerationStats, reuse_cache: bool = False) -> Iterator[int]:
         """New token ids after `prompt_ids`, fed from position 0 (or, with reuse_cache, from
         where the KV cache stops holding the prompt)."""
         self.last_stats = stats
-        return generate_ids(self.model, prompt_ids, sampler, max_tokens, self.stop_ids, stats,
-                            reuse_cache=reuse_cache)
+        return self._locked(generate_ids(self.model, prompt_ids, sampler, max_tokens, self.stop_ids, stats,
+                                         reuse_cache=reuse_cache))
+
+    def _locked(self, ids: Iterator[int]) -> Iterator[int]:
+        """`ids`, run while holding the model's lock (taken at the first id, not before)."""
+        with self.lock.hold() as ticket:
+            try:
+                while True:
+                    self.lock.check(ticket)
+                    try:
+                        token = next(ids)
+                    except StopIteration:
+                        return
+                    yield token
+            finally:
+                ids.close()
 
     def reply_stream(self, prompt_ids: List[int], sampler: Sampler, opts: GenerationOptions,
                      stats: GenerationStats) -> Iterator[str]:
@@ -130,7 +182,7 @@ class LLM:
                                      f"{self.model.seq_len} (leave room for the reply)")
         opts = chat_options(**options)
         pieces = self.reply_stream(prompt, opts.sampler(self.config.vocab_size), opts, GenerationStats())
-        return pieces if stream else "".join(pieces)
+        return pieces if stream else _joined(pieces)
 
     def chat_session(self, system: Optional[str] = None, chat_template: Optional[str] = None,
                      **options) -> "Chat":
@@ -168,6 +220,16 @@ class LLM:
             "int8_path": runtime.int8_path(),
             **({"gptq": extra["gptq"]} if extra.get("gptq") else {}),  # the checkpoint's settings
         }
+
+
+def _joined(*streams) -> str:
+    """The text of a stream of pieces; every generator closed even on an exception (Ctrl-C),
+    so the model's lock is free at once, not when the traceback goes."""
+    try:
+        return "".join(streams[0])
+    finally:
+        for s in streams:
+            s.close()
 
 
 def resolve_model_path(path: str):

@@ -11,7 +11,7 @@ import numpy as np
 
 from pecca._kernels import ops
 from pecca.config import ModelConfig
-from pecca.errors import ContextLengthError, InvalidArgumentError, PeccaError
+from pecca.errors import ContextLengthError, InsufficientMemoryError, InvalidArgumentError
 from pecca.weights import Weights
 
 
@@ -77,6 +77,18 @@ def kv_cache_bytes(c: ModelConfig, seq_len: int) -> int:
     return 2 * 4 * c.n_layers * seq_len * c.kv_dim
 
 
+def runtime_bytes(c: ModelConfig, seq_len: int, threads: int = 1) -> int:
+    """What a Model allocates besides the weights: the KV cache, and the attention scores of
+    one token and of each thread's prefill slab (both grow with the context)."""
+    scores = 4 * c.n_heads * seq_len * (1 + threads)
+    batch = 4 * Model.PREFILL_BATCH * (4 * c.dim + 2 * c.hidden_dim)
+    return kv_cache_bytes(c, seq_len) + scores + batch + 4 * (6 * c.dim + 2 * c.hidden_dim + c.vocab_size)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"
+
+
 def _total_memory() -> int:
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -102,13 +114,26 @@ class Model:
         if not 0 < self.seq_len <= config.seq_len:
             raise InvalidArgumentError(
                 f"context length {self.seq_len} must be in 1..{config.seq_len} (the model's seq_len)")
-        need = kv_cache_bytes(config, self.seq_len)
-        if need > _total_memory():
-            raise PeccaError(
-                f"the KV cache for {self.seq_len} positions needs {need / 2**30:.1f} GiB, more than this "
-                "machine has; pass a smaller context length (ctx=...)")
-        self.state = RunState(config, self.seq_len)
+        self._check_memory()
+        try:
+            self.state = RunState(config, self.seq_len)
+        except MemoryError:  # more than the process may have (ulimit, overcommit off)
+            raise self._memory_error("could not be allocated") from None
         self.batch_state = None  # allocated by the first prefill
+
+    def _check_memory(self) -> None:
+        """Refuse, before allocating, a context whose buffers exceed this machine's memory
+        (the weights are memory-mapped; the KV cache is what a huge context costs)."""
+        if runtime_bytes(self.config, self.seq_len, self.threads) > _total_memory():
+            raise self._memory_error(f"is more than this machine's {_gib(_total_memory())}")
+
+    def _memory_error(self, what: str) -> InsufficientMemoryError:
+        c, n = self.config, self.seq_len
+        need = runtime_bytes(c, n, self.threads)
+        return InsufficientMemoryError(
+            f"a context of {n} positions needs {_gib(need)} of buffers (the KV cache: {c.n_layers} layers x "
+            f"{n} positions x {c.kv_dim} x 2 x 4 bytes = {_gib(kv_cache_bytes(c, n))}), which {what}; "
+            f"pass a smaller context length (ctx=... or --ctx)")
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Run one token at position `pos`; returns the logits buffer (overwritten by the
@@ -147,8 +172,12 @@ class Model:
     def _batch_state(self) -> BatchState:
         bs = self.batch_state
         if bs is None or bs.threads < self.threads:
-            bs = self.batch_state = BatchState(self.config, self.PREFILL_BATCH, self.seq_len,
-                                               self.threads)
+            self._check_memory()  # the threads may have grown since
+            try:
+                bs = self.batch_state = BatchState(self.config, self.PREFILL_BATCH, self.seq_len,
+                                                   self.threads)
+            except MemoryError:
+                raise self._memory_error("could not be allocated") from None
         return bs
 
     def prefill(self, tokens, pos0: int = 0) -> np.ndarray:

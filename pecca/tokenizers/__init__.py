@@ -47,6 +47,8 @@ def _load(path: str) -> Tokenizer:
         return tokenizer_of_gguf(path)
     if path.endswith(".json") or (head[:1] == b"{" and head[1:2] in b' \t\r\n"'):
         return HFTokenizer.from_file(path)
+    if path.endswith(".bin"):  # llama2.c's: its first byte may be 0x0a too (max_token_length 10)
+        return Llama2cTokenizer.from_file(path)
     if path.endswith(".model") or head[:1] == b"\x0a":  # sentencepiece ModelProto starts with field 1
         return SentencePieceTokenizer(path)
     return Llama2cTokenizer.from_file(path)
