@@ -69,6 +69,17 @@ def _from_config(path: str, text: Optional[str] = None) -> str:
     return t
 
 
+def _too_large(operator, left, right) -> bool:
+    """Whether `left ** right` or a repetition `left * right` would be huge."""
+    if operator == "**":
+        return isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+            and left.bit_length() * right > 1 << 16  # bits of the result (floats just overflow)
+    for seq, n in ((left, right), (right, left)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > 1 << 20:
+            return True
+    return False
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str):
     """The jinja2 Template for `source`, in transformers' environment (cached: a chat renders
@@ -97,8 +108,17 @@ def compile_template(source: str):
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, loopcontrols])
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """transformers' sandbox, with `**` and `*` bounded too: a template from a model file
+        cannot ask for a number or a string of gigabytes (the sandbox bounds range() itself)."""
+        intercepted_binops = frozenset(["**", "*"])
+
+        def call_binop(self, context, operator, left, right):
+            if _too_large(operator, left, right):
+                raise jinja2.sandbox.SecurityError(f"{operator!r} with these operands would be too large")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -162,9 +182,9 @@ class ChatTemplate:
                                         add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.origin}: the chat template raised: {e.message or e}") from None
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        except Exception as e:  # TypeError, ZeroDivisionError, RecursionError ... from the template's code
             raise ChatTemplateError(f"{self.origin}: the chat template failed on these messages "
-                                    f"({type(e).__name__}: {e})") from None
+                                    f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def chat_ids(tokenizer, text: str) -> List[int]:

@@ -299,3 +299,25 @@ def test_nan_in_a_gguf_export_is_refused(tmp_path):
 
 def test_shared_data_present():
     shared_file("models", "llama2c", "stories260K.bin")
+
+
+# --- chat templates (a model file's Jinja code) -----------------------------------------------------------
+
+@pytest.mark.parametrize("source, what", [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),  # the classic sandbox escape
+    ("{{ cycler.__init__.__globals__.os.system('touch MARKER') }}", "unsafe"),
+    ("{{ 9 ** 999999999 }}", "too large"),  # a number of gigabytes
+    ("{{ 2 ** 64 ** 64 ** 64 ** 64 }}", "too large"),  # the same, in steps
+    ("{{ 'x' * 4000000000 }}", "too large"),  # a string of 4 GB
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+])
+def test_hostile_chat_templates_are_refused(source, what, tmp_path, monkeypatch):
+    from pecca.chat_template import ChatTemplate, ChatTemplateError
+
+    monkeypatch.chdir(tmp_path)
+    t = ChatTemplate(source.replace("MARKER", str(tmp_path / "pwned")), origin="model.gguf")
+    t0 = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match=what):
+        t.render([{"role": "user", "content": "hi"}])
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "pwned").exists()
