@@ -134,7 +134,12 @@ def write_gguf(out_path: str, source, dtype: str = "f32") -> None:
         w.write_padding(fout, fout.tell())
         with progress(f"exporting {os.path.basename(out_path)}", total) as advance:
             for name, shape, kind in plan:
-                nbytes = write_tensor(fout, name, shape, source.tensor(name), kind, advance)
+                try:
+                    nbytes = write_tensor(fout, name, shape, source.tensor(name), kind, advance)
+                except ModelFormatError as e:  # name the checkpoint, not only the tensor
+                    where = getattr(source, "dir", None) or getattr(source, "path", None)
+                    raise ModelFormatError(f"{where}: {e}" if where and not str(e).startswith(str(where))
+                                           else str(e)) from None
                 w.write_padding(fout, nbytes)
         w.close()
         os.replace(tmp, out_path)

@@ -154,6 +154,7 @@ class Llama2cSource:
         from export.vocab import vocab_from_llama2c, vocab_from_sentencepiece
         from pecca.formats import llama2c as reader
 
+        self.path = path
         self.loaded = reader.read(path)
         self.config = self.loaded.config
         self.tied = self.loaded.weights.shared_classifier

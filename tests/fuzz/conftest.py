@@ -37,9 +37,9 @@ def fuzzers(fuzz_root):
 
 
 @pytest.fixture(scope="session")
-def seeds(fuzz_root):
-    """Valid files made once from ../shared: GGUF exports of stories260K (f32, q8_0, q4_0 and
-    the q4g layout of its GPTQ checkpoint) and a two-shard Meta checkpoint of it."""
+def seeds(fuzz_root, bytelevel_tokenizer):
+    """Valid files made once from ../shared: GGUF exports of stories260K (f32, q8_0, q4_0, with
+    a byte-level `gpt2` vocabulary, and the q4g layout of its GPTQ checkpoint)."""
     from export import export
 
     d = fuzz_root / "seeds"
@@ -50,6 +50,8 @@ def seeds(fuzz_root):
     for dtype in ("f32", "q8_0", "q4_0"):
         out[f"gguf-{dtype}"] = d / f"stories260K-{dtype}.gguf"
         export(str(hf), str(out[f"gguf-{dtype}"]), dtype=dtype)
+    out["gguf-gpt2"] = d / "stories260K-gpt2.gguf"
+    export(str(hf), str(out["gguf-gpt2"]), tokenizer=str(bytelevel_tokenizer))
     out["gguf-q4g"] = d / "stories260K-q4g.gguf"
     export(str(gptq), str(out["gguf-q4g"]))
     return out
@@ -95,6 +97,31 @@ def meta_seed(fuzz_root):
         torch.save(shard, d / f"consolidated.{i:02d}.pth")
     shutil.copyfile(shared_file("models", "llama2c", "tok512.model"), d / "tokenizer.model")
     return d
+
+
+@pytest.fixture(scope="session")
+def bytelevel_tokenizer(fuzz_root):
+    """A byte-level BPE tokenizer.json (GPT-2's pre-tokenizer, as SmolLM's and Llama 3's
+    vocabularies are) of exactly 512 tokens, so that it fits stories260K: trained here on the
+    words of stories260K's own vocabulary, in a fraction of a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pecca.tokenizers import load_tokenizer
+
+    words = [p.decode("utf-8", "ignore") for p in load_tokenizer(
+        str(shared_file("models", "llama2c", "tok512.bin"))).pieces[259:]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(words[i:i + 20]) for i in range(0, len(words), 20)] * 3, trainer)
+    tok.add_special_tokens([f"<|extra_{i}|>" for i in range(512 - tok.get_vocab_size())])
+    assert tok.get_vocab_size() == 512
+    d = fuzz_root / "bytelevel"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    return d / "tokenizer.json"
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -143,13 +143,15 @@ class Fuzzer:
 
     def load(self, case_dir: Path, path, tokenizer=None, export=False):
         request = {"path": str(path), "tokenizer": None if tokenizer is None else str(tokenizer),
-                   "export": export}
+                   "export": export, "threads": 2 if self.n % 4 == 0 else 1}  # both kernel paths
         result = self.worker.ask(request)
         STATS[self.reader][label(result)] += 1
         if os.environ.get("PECCA_FUZZ_LOG"):  # every outcome, for a look at what the readers said
             with open(os.environ["PECCA_FUZZ_LOG"], "a") as f:
                 f.write(json.dumps({"reader": self.reader, **result}) + "\n")
         ok = result["outcome"] in ("ran", "refused") and result.get("stage") != "run"
+        if ok and result["outcome"] == "refused" and str(case_dir) not in result["message"]:
+            ok, result["outcome"] = False, "unnamed"  # a refusal must say which file it is about
         if ok and result.get("rss_mb", 0) > RSS_LIMIT_MB:
             ok, result["message"] = False, f"the worker's peak RSS reached {result['rss_mb']} MB"
             result["outcome"] = "memory"

@@ -1,7 +1,7 @@
 """Tokenizer files given to pecca.load(stories260K.bin, tokenizer=...), mutated: llama2.c's
 tokenizer.bin (max_token_length, scores and lengths set to 0, -1, 2^31 ..., pieces replaced,
-dropped, duplicated, truncated at every entry) and HuggingFace's tokenizer.json (vocabulary
-ids, merges, added tokens, pre-tokenizer, decoder and normalizer edited, keys removed, the
+dropped, duplicated, truncated at every entry) and HuggingFace's tokenizer.json (stories260K's sentencepiece-style one, and a byte-level one of
+512 tokens trained for the test: vocabulary ids, merges, added tokens, pre-tokenizer, decoder and normalizer edited, keys removed, the
 file cut), with tokenizer_config.json beside it edited too."""
 import json
 
@@ -25,13 +25,14 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def seeds():
+def seeds(bytelevel_tokenizer):
     data = shared_file("models", "llama2c", "tok512.bin").read_bytes()
     max_len, entries = parse_tokenizer_bin(data)
     assert write_tokenizer_bin(max_len, entries)[0] == data
     d = shared_file("models", "hf", "stories260K")
-    return Quiet(bin=(max_len, entries), json=json.loads((d / "tokenizer.json").read_text()),
-                 config=json.loads((d / "tokenizer_config.json").read_text()))
+    return Quiet(bin=(max_len, entries), config=json.loads((d / "tokenizer_config.json").read_text()),
+                 json={"sentencepiece-style": json.loads((d / "tokenizer.json").read_text()),
+                       "byte-level": json.loads(bytelevel_tokenizer.read_text())})
 
 
 @fuzz_settings()
@@ -52,8 +53,8 @@ def test_tokenizer_bin_mutations_load_or_refuse(data, seeds, model, fuzzers):
 def test_tokenizer_json_mutations_load_or_refuse(data, seeds, model, fuzzers):
     fuzz = fuzzers["tokenizer.json"]
     case = fuzz.scratch()
-    spec = apply_json(seeds["json"], data.draw(json_edits(seeds["json"], most=4, values=TOKENIZER_VALUES),
-                                               label="tokenizer.json edits"))
+    seed = seeds["json"][data.draw(st.sampled_from(sorted(seeds["json"])), label="seed")]
+    spec = apply_json(seed, data.draw(json_edits(seed, most=4, values=TOKENIZER_VALUES), label="tokenizer.json edits"))
     raw = dump_json(spec)
     if data.draw(st.booleans(), label="cut or flip bytes"):
         raw = apply_raw(raw, data.draw(raw_edits(_json_layout(raw), len(raw), most=2)))

@@ -2,7 +2,7 @@
 from shared_data import shared_file
 
 
-def test_every_seed_loads_and_runs(seeds, meta_seed, fuzzers, fuzz_root):
+def test_every_seed_loads_and_runs(seeds, meta_seed, bytelevel_tokenizer, fuzzers, fuzz_root):
     fuzz = fuzzers["unmutated"]
     llama2c = shared_file("models", "llama2c")
     cases = [dict(path=llama2c / n) for n in ("stories260K.bin", "stories260K_v1.bin", "stories260K_q80_gs4.bin")]
@@ -12,7 +12,8 @@ def test_every_seed_loads_and_runs(seeds, meta_seed, fuzzers, fuzz_root):
               dict(path=shared_file("models", "gptq", "stories260K-gptq-4bit-g32-actorder")),
               dict(path=llama2c / "stories260K.bin", tokenizer=llama2c / "tok512.bin"),
               dict(path=llama2c / "stories260K.bin",
-                   tokenizer=shared_file("models", "hf", "stories260K", "tokenizer.json"))]
+                   tokenizer=shared_file("models", "hf", "stories260K", "tokenizer.json")),
+              dict(path=llama2c / "stories260K.bin", tokenizer=bytelevel_tokenizer)]
     for case in cases:
         d = fuzz.scratch()
         if case.get("export"):  # exported beside the copy, not into ../shared

@@ -61,7 +61,7 @@ def handle(req: dict) -> dict:
             out = path.rstrip("/") + ".gguf"
             export(path, out)
             path, stage = out, "load"
-        llm = pecca.load(path, threads=1, tokenizer=req.get("tokenizer"))
+        llm = pecca.load(path, threads=req.get("threads", 1), tokenizer=req.get("tokenizer"))
         stage = "run"
         return {"outcome": "ran", "finite": exercise(llm)}
     except PeccaError as e:
