@@ -44,11 +44,12 @@ def vocab_from_sentencepiece(path: str) -> Vocab:
     sp = sentencepiece.SentencePieceProcessor()
     try:
         sp.Load(path)
-    except (OSError, RuntimeError) as e:
-        raise TokenizerFormatError(f"{path}: not a sentencepiece model ({e})") from None
+        pieces = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
+    except (OSError, RuntimeError, ValueError) as e:  # ValueError: a piece (or the file) not UTF-8
+        raise TokenizerFormatError(f"{path}: not a sentencepiece model ({str(e)[:200]})") from None
     tokens, scores, types = [], [], []
     for i in range(sp.GetPieceSize()):
-        tokens.append(sp.IdToPiece(i))
+        tokens.append(pieces[i])
         scores.append(float(sp.GetScore(i)))
         if sp.IsUnknown(i):
             types.append(UNKNOWN)

@@ -13,14 +13,20 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.Load(path)
-        except (OSError, RuntimeError) as e:
-            raise TokenizerFormatError(f"{path}: not a sentencepiece model ({e})") from None
+        except (OSError, RuntimeError, ValueError) as e:  # ValueError: UnicodeDecodeError of a bad file
+            raise TokenizerFormatError(f"{path}: not a sentencepiece model ({str(e)[:200]})") from None
         self.vocab_size = self.sp.GetPieceSize()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
-        self._pieces = [self.sp.IdToPiece(i).replace("\u2581", " ").encode("utf-8")
-                        for i in range(self.vocab_size)]
-        self._specials = {self.sp.IdToPiece(i): i for i in range(self.vocab_size)
+        if not (0 <= self.bos_id < self.vocab_size and 0 <= self.eos_id < self.vocab_size):
+            raise TokenizerFormatError(f"{path}: bos_id {self.bos_id} / eos_id {self.eos_id} are not pieces of "
+                                       f"the {self.vocab_size}; pecca needs both")
+        try:
+            pieces = [self.sp.IdToPiece(i) for i in range(self.vocab_size)]
+        except UnicodeDecodeError as e:
+            raise TokenizerFormatError(f"{path}: a piece is not UTF-8 ({e})") from None
+        self._pieces = [p.replace("\u2581", " ").encode("utf-8") for p in pieces]
+        self._specials = {pieces[i]: i for i in range(self.vocab_size)
                           if self.sp.IsControl(i) or self.sp.IsUnknown(i)}
 
     def _encode(self, text: str, add_bos: bool) -> List[int]:

@@ -70,3 +70,18 @@ def _json_layout(raw: bytes):
     from mutate import Layout
 
     return Layout(bounds=[i for i, c in enumerate(raw) if c in b"{}[]"][:200], header_end=min(len(raw), 400))
+
+
+@fuzz_settings()
+@given(data=st.data())
+def test_sentencepiece_model_mutations_load_or_refuse(data, model, fuzzers):
+    """tokenizer.model (a sentencepiece protobuf, parsed by the sentencepiece package's C++):
+    bytes flipped, set, truncated. Not pecca's parser, but pecca's loader must survive it."""
+    raw = shared_file("models", "llama2c", "tok512.model").read_bytes()
+    lay = _json_layout(b"")
+    lay.header_end, lay.bounds = 64, list(range(0, len(raw), 97))
+    edits = data.draw(raw_edits(lay, len(raw), most=4).filter(bool), label="edits")
+    fuzz = fuzzers["tokenizer.model"]
+    case = fuzz.scratch()
+    (case / "tokenizer.model").write_bytes(apply_raw(raw, edits))
+    fuzz.load(case, model, tokenizer=case / "tokenizer.model")
