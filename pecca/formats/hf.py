@@ -122,7 +122,8 @@ def rope_settings(cfg, path, head_size):
         if low == high:
             raise ModelFormatError(f"{path}: rope_scaling low_freq_factor equals high_freq_factor ({low})")
         return theta, llama3_rope_factors(head_size, theta, factor("factor"), low, high, original)
-    raise UnsupportedModelError(f"{path}: rope_scaling type {kind!r:.40} is not supported (default, linear, llama3)")
+    raise UnsupportedModelError(f"{path}: rope_scaling type {kind!r:.40} is not supported "
+                                "(default, linear, llama3)")
 
 
 def read_config(d: str) -> Tuple[ModelConfig, dict]:

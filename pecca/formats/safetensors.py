@@ -79,7 +79,8 @@ def _entry(path, name, info, ints):
         raise UnsupportedModelError(f"{path}: tensor {name} has dtype {dtype[:20]}; pecca reads F32, F16 and "
                                     "BF16 (and I32 in GPTQ checkpoints)")
     if not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape) or len(shape) > 8:
-        raise ModelFormatError(f"{path}: tensor {name}: shape {shape!r:.60} is not a list of non-negative integers")
+        raise ModelFormatError(f"{path}: tensor {name}: shape {shape!r:.60} is not a list of non-negative "
+                               "integers")
     if len(offsets) != 2 or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
         raise ModelFormatError(f"{path}: tensor {name}: data_offsets {offsets!r:.60} are not two increasing "
                                "non-negative integers")

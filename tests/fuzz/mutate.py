@@ -376,8 +376,8 @@ def gguf_edit(draw, m: dict):
     if kind == "t_type":
         return ("t_type", i, draw(st.sampled_from(TYPE_CODES)), draw(st.booleans()))
     if kind == "t_dims":
-        return ("t_dims", i, draw(st.sampled_from(["swap", "double", "halve", "one", "zero", "huge", "add", "drop"])),
-                draw(st.booleans()))
+        how = st.sampled_from(["swap", "double", "halve", "one", "zero", "huge", "add", "drop"])
+        return ("t_dims", i, draw(how), draw(st.booleans()))
     if kind == "t_data":
         return ("t_data", i, draw(st.floats(0, 1)), draw(st.sampled_from(DATA_PATTERNS)))
     if kind == "t_offset":

@@ -17,8 +17,8 @@ from mutate import (apply_json, apply_raw, apply_safetensors, dump_json, json_ed
 from shared_data import shared_file
 
 # values a config field may be set to, besides the generic ones
-CONFIG_VALUES = [64, 128, 512, 8, 4, 16, 192, 1 << 20, "gptq_v2", "marlin", "awq", 3, 8, -1, 0.0, {"rope_type": "linear"},
-                 {"rope_type": "llama3", "factor": 8.0}, {"type": "linear", "factor": 0}]
+CONFIG_VALUES = [64, 128, 512, 8, 4, 16, 192, 1 << 20, "gptq_v2", "marlin", "awq", 3, 8, -1, 0.0,
+                 {"rope_type": "linear"}, {"rope_type": "llama3", "factor": 8.0}, {"type": "linear", "factor": 0}]
 
 
 def read_dir(d):

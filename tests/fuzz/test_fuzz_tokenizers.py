@@ -1,8 +1,9 @@
 """Tokenizer files given to pecca.load(stories260K.bin, tokenizer=...), mutated: llama2.c's
 tokenizer.bin (max_token_length, scores and lengths set to 0, -1, 2^31 ..., pieces replaced,
-dropped, duplicated, truncated at every entry) and HuggingFace's tokenizer.json (stories260K's sentencepiece-style one, and a byte-level one of
-512 tokens trained for the test: vocabulary ids, merges, added tokens, pre-tokenizer, decoder and normalizer edited, keys removed, the
-file cut), with tokenizer_config.json beside it edited too."""
+dropped, duplicated, truncated at every entry); HuggingFace's tokenizer.json (stories260K's
+sentencepiece-style one, and a byte-level one of 512 tokens trained for the test: vocabulary
+ids, merges, added tokens, pre-tokenizer, decoder and normalizer edited, keys removed, the file
+cut), with tokenizer_config.json beside it edited too; sentencepiece's tokenizer.model."""
 import json
 
 import pytest
@@ -54,7 +55,8 @@ def test_tokenizer_json_mutations_load_or_refuse(data, seeds, model, fuzzers):
     fuzz = fuzzers["tokenizer.json"]
     case = fuzz.scratch()
     seed = seeds["json"][data.draw(st.sampled_from(sorted(seeds["json"])), label="seed")]
-    spec = apply_json(seed, data.draw(json_edits(seed, most=4, values=TOKENIZER_VALUES), label="tokenizer.json edits"))
+    edits = data.draw(json_edits(seed, most=4, values=TOKENIZER_VALUES), label="tokenizer.json edits")
+    spec = apply_json(seed, edits)
     raw = dump_json(spec)
     if data.draw(st.booleans(), label="cut or flip bytes"):
         raw = apply_raw(raw, data.draw(raw_edits(_json_layout(raw), len(raw), most=2)))

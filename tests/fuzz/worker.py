@@ -75,8 +75,8 @@ def main():
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # progress bars and prints: stderr
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-    import pecca  # noqa: F401 (imported once, before the first request is timed)
-    import export  # noqa: F401
+    import export  # noqa: F401 (imported once, before the first request is timed)
+    import pecca  # noqa: F401
 
     for line in sys.stdin:
         result = handle(json.loads(line))
