@@ -128,7 +128,12 @@ def read_quant_config(d: str, cfg: dict) -> Optional[QuantConfig]:
         raise ModelFormatError(f"{path}: group_size = {gs}; expected -1 or a positive integer")
     dynamic = q.get("dynamic") or {}
     if not isinstance(dynamic, dict):
-        raise ModelFormatError(f"{path}: dynamic = {dynamic!r} is not a JSON object")
+        raise ModelFormatError(f"{path}: dynamic = {dynamic!r:.60} is not a JSON object")
+    for pattern in dynamic:  # checked here: re.error later would not name the file
+        try:
+            re.compile(pattern[2:] if pattern.startswith(("+:", "-:")) else pattern)
+        except re.error as e:
+            raise ModelFormatError(f"{path}: dynamic pattern {pattern!r:.60} is not a regular expression ({e})") from None
     base = q.get("model_file_base_name")
     return QuantConfig(bits, gs, bool(_field(q, "desc_act", path, (bool,), False)),
                        bool(_field(q, "sym", path, (bool,), True)), fmt,

@@ -177,6 +177,15 @@ def test_unsupported_settings_are_refused(small_ckpt, tmp_path, field, value, wo
     refused(broken_copy(small_ckpt, tmp_path / "c", config=cfg), UnsupportedModelError, *words)
 
 
+@pytest.mark.parametrize("field,value,words", [
+    ("dynamic", {"+:(model": {}}, ["dynamic pattern '+:(model'", "not a regular expression"]),
+    ("dynamic", [1], ["dynamic = [1] is not a JSON object"]),
+    ("group_size", "32", ["group_size = '32'"]), ("desc_act", "yes", ["desc_act = 'yes'"]),
+])
+def test_malformed_settings_are_refused(small_ckpt, tmp_path, field, value, words):
+    refused(broken_copy(small_ckpt, tmp_path / "c", config={field: value}), ModelFormatError, *words)
+
+
 @pytest.mark.parametrize("name,change,words", [
     (P + ".qweight", lambda a: a[:, :-8], ["qweight", "expected i32 [32, 512]"]),
     (P + ".qzeros", lambda a: a[:-1], ["qzeros", "expected i32 [4, 64]"]),

@@ -113,7 +113,8 @@ def apply_raw(data: bytes, edits) -> bytes:
 JSON_VALUES = SPECIAL_INTS + [0.5, 1e-30, 1e308, -1e308, float("nan"), float("inf"), "", "x", "llama",
                               "gpt2", "silu", "linear", "llama3", "dynamic", "F64", "I8", "U8", "BOOL", "F16",
                               "BF16", "F32", "I32", None, True, False, [], {}, [1, 2], [0], [-1, 2 ** 63],
-                              {"type": "x"}, "\u2581", "<0x41>", "<s>", "</s>"]
+                              {"type": "x"}, "\u2581", "<0x41>", "<s>", "</s>", "(", {"+:.*": {"bits": 8}},
+                              {"-:.*mlp.*": {}}, {"(": {}}]
 
 
 def json_paths(doc, limit: int = 4000) -> list:
@@ -150,7 +151,8 @@ def json_edit(draw, doc, paths=None, values=()):
     if kind == "swap":
         return ("swap", path, draw(st.sampled_from(paths)))
     if kind == "add":
-        return ("add", path[:-1], draw(st.sampled_from(["extra", "dtype", "shape", "bits", "0"])),
+        return ("add", path[:-1], draw(st.sampled_from(["extra", "dtype", "shape", "bits", "0", "dynamic",
+                                                        "rope_scaling", "head_dim", "+:(model", "-:.*mlp.*"])),
                 draw(st.sampled_from(JSON_VALUES)))
     return ("delete", path)
 
