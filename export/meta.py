@@ -95,8 +95,8 @@ def _read_params_json(directory) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; RecursionError: absurd nesting
+        raise ModelFormatError(f"{path}: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(raw, dict):
         raise ModelFormatError(f"{path}: holds a JSON {type(raw).__name__}, not an object")
     for name in REQUIRED:

@@ -60,7 +60,7 @@ def _from_config(path: str, text: Optional[str] = None) -> str:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         t = json.loads(text).get("chat_template")
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:  # RecursionError: absurd nesting
         raise ChatTemplateError(f"{path}: not a tokenizer_config.json with a chat_template ({e})") from None
     if isinstance(t, list):
         t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)

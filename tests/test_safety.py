@@ -321,3 +321,46 @@ def test_hostile_chat_templates_are_refused(source, what, tmp_path, monkeypatch)
     with pytest.raises(ChatTemplateError, match=what):
         t.render([{"role": "user", "content": "hi"}])
     assert time.perf_counter() - t0 < 5 and not (tmp_path / "pwned").exists()
+
+
+# --- JSON files beside the weights ---------------------------------------------------------------------
+
+def test_deeply_nested_json_is_a_format_error(tmp_path):
+    """A 100,000-deep JSON array (Python's parser raises RecursionError) in each JSON a model
+    directory holds: a pecca error naming the file, never a RecursionError."""
+    from pecca.tokenizers import load_tokenizer
+
+    deep = "[" * 100000
+    hf = shared_file("models", "hf", "stories260K-f32")
+    for name in ("config.json", "tokenizer.json", "model.safetensors.index.json"):
+        d = tmp_path / name
+        shutil.copytree(hf, d)
+        (d / name).write_text(deep)
+        with pytest.raises(PeccaError, match=name):
+            if name == "tokenizer.json":
+                load_tokenizer(str(d / name))
+            else:
+                from export import export
+                export(str(d), str(tmp_path / "out.gguf"))
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "params.json").write_text(deep)
+    from export import export
+    with pytest.raises(ModelFormatError, match="params.json: not valid JSON"):
+        export(str(meta), str(tmp_path / "out.gguf"))
+
+
+def test_weight_index_cannot_name_files_outside_the_folder(tmp_path):
+    import json
+
+    from export import export
+
+    d = tmp_path / "hf"
+    shutil.copytree(shared_file("models", "hf", "stories260K-sharded"), d)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    for bad in ("../../etc/passwd", "/etc/passwd", "..", 7):
+        index["weight_map"][first] = bad
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(ModelFormatError, match="not a file name in the folder|not a weight index"):
+            export(str(d), str(tmp_path / "out.gguf"))

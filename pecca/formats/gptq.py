@@ -88,10 +88,10 @@ def quant_block(d: str, cfg: dict):
         path = os.path.join(d, name)
         if os.path.isfile(path):
             try:
-                with open(path) as f:
+                with open(path, encoding="utf-8") as f:
                     return json.load(f), path
-            except ValueError as e:
-                raise ModelFormatError(f"{path}: not JSON ({e})") from None
+            except (ValueError, RecursionError) as e:  # RecursionError: absurd nesting
+                raise ModelFormatError(f"{path}: not JSON ({str(e)[:100]})") from None
     return None, None
 
 
@@ -309,9 +309,9 @@ def is_gptq_dir(d: str) -> bool:
             os.path.isfile(os.path.join(d, "quant_config.json")):
         return True
     try:
-        with open(os.path.join(d, "config.json")) as f:
+        with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
             return json.load(f).get("quantization_config") is not None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 

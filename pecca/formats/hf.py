@@ -22,11 +22,14 @@ from pecca.formats.llama2c import LIMITS
 def indexed_files(d: str, index: str):
     """The shard files that `index` (a *.index.json in `d`) names in its weight_map."""
     try:
-        with open(os.path.join(d, index)) as f:
+        with open(os.path.join(d, index), encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
         files = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise ModelFormatError(f"{d}/{index}: not a weight index (no weight_map)") from None
+    bad = [x for x in files if not isinstance(x, str) or x != os.path.basename(x) or x in ("", ".", "..")]
+    if bad:  # a shard is a file in the folder, never a path leading out of it
+        raise ModelFormatError(f"{d}/{index}: weight_map names {bad[0]!r:.60}, not a file name in the folder")
     missing = [x for x in files if not os.path.isfile(os.path.join(d, x))]
     if missing:
         raise ModelFormatError(f"{d}: shard {missing[0]} named in {index} is missing")

@@ -129,8 +129,8 @@ def read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise TokenizerFormatError(f"{path}: not readable as JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
+        raise TokenizerFormatError(f"{path}: not readable as JSON ({str(e)[:200]})") from None
     if not isinstance(data, dict):
         raise TokenizerFormatError(f"{path}: not a JSON object")
     return data
