@@ -364,3 +364,13 @@ def test_weight_index_cannot_name_files_outside_the_folder(tmp_path):
         (d / "model.safetensors.index.json").write_text(json.dumps(index))
         with pytest.raises(ModelFormatError, match="not a file name in the folder|not a weight index"):
             export(str(d), str(tmp_path / "out.gguf"))
+
+
+def test_a_small_vocabulary_never_encodes_ids_past_its_end():
+    """run.c's byte fallback (byte b is token b + 3) would index past a vocabulary of fewer
+    than 259 tokens; pecca's gives <unk> there."""
+    from pecca.tokenizers import Llama2cTokenizer
+
+    tok = Llama2cTokenizer([b"<unk>", b"\n<s>\n", b"\n</s>\n", b" ", b"a"], [0.0] * 5)
+    ids = tok.encode("a\u00e9\U0001F600 z", add_bos=True)
+    assert all(0 <= i < 5 for i in ids) and 0 in ids

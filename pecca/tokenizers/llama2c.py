@@ -44,7 +44,9 @@ class Llama2cTokenizer(Tokenizer):
         for i, p in enumerate(pieces):
             if types[i] not in (UNKNOWN, CONTROL, UNUSED):
                 self.lookup.setdefault(p, i)
-        self.byte_ids = list(range(3, 259))  # run.c: the byte b is token b + 3
+        # run.c: the byte b is token b + 3; in a vocabulary too small for that, <unk> (id 0)
+        # rather than an id past its end
+        self.byte_ids = [b + 3 if b + 3 < len(pieces) else 0 for b in range(256)]
         for i, p in enumerate(pieces):
             m = BYTE_PIECE.match(p)
             if m:
