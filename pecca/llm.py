@@ -81,6 +81,9 @@ class GenerationLock:
                 self._holder = self._owner = None
                 self._lock.release()
 
+    def held_here(self) -> bool:
+        return self._owner == threading.get_ident()
+
     def check(self, ticket) -> None:
         if self._holder is not ticket:
             raise PeccaError("this stream was interrupted: another call used the model since "
@@ -107,7 +110,12 @@ class LLM:
 
     @threads.setter
     def threads(self, n: int) -> None:
-        self.model.threads = resolve_threads(n)
+        n = resolve_threads(n)
+        if self.lock.held_here():  # between a stream's pieces in this thread: nothing runs now
+            self.model.threads = n
+            return
+        with self.lock.hold():  # not in the middle of another thread's generation
+            self.model.threads = n
 
     @property
     def stop_ids(self) -> frozenset:

@@ -224,8 +224,9 @@ class Model:
         """The forward pass for T tokens at positions pos0..pos0+T-1, all layers at once;
         leaves the last token's logits in state.logits, and every token's in `all_logits`
         (T, vocab_size) when given."""
-        c, w, nt = self.config, self.weights, self.threads
+        c, w = self.config, self.weights
         bs, s = self._batch_state(), self.state
+        nt = min(self.threads, bs.threads)  # never more threads than bs.att has slabs for
         T = len(tokens)
         x, xb, xb2, q = bs.x[:T], bs.xb[:T], bs.xb2[:T], bs.q[:T]
         hb, hb2 = bs.hb[:T], bs.hb2[:T]
