@@ -71,6 +71,20 @@ def handle(req: dict) -> dict:
                 "traceback": traceback.format_exc()[-4000:]}
 
 
+def peak_rss_mb() -> int:
+    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries that over
+    exec from the forking parent, so a worker started by a large pytest process would report
+    the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def main():
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # progress bars and prints: stderr
@@ -80,7 +94,7 @@ def main():
 
     for line in sys.stdin:
         result = handle(json.loads(line))
-        result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        result["rss_mb"] = peak_rss_mb()
         answers.write(json.dumps(result) + "\n")
 
 
