@@ -16,21 +16,23 @@ Layouts (all read in place, e.g. from memory-maps; see q4_kernels.h for the deta
 
 Notes
 -----
-q4g (when gs % 32 == 0), Q4_0 and Q4_1 quantize x per 32-block to int8 (q8's quantize_q8_0) and
-use integer dot products of the unsigned 4-bit codes with it (AVX2 maddubs, AVX512-VNNI
-vpdpbusd); ``float_act=True`` (and q4g with gs % 32 != 0) uses float activations instead:
-the codes widened to float. gptq always uses float activations. Each call mallocs its own
-scratch for the prepared activations (so concurrent calls cannot share it). Rows are split as in
-``q8``: one contiguous block of rows per thread (multiples of 4); gptq splits output columns
-instead (its packed rows run along N). Products below a few tens of thousands of multiply-adds
-run serially. Each row of a matmul equals the matvec of that token bit for bit.
+q4g (when gs % 32 == 0), Q4_0 and Q4_1 quantize x per 32-block to two int8 levels
+(q = 256 hi + lo, d = amax / 32512: ~1/65000 of the block's largest value per activation) and
+use exact integer dot products of the unsigned 4-bit codes with both (AVX2 maddubs,
+AVX512-VNNI vpdpbusd); ``float_act=True`` (and q4g with gs % 32 != 0) uses float activations
+instead: the codes widened to float. gptq always uses float activations. Each call mallocs its
+own scratch for the prepared activations (so concurrent calls cannot share it). Rows are split
+as in ``q8``: one contiguous block of rows per thread (multiples of 4); gptq splits output
+columns instead (its packed rows run along N). Products below a few tens of thousands of
+multiply-adds run serially. Each row of a matmul equals the matvec of that token bit for bit.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
 from libc.stdlib cimport malloc, free
 from pecca._kernels.kernels cimport (pecca_simd_reset, q4_act_bytes, q4_actf_floats,
                                      q4_prepare_int8, q4_prepare_f32, q4_int8_rows, q4_f32_rows,
-                                     gptq_prepare, gptq_acc_floats, gptq_cols)
+                                     q4_int8_scratch_floats, gptq_prepare, gptq_acc_floats,
+                                     gptq_cols)
 
 # below this many multiply-adds a product runs on one thread
 cdef long PARALLEL_MIN_WEIGHTS = 32768
@@ -74,24 +76,26 @@ cdef void prepare_tokens(int fmt, bint float_act, const float *x, const int32_t 
 
 cdef inline void rows(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc,
                       const int8_t *zp, long K, long G, const uint8_t *act, long ab, long T,
-                      float *out, long N, long r0, long r1) noexcept nogil:
+                      float *out, long N, long r0, long r1, float *scratch) noexcept nogil:
     if float_act:
         q4_f32_rows(fmt, w, sc, zp, K, G, act, ab, T, out, N, r0, r1)
     else:
-        q4_int8_rows(fmt, w, sc, zp, K, G, act, ab, T, out, N, r0, r1)
+        q4_int8_rows(fmt, w, sc, zp, K, G, act, ab, T, out, N, r0, r1, scratch)
 
 
 cdef void rows_par(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc,
                    const int8_t *zp, long K, long G, const uint8_t *act, long ab, long T,
-                   float *out, long N, int nt) noexcept nogil:
+                   float *out, long N, int nt, float *scratch, long sf) noexcept nogil:
+    """scratch: nt * sf floats (sf per thread; NULL on the float path)"""
     cdef long b, r0, r1, blocks4 = N // 4
     if nt <= 1:
-        rows(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, 0, N)
+        rows(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, 0, N, scratch)
         return
     for b in prange(nt, schedule='static', num_threads=nt):
         r0 = (blocks4 * b // nt) * 4
         r1 = N if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
-        rows(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, r0, r1)
+        rows(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, r0, r1,
+             scratch + b * sf if scratch != NULL else NULL)
 
 
 cdef int run(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
@@ -103,19 +107,26 @@ cdef int run(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc, cons
     cdef int ntp = num_threads if num_threads > 1 else 1
     cdef uint8_t *act = <uint8_t *>malloc(T * ab)
     cdef float *work = NULL
+    cdef float *scratch = NULL
+    cdef long sf = q4_int8_scratch_floats(G)
     if perm != NULL and not float_act:
         work = <float *>malloc(ntp * K * sizeof(float))
-    if act == NULL or (perm != NULL and not float_act and work == NULL):
+    if not float_act:
+        scratch = <float *>malloc(nt * sf * sizeof(float))
+    if (act == NULL or (perm != NULL and not float_act and work == NULL)
+            or (not float_act and scratch == NULL)):
         free(act)
         free(work)
+        free(scratch)
         raise MemoryError("q4: no memory for the prepared activations")
     try:
         with nogil:
             prepare_tokens(fmt, float_act, x, perm, work, act, ab, K, G, T, ntp)
-            rows_par(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, nt)
+            rows_par(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, nt, scratch, sf)
     finally:
         free(act)
         free(work)
+        free(scratch)
     return 0
 
 

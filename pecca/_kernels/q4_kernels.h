@@ -13,30 +13,51 @@
  *    ((qzeros[g, c] + zero_add) >> 4k) & 15 (whole-word add: v1's stored words borrow);
  *    scales f16 (G, N); g_idx int32 (K,) (any order); optional out_perm: out[i] = y[out_perm[i]].
  *
- * int8-activation path (q4g with gs % 32 == 0, Q4_0, Q4_1). Each token is prepared once per
- * product (q4_prepare_int8): quantized per 32-block by q8's quantize_q8_0 (d = amax/127), then
- * rearranged per step of 4 blocks (128 inputs) as [elements 0..15 of blocks 0,1,2,3 | elements
- * 16..31 of blocks 0,1,2,3], so that the low nibbles of 64 contiguous code bytes meet the first
- * 64 bytes and the high nibbles the next 64 without any shuffle of the weights. Alongside: the
- * block scales repeated 4x (one per int32 lane of a block), the block sums xs_b = d_b * sum(q),
- * for Q4_0 the per-lane -8 * sum(q) (the zero point 8 as an integer start value), for Q4_1
- * xs_b / 4 per lane, for q4g the group sums X_g = sum of xs_b over the group. The weight codes
- * are unsigned (0..15), so they are the unsigned operand of maddubs / vpdpbusd as they are:
- * no sign trick. Each int16 of AVX2's maddubs(lo) + maddubs(hi) is at most 4 * 15 * 127 = 7620
- * < 32767: no saturation. Int32 lane l of a block covers its elements 4l..4l+3 and 16+4l..16+4l+3
- * on both paths (and the Q4_0 correction is laid out the same way). Per row:
+ * int8-activation path (q4g with gs % 32 == 0, Q4_0, Q4_1): integer dot products with x
+ * quantized per 32-block to TWO int8 levels. Why two: one level (llama.cpp's Q8_0 scheme,
+ * d = amax/127) errs by up to amax/254 per activation, ~1% of a product's scale, and 1-5% of
+ * the logit scale through a 30-layer model (SmolLM2: as far from fp32 as llama.cpp, sometimes
+ * farther, by chance). Here d = amax / 32512 (float32), q = round(x / d) (half away from zero,
+ * NaN -> 0, clamped: |q| <= 32512 = 127 * 256), split q = 256 hi + lo with lo the signed low
+ * byte (-128..127) and hi = (q - lo) / 256 (-127..127): the error is amax/65024 per activation,
+ * ~2e-5 of a product's scale (tests/kernels/test_q4_kernels.py), 1e-4 .. 3e-4 of the logit scale
+ * on SmolLM2, and every dot stays integer: dot = 256 sum(w hi) + sum(w lo), the same nibble
+ * codes (unsigned 0..15: the unsigned operand of maddubs / vpdpbusd as they are) against both
+ * levels. Cost: twice the integer multiply-adds and twice the activation bytes. Measured on a
+ * 2-core AVX-512 VNNI machine against the one-level kernels (7B shapes 11008x4096, 4096x11008;
+ * q4g gs 128 act-order and Q4_0): matvec from DRAM as fast at 2 threads (bandwidth-bound,
+ * -2..+4%), at 1 thread 15-30% faster except q4g with K = 11008 (8-10% slower); with the matrix
+ * in L2 (compute) 1-9% slower; matmul T=64 -11..+5%. The AVX2 path (not tuned further) is 7-22%
+ * slower at 1 thread.
+ * Each token is prepared once per product (q4_prepare_int8, vectorised: 4 blocks' scales from
+ * one division): hi and lo, each rearranged per step of 4 blocks (128 inputs) as [elements 0..15
+ * of blocks 0,1,2,3 | elements 16..31 of blocks 0,1,2,3], so that the low nibbles of 64
+ * contiguous code bytes meet the first 64 bytes and the high nibbles the next 64 without any
+ * shuffle of the weights. Alongside: d_b repeated 4x (per int32 lane of a block), the block sums
+ * xs_b = d_b * sum(q) (exact integer sum, one rounding), -8 sum(q_b) (Q4_0: the zero point 8 as
+ * an integer; also per lane for AVX2), xs_b / 4 per lane (AVX2 Q4_1), the group sums X_g = sum of
+ * xs_b over the group (q4g). Int32 lane l of a block covers its elements 4l..4l+3 and
+ * 16+4l..16+4l+3. Bounds: each int16 of AVX2's maddubs(lo nibbles) + maddubs(hi nibbles) is at
+ * most 4 * 15 * 128 = 7680 < 32767 (no saturation); a lane's 256 * 15240 + 15360 + 8 * 8 *
+ * 32512 < 2^23 and a block's 32 * 15 * 32640 < 2^24: exact in int32 and in float. Per row:
  *   q4g:  sum_b (d_b s_g(b)) * dot_b  -  sum_g s_g z_g X_g   (the second sum once per row and
- *         token, folded into the accumulator's lanes 8 / 16 groups at a time)
+ *         token, 16 groups per vector)
  *   Q4_0: sum_b (d_b d_w) * (dot_b - 8 sum q_b)                (integer, exact)
  *   Q4_1: sum_b (d_b d_w) * dot_b + m_b xs_b
- *  AVX2: 2 blocks (64 inputs) per step on ymm. AVX-512 + VNNI: 4 blocks per step on zmm, two
- *  vpdpbusd (low and high nibbles) per row; Q4_0 / Q4_1's 18 / 20-byte blocks are gathered with
- *  one vpermt2w (the code bytes of 4 blocks) and one vpermw (their f16 scales). The AVX-512
- *  level without VNNI runs the AVX2 code, like q8. Integer sums are exact; only the float
- *  accumulation rounds (~1e-6 relative). Rows go 4 at a time sharing each x load; the next 4-row
- *  block is prefetched linearly (as in q8_kernels.h). matmul: AVX2 runs each 4-row block against
- *  every token while it is in L1/L2; VNNI uses tiles of 4 rows x 4 tokens. Either way a (row,
- *  token) gets the same operations in the same order as in matvec: bit-identical rows.
+ *  AVX2: 2 blocks (64 inputs) per step on ymm, per row 4 maddubs, then madd by 256 (hi) and by 1
+ *  (lo), float per lane. AVX-512 + VNNI: 4 blocks per step on zmm, 4 vpdpbusd per (row, token)
+ *  (hi's two, shifted left 8, start lo's two); the 4 lane sums of a block are added in integers
+ *  across 4 rows (a "quad": lane 4 blk + j = row j's block blk, 6 unpacks + 3 adds), so the
+ *  float work (convert, scale d_b d_w, fma; Q4_1 also m xs) is one vector per 4 rows; Q4_0 /
+ *  Q4_1's 18 / 20-byte blocks are gathered with one vpermt2w per row (the code bytes of 4
+ *  blocks) and, per quad, two vpermt2w + a blend (the 4 rows' f16 scales); q4g's group scales
+ *  are laid out per quad once per tile (scratch from the caller). Tiles of 4 rows x up to 4
+ *  tokens (each row's codes loaded once for all of them); matvec prefetches the rows 3 quads
+ *  ahead (1 quad ahead lost 10-25% at 1 thread, 8-row tiles lost ~8% at 2), q4g's scales and
+ *  zero points one quad ahead; matmul runs panels of 64 rows (in L2) against each group of 4
+ *  tokens. The AVX-512 level without VNNI runs the AVX2 code, like q8. Integer sums are exact;
+ *  only the float accumulation rounds (~1e-6 relative). A (row, token) gets the same operations
+ *  in the same order in matvec and in matmul (any tile): bit-identical rows.
  *
  * float-activation path (q4g with any gs dividing K, Q4_0, Q4_1; also forced by float_act):
  *  codes widened to float and multiplied with float x (x gathered by perm first). q4g sums per
@@ -63,6 +84,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #include "simd.h"
 #include "f32_kernels.h"
 #include "f16_kernels.h"
@@ -107,16 +129,28 @@ static inline uint32_t q4_u32(const uint8_t *p) {
 }
 
 /* ---------------- prepared activations ----------------
- * int8 path, one token, Kp = K rounded up to 128 (the padding is zeros):
- *   [0, Kp)            int8 codes, rearranged per step of 4 blocks (header comment)
- *   [Kp, 1.5 Kp)       float sx4[Kp/8]: d_b repeated 4 times
- *   [1.5 Kp, 2 Kp)     Q4_0: int32 [Kp/8], -8 * the lane sums; Q4_1: float xs_b / 4 per lane
- *   [2 Kp, 2.125 Kp)   float xsb[Kp/32]: d_b * sum(q_b)
- *   then               float X[G] (q4g): sums of xsb over each group
+ * int8 path, one token, Kp = K rounded up to 128 (the padding is zeros). Each block of 32 inputs
+ * is quantized to q = round(x / d), d = amax / Q4_QMAX, |q| <= Q4_QMAX, split q = 256 hi + lo
+ * (lo the signed low byte, hi in [-127, 127]):
+ *   [0, 2 Kp)            int8 codes, per step of 4 blocks (128 inputs) 256 bytes: hi then lo,
+ *                        each rearranged as [elements 0..15 of blocks 0..3 | elements 16..31]
+ *   [2 Kp, 2.5 Kp)       float sx4[Kp/8]: d_b repeated 4 times
+ *   [2.5 Kp, 3 Kp)       Q4_0: int32 [Kp/8], -8 * the lane sums of q; Q4_1: float xs_b / 4 per lane
+ *   [3 Kp, 3.125 Kp)     float xsb[Kp/32]: d_b * sum(q_b)
+ *   [3.125 Kp, 3.25 Kp)  int32 nqb[Kp/32] (Q4_0): -8 * sum(q_b)
+ *   then                 float X[G] (q4g): sums of xsb over each group
  */
+#define Q4_QMAX 32512  /* 127 * 256: hi stays in [-127, 127] */
+#define Q4_ASTEP 256   /* activation code bytes per step of 128 inputs */
+#define Q4_A_SX(Kp) (2 * (Kp))
+#define Q4_A_EXT(Kp) (2 * (Kp) + (Kp) / 2)
+#define Q4_A_XSB(Kp) (3 * (Kp))
+#define Q4_A_NQB(Kp) (3 * (Kp) + (Kp) / 8)
+#define Q4_A_XG(Kp) (3 * (Kp) + (Kp) / 4)
+
 static inline long q4_act_bytes(long K, long G) {
     long Kp = q4_padded(K);
-    long n = 2 * Kp + Kp / 8 + 4 * G;
+    long n = Q4_A_XG(Kp) + 4 * G;
     return (n + 63) / 64 * 64;
 }
 
@@ -126,46 +160,186 @@ static inline long q4_actf_floats(long K, long G) {
     return (K + s + 15) / 16 * 16;
 }
 
+/* round half away from zero of v clamped to [-Q4_QMAX, Q4_QMAX]; NaN -> 0 (q8_round's steps:
+ * v - trunc(v) is exact for |v| < 2^23, so the half-way test is exact) */
+static inline int32_t q4_round16(float v) {
+    if (v != v) return 0;
+    if (v > (float)Q4_QMAX) v = (float)Q4_QMAX;
+    if (v < -(float)Q4_QMAX) v = -(float)Q4_QMAX;
+    float t = (float)(int32_t)v, d = v - t;
+    if (d >= 0.5f) t += 1.0f;
+    else if (d <= -0.5f) t -= 1.0f;
+    return (int32_t)t;
+}
+
+/* the per-block values next to the codes: sx4, the Q4_0 / Q4_1 lane values, xsb */
+static inline void q4_block_sums(int fmt, uint8_t *act, long Kp, long b, float d,
+                                 const int32_t lanes[4]) {
+    float *sx4 = (float *)(act + Q4_A_SX(Kp)), *xsb = (float *)(act + Q4_A_XSB(Kp));
+    int32_t *nc = (int32_t *)(act + Q4_A_EXT(Kp));
+    float *xs4 = (float *)(act + Q4_A_EXT(Kp));
+    int32_t isum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    float xs = d * (float)isum;  /* |isum| <= 32 * Q4_QMAX < 2^24: exact */
+    xsb[b] = xs;
+    ((int32_t *)(act + Q4_A_NQB(Kp)))[b] = -8 * isum;
+    for (int l = 0; l < 4; l++) {
+        sx4[4 * b + l] = d;
+        if (fmt == Q4_FMT_0) nc[4 * b + l] = -8 * lanes[l];
+        if (fmt == Q4_FMT_1) xs4[4 * b + l] = xs * 0.25f;
+    }
+}
+
+/* blocks [0, nb) of x -> act (codes and per-block values), scalar */
+static void q4_quantize_portable(int fmt, const float *x, uint8_t *act, long Kp, long nb) {
+    int8_t *codes = (int8_t *)act;
+    for (long b = 0; b < nb; b++) {
+        const float *xb = x + Q4_QK * b;
+        float amax = 0.0f;
+        for (int j = 0; j < Q4_QK; j++) {
+            float v = fabsf(xb[j]);
+            if (v > amax) amax = v;
+        }
+        float d = amax / (float)Q4_QMAX;
+        int32_t lanes[4] = {0, 0, 0, 0};
+        int8_t *st = codes + Q4_ASTEP * (b >> 2) + 16 * (b & 3);
+        for (int j = 0; j < Q4_QK; j++) {
+            int32_t q = d != 0.0f ? q4_round16(xb[j] / d) : 0;
+            int32_t hi = (q + 128) >> 8;  /* floor((q + 128) / 256): lo = q - 256 hi in [-128, 127] */
+            int o = j < 16 ? j : 64 + j - 16;
+            st[o] = (int8_t)hi;
+            st[128 + o] = (int8_t)(q - 256 * hi);
+            lanes[(j & 15) >> 2] += q;
+        }
+        q4_block_sums(fmt, act, Kp, b, d, lanes);
+    }
+}
+
+#if PECCA_X86
+#define PECCA_Q4_AVX2 "avx2,fma,f16c"
+
+/* q4_round16 on 8 lanes: NaN -> 0, clamp, then |v| + nextafter(0.5, 0) rounded to float and
+ * truncated, which is round half away from zero exactly for every float |v| <= 32512.5 (checked
+ * over all of them; the float sum rounds up to the next integer only from v >= k + 0.5) */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline __m256i q4_round16_avx2(__m256 v) {
+    const __m256 lim = _mm256_set1_ps((float)Q4_QMAX);
+    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+    __m256 h = _mm256_or_ps(_mm256_and_ps(v, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(0.49999997f));
+    return _mm256_cvttps_epi32(_mm256_add_ps(v, h));
+}
+
+/* block b of x (at xb) with its scale d in every lane of vd -> codes, sx4, ext, xsb */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline void q4_qblock_avx2(int fmt, const float *xb, __m256 vd, uint8_t *act, long Kp, long b) {
+    int8_t *codes = (int8_t *)act;
+    float *sx4 = (float *)(act + Q4_A_SX(Kp)), *xsb = (float *)(act + Q4_A_XSB(Kp));
+    uint8_t *ext = act + Q4_A_EXT(Kp);
+    const __m256i r128 = _mm256_set1_epi16(128);
+    /* d = 0: x / d is NaN or +-inf (x = 0 or subnormal); q must be 0 */
+    __m256 ok = _mm256_cmp_ps(vd, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+    __m256i r0 = q4_round16_avx2(_mm256_and_ps(_mm256_div_ps(_mm256_loadu_ps(xb), vd), ok));
+    __m256i r1 = q4_round16_avx2(_mm256_and_ps(_mm256_div_ps(_mm256_loadu_ps(xb + 8), vd), ok));
+    __m256i r2 = q4_round16_avx2(_mm256_and_ps(_mm256_div_ps(_mm256_loadu_ps(xb + 16), vd), ok));
+    __m256i r3 = q4_round16_avx2(_mm256_and_ps(_mm256_div_ps(_mm256_loadu_ps(xb + 24), vd), ok));
+    /* int16 q of elements 0..15 and 16..31 (packs interleave the 128-bit halves) */
+    __m256i qa = _mm256_permute4x64_epi64(_mm256_packs_epi32(r0, r1), 0xD8);
+    __m256i qb = _mm256_permute4x64_epi64(_mm256_packs_epi32(r2, r3), 0xD8);
+    __m256i ha = _mm256_srai_epi16(_mm256_add_epi16(qa, r128), 8);
+    __m256i hb = _mm256_srai_epi16(_mm256_add_epi16(qb, r128), 8);
+    __m256i la = _mm256_sub_epi16(qa, _mm256_slli_epi16(ha, 8));
+    __m256i lb = _mm256_sub_epi16(qb, _mm256_slli_epi16(hb, 8));
+    __m256i h = _mm256_permute4x64_epi64(_mm256_packs_epi16(ha, hb), 0xD8);
+    __m256i l = _mm256_permute4x64_epi64(_mm256_packs_epi16(la, lb), 0xD8);
+    int8_t *st = codes + Q4_ASTEP * (b >> 2) + 16 * (b & 3);
+    _mm_storeu_si128((__m128i *)st, _mm256_castsi256_si128(h));
+    _mm_storeu_si128((__m128i *)(st + 64), _mm256_extracti128_si256(h, 1));
+    _mm_storeu_si128((__m128i *)(st + 128), _mm256_castsi256_si128(l));
+    _mm_storeu_si128((__m128i *)(st + 192), _mm256_extracti128_si256(l, 1));
+    /* lane l: elements 4l..4l+3 and 16+4l..16+4l+3 */
+    __m256i a = _mm256_add_epi32(r0, r2), c = _mm256_add_epi32(r1, r3);
+    __m256i s1 = _mm256_hadd_epi32(a, c);  /* [a01 a23 c01 c23 | a45 a67 c45 c67] */
+    __m256i s2 = _mm256_hadd_epi32(s1, s1);  /* [a0123 c0123 . . | a4567 c4567 . .] */
+    __m128i lanes = _mm_unpacklo_epi32(_mm256_castsi256_si128(s2), _mm256_extracti128_si256(s2, 1));
+    /* the block sum in floats (integers below 2^24: exact in any order), kept in vectors */
+    __m128 fl = _mm_cvtepi32_ps(lanes);
+    fl = _mm_add_ps(fl, _mm_shuffle_ps(fl, fl, 0x4E));
+    fl = _mm_add_ps(fl, _mm_shuffle_ps(fl, fl, 0xB1));  /* the sum in every lane */
+    __m128 xs = _mm_mul_ps(_mm256_castps256_ps128(vd), fl);
+    _mm_store_ss(xsb + b, xs);
+    _mm_storeu_ps(sx4 + 4 * b, _mm256_castps256_ps128(vd));
+    if (fmt == Q4_FMT_0) {
+        __m128i nl = _mm_sub_epi32(_mm_setzero_si128(), _mm_slli_epi32(lanes, 3));
+        _mm_storeu_si128((__m128i *)(ext + 16 * b), nl);
+        nl = _mm_add_epi32(nl, _mm_shuffle_epi32(nl, 0x4E));
+        nl = _mm_add_epi32(nl, _mm_shuffle_epi32(nl, 0xB1));
+        ((int32_t *)(act + Q4_A_NQB(Kp)))[b] = _mm_cvtsi128_si32(nl);
+    } else if (fmt == Q4_FMT_1) {
+        _mm_storeu_ps((float *)(ext + 16 * b), _mm_mul_ps(xs, _mm_set1_ps(0.25f)));
+    }
+}
+
+/* |x| maxima of 32 values in 8 lanes (NaN skipped: maxps returns its second operand) */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline __m256 q4_absmax8_avx2(const float *xb) {
+    const __m256 am = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 a = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xb), am), _mm256_setzero_ps());
+    __m256 c = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xb + 8), am), _mm256_setzero_ps());
+    a = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xb + 16), am), a);
+    c = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xb + 24), am), c);
+    return _mm256_max_ps(a, c);
+}
+
+/* q4_quantize_portable, a step of 4 blocks at a time (the same q: amax skips NaN as `v > amax`
+ * does; the 4 scales come from one division) */
+__attribute__((target(PECCA_Q4_AVX2)))
+static void q4_quantize_avx2(int fmt, const float *x, uint8_t *act, long Kp, long nb) {
+    const __m256 qmax = _mm256_set1_ps((float)Q4_QMAX);
+    long b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        const float *xb = x + Q4_QK * b;
+        __m256 m0 = q4_absmax8_avx2(xb), m1 = q4_absmax8_avx2(xb + 32);
+        __m256 m2 = q4_absmax8_avx2(xb + 64), m3 = q4_absmax8_avx2(xb + 96);
+        /* [m0 m1 m2 m3] reduced across lanes: max is exact, so any order */
+        __m256 t01 = _mm256_max_ps(_mm256_unpacklo_ps(m0, m1), _mm256_unpackhi_ps(m0, m1));
+        __m256 t23 = _mm256_max_ps(_mm256_unpacklo_ps(m2, m3), _mm256_unpackhi_ps(m2, m3));
+        /* t01 = [m0 m1 m0 m1 | m0 m1 m0 m1] partial maxima, t23 likewise with m2, m3 */
+        __m256 u = _mm256_max_ps(_mm256_shuffle_ps(t01, t23, 0x44), _mm256_shuffle_ps(t01, t23, 0xEE));
+        /* u = [m0 m1 m2 m3 | m0 m1 m2 m3] (each over half the lanes) */
+        u = _mm256_max_ps(u, _mm256_permute2f128_ps(u, u, 0x01));
+        __m256 d4 = _mm256_div_ps(u, qmax);
+        for (int L = 0; L < 4; L++)
+            q4_qblock_avx2(fmt, xb + Q4_QK * L, _mm256_permutevar8x32_ps(d4, _mm256_set1_epi32(L)), act, Kp, b + L);
+    }
+    for (; b < nb; b++) {
+        const float *xb = x + Q4_QK * b;
+        q4_qblock_avx2(fmt, xb, _mm256_set1_ps(q8_absmax_avx2(xb, Q4_QK) / (float)Q4_QMAX), act, Kp, b);
+    }
+}
+#endif
+
 /* x (K,) -> act. perm (K) or NULL; work: K floats (used with perm). For q4g, K / G % 32 == 0. */
 static void q4_prepare_int8(int fmt, const float *x, const int32_t *perm, float *work,
                             uint8_t *act, long K, long G) {
     long Kp = q4_padded(K), nb = K / Q4_QK, nbp = Kp / Q4_QK;
-    int8_t *qa = (int8_t *)act;
-    float *sx4 = (float *)(act + Kp), *xsb = (float *)(act + 2 * Kp);
-    float *xg = (float *)(act + 2 * Kp + Kp / 8);
-    int32_t *nc = (int32_t *)(act + Kp + Kp / 2);
-    float *xs4 = (float *)(act + Kp + Kp / 2);
     if (perm) {
         for (long i = 0; i < K; i++) work[i] = x[perm[i]];
         x = work;
     }
-    memset(qa + K, 0, (size_t)(Kp - K));
-    quantize_q8_0(x, qa, xsb, K);  /* natural order; d_b parked in xsb */
-    for (long b = 0; b < nbp; b++) {
-        const int8_t *q = qa + Q4_QK * b;
-        float d = b < nb ? xsb[b] : 0.0f;
-        int32_t isum = 0;
-        for (int l = 0; l < 4; l++) {
-            int32_t ls = 0;
-            for (int j = 0; j < 4; j++) ls += q[4 * l + j] + q[16 + 4 * l + j];
-            isum += ls;
-            sx4[4 * b + l] = d;
-            if (fmt == Q4_FMT_0) nc[4 * b + l] = -8 * ls;
-        }
-        float xs = d * (float)isum;
-        xsb[b] = xs;
-        if (fmt == Q4_FMT_1)
-            for (int l = 0; l < 4; l++) xs4[4 * b + l] = xs * 0.25f;
-    }
-    for (long s = 0; s < Kp / Q4_STEP; s++) {
-        int8_t tmp[Q4_STEP], *q = qa + Q4_STEP * s;
-        for (int L = 0; L < 4; L++) {
-            memcpy(tmp + 16 * L, q + 32 * L, 16);
-            memcpy(tmp + 64 + 16 * L, q + 32 * L + 16, 16);
-        }
-        memcpy(q, tmp, Q4_STEP);
+#if PECCA_X86
+    if (q8_kernel_level() >= 1) q4_quantize_avx2(fmt, x, act, Kp, nb);
+    else
+#endif
+    q4_quantize_portable(fmt, x, act, Kp, nb);
+    const int32_t zero[4] = {0, 0, 0, 0};
+    for (long b = nb; b < nbp; b++) {  /* padding: zero codes, d = 0 */
+        int8_t *st = (int8_t *)act + Q4_ASTEP * (b >> 2) + 16 * (b & 3);
+        for (int o = 0; o < Q4_ASTEP; o += 64) memset(st + o, 0, 16);
+        q4_block_sums(fmt, act, Kp, b, 0.0f, zero);
     }
     if (fmt == Q4_FMT_G) {
+        const float *xsb = (const float *)(act + Q4_A_XSB(Kp));
+        float *xg = (float *)(act + Q4_A_XG(Kp));
         long bpg = nb / G;
         for (long g = 0; g < G; g++) {
             float t = 0.0f;
@@ -224,18 +398,18 @@ static inline int q4_nib(const uint8_t *qs, int j) {
     return j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
 }
 
-/* element j of block b in the rearranged activation codes */
-static inline int q4_xa(const int8_t *qa, long b, int j) {
-    const int8_t *s = qa + Q4_STEP * (b >> 2) + 16 * (b & 3);
-    return j < 16 ? s[j] : s[64 + j - 16];
+/* q of element j of block b from the activation codes: 256 hi + lo */
+static inline int32_t q4_xa(const int8_t *qa, long b, int j) {
+    const int8_t *s = qa + Q4_ASTEP * (b >> 2) + 16 * (b & 3) + (j < 16 ? j : 64 + j - 16);
+    return 256 * (int32_t)s[0] + (int32_t)s[128];
 }
 
 static float q4_int8_dot_portable(int fmt, const uint8_t *wr, const uint16_t *sr,
                                   const int8_t *zr, long K, long G, const uint8_t *act) {
     long Kp = q4_padded(K), nb = K / Q4_QK;
     const int8_t *qa = (const int8_t *)act;
-    const float *sx4 = (const float *)(act + Kp), *xsb = (const float *)(act + 2 * Kp);
-    const float *xg = (const float *)(act + 2 * Kp + Kp / 8);
+    const float *sx4 = (const float *)(act + Q4_A_SX(Kp)), *xsb = (const float *)(act + Q4_A_XSB(Kp));
+    const float *xg = (const float *)(act + Q4_A_XG(Kp));
     float val = 0.0f;
     if (fmt == Q4_FMT_G) {
         long bpg = nb / G;
@@ -258,7 +432,7 @@ static float q4_int8_dot_portable(int fmt, const uint8_t *wr, const uint16_t *sr
         const uint8_t *blk = wr + bb * b;
         int32_t dot = 0, isum = 0;
         for (int j = 0; j < Q4_QK; j++) {
-            int q = q4_xa(qa, b, j);
+            int32_t q = q4_xa(qa, b, j);
             dot += q4_nib(blk + off, j) * q;
             isum += q;
         }
@@ -382,7 +556,6 @@ static void gptq_cols_portable(const uint32_t *qw, const uint32_t *qz, uint32_t 
 #define GPTQ_PF_ROWS 32  /* how many packed rows ahead the gptq kernels prefetch */
 #endif
 /* ---------------- AVX2 + FMA + F16C ---------------- */
-#define PECCA_Q4_AVX2 "avx2,fma,f16c"
 
 /* [f16 h0 x4 | f16 h1 x4] as floats */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
@@ -415,9 +588,10 @@ static inline void q4_block_avx2(int fmt, int sf, const uint8_t *w, const uint16
     long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
     long bb = q4_block_bytes(fmt), off = q4_code_offset(fmt), rb = nb * bb;
     const int8_t *qa = (const int8_t *)act;
-    const float *sx4 = (const float *)(act + Kp);
-    const uint8_t *ext = act + Kp + Kp / 2;
+    const float *sx4 = (const float *)(act + Q4_A_SX(Kp));
+    const uint8_t *ext = act + Q4_A_EXT(Kp);
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i c256 = _mm256_set1_epi16(256);
     const uint8_t *wr[4];
     __m256 acc[4], sw[4];
     for (int r = 0; r < NR; r++) {
@@ -430,9 +604,11 @@ static inline void q4_block_avx2(int fmt, int sf, const uint8_t *w, const uint16
     for (long s = 0; 2 * s < nb; s++) {
         const int two = 2 * s + 1 < nb;
         if (pf) prefetch_lines(next + NR * 2 * bb * s, (NR * 2 * (int)bb + 63) / 64);
-        const int8_t *xp = qa + Q4_STEP * (s >> 1) + 32 * (s & 1);
-        __m256i xlo = _mm256_loadu_si256((const __m256i *)xp);
-        __m256i xhi = _mm256_loadu_si256((const __m256i *)(xp + 64));
+        const int8_t *xp = qa + Q4_ASTEP * (s >> 1) + 32 * (s & 1);
+        __m256i xh0 = _mm256_loadu_si256((const __m256i *)xp);  /* hi, low nibbles' inputs */
+        __m256i xh1 = _mm256_loadu_si256((const __m256i *)(xp + 64));
+        __m256i xl0 = _mm256_loadu_si256((const __m256i *)(xp + 128));  /* lo */
+        __m256i xl1 = _mm256_loadu_si256((const __m256i *)(xp + 192));
         __m256 sx = _mm256_loadu_ps(sx4 + 8 * s);
         __m256i nc = _mm256_setzero_si256();
         __m256 xs = _mm256_setzero_ps();
@@ -457,8 +633,9 @@ static inline void q4_block_avx2(int fmt, int sf, const uint8_t *w, const uint16
                 v = _mm256_set_m128i(hi, _mm_loadu_si128((const __m128i *)(p + off)));
             }
             __m256i lo4 = _mm256_and_si256(v, m4), hi4 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            __m256i is = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo4, xlo),
-                                                            _mm256_maddubs_epi16(hi4, xhi)), ones);
+            __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(lo4, xh0), _mm256_maddubs_epi16(hi4, xh1));
+            __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo4, xl0), _mm256_maddubs_epi16(hi4, xl1));
+            __m256i is = _mm256_add_epi32(_mm256_madd_epi16(ph, c256), _mm256_madd_epi16(pl, ones));
             __m256 sm = _mm256_setzero_ps();
             if (fmt == Q4_FMT_0) {
                 is = _mm256_add_epi32(is, nc);
@@ -478,7 +655,7 @@ static inline void q4_block_avx2(int fmt, int sf, const uint8_t *w, const uint16
             if (fmt == Q4_FMT_1) acc[r] = _mm256_fmadd_ps(sm, xs, acc[r]);
         }
     }
-    const float *xg = (const float *)(act + 2 * Kp + Kp / 8);
+    const float *xg = (const float *)(act + Q4_A_XG(Kp));
     for (int r = 0; r < NR; r++)
         out[i + r] = fmt == Q4_FMT_G ? q4g_finish_avx2(acc[r], sc + (i + r) * G, zp + (i + r) * G, xg, G)
                                      : hsum256(acc[r]);
@@ -948,178 +1125,307 @@ static void gptq_cols_avx512(const uint32_t *qw, const uint32_t *qz, uint32_t za
 }
 
 /* ---------------- AVX-512 + VNNI ---------------- */
-#define PECCA_Q4_VNNI "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 
-/* word indices: the 4 x 16 code bytes of 4 Q4_0 / Q4_1 blocks (72 / 80 bytes), and their
- * scales [d0 x4 | d1 x4 | d2 x4 | d3 x4] (Q4_1: then [m0 x4 | ... ]) */
+#define PECCA_Q4_VNNI "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+/* the tiles' short loops over rows, quads and tokens, unrolled so that their vectors stay in
+ * registers */
+#if defined(__clang__)
+#define PECCA_Q4_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define PECCA_Q4_UNROLL _Pragma("GCC unroll 8")
+#else
+#define PECCA_Q4_UNROLL
+#endif
+
+/* word indices: the 4 x 16 code bytes of 4 Q4_0 / Q4_1 blocks (72 / 80 bytes) */
 static const uint16_t q4_idx_q0[32] = {1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17,
                                        19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 32, 33, 34, 35};
 static const uint16_t q4_idx_q1[32] = {2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19,
                                        22, 23, 24, 25, 26, 27, 28, 29, 32, 33, 34, 35, 36, 37, 38, 39};
-static const uint16_t q4_idx_s0[32] = {0, 0, 0, 0, 9, 9, 9, 9, 18, 18, 18, 18, 27, 27, 27, 27,
+/* the scales of 4 rows' 4 blocks (two vpermt2w, of rows 0, 1 and of rows 2, 3, then a blend):
+ * word 4 blk + j is row j's d of block blk (Q4_1: then the m's) */
+static const uint16_t q4_idx_r0[32] = {0, 32, 0, 32, 9, 41, 9, 41, 18, 50, 18, 50, 27, 59, 27, 59,
                                        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-static const uint16_t q4_idx_s1[32] = {0, 0, 0, 0, 10, 10, 10, 10, 20, 20, 20, 20, 30, 30, 30, 30,
-                                       1, 1, 1, 1, 11, 11, 11, 11, 21, 21, 21, 21, 31, 31, 31, 31};
+static const uint16_t q4_idx_r1[32] = {0, 32, 0, 32, 10, 42, 10, 42, 20, 52, 20, 52, 30, 62, 30, 62,
+                                       1, 33, 1, 33, 11, 43, 11, 43, 21, 53, 21, 53, 31, 63, 31, 63};
+/* 4 per-block values -> [v0 x4 | v1 x4 | v2 x4 | v3 x4] */
+static const int32_t q4_idx_bc[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
 
-/* 4 f16 bit patterns (in a uint64) -> [s0 x4 | s1 x4 | s2 x4 | s3 x4] */
+/* lanes 4 blk + l of v_j (block blk's 4 partial sums) -> lane 4 blk + j = their sum (integer:
+ * exact in any order) */
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
-static inline __m512 q4_quarters_vnni(__m128i h) {
-    __m128 f = _mm_cvtph_ps(h);
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                 _mm512_castps128_ps512(f));
+static inline __m512i q4_quadsum_vnni(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+    __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
+    __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
 }
 
-/* rows i..i+NR-1 x tokens t0..t0+NT-1, 4 blocks per step */
+/* a quad's accumulator -> its 4 rows' sums, (b0 + b2) + (b1 + b3) for each */
+__attribute__((target(PECCA_Q4_VNNI), always_inline))
+static inline __m128 q4_quadfinish_vnni(__m512 acc) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* q4g: sum_g s_g z_g X_g of one row for NT tokens (their X at xg[t]), 16 groups per vector (lane
+ * g % 16), then reduced: the same operations for a (row, token) in every tile */
+__attribute__((target(PECCA_Q4_VNNI), always_inline))
+static inline void q4g_zterms_vnni(const uint16_t *sr, const int8_t *zr, const float *const xg[4],
+                                   long G, int NT, float zt[4]) {
+    __m512 z[4];
+    for (int t = 0; t < NT; t++) z[t] = _mm512_setzero_ps();
+    for (long g = 0; g < G; g += 16) {
+        __mmask16 mk = (__mmask16)(G - g >= 16 ? 0xFFFFu : (1u << (G - g)) - 1);
+        __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sr + g));
+        __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, zr + g)));
+        __m512 sz = _mm512_mul_ps(sv, zv);
+        for (int t = 0; t < NT; t++) z[t] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mk, xg[t] + g), z[t]);
+    }
+    for (int t = 0; t < NT; t++) zt[t] = _mm512_reduce_add_ps(z[t]);
+}
+
+/* q4g, a quad of rows: st[4 g + j] = row i+j's scale of group g as a float (0 for j >= NR) */
+__attribute__((target(PECCA_Q4_VNNI), always_inline))
+static inline void q4g_rows_scales_vnni(const uint16_t *sc, long G, long i, int NR, float *st) {
+    long g = 0;
+    if (NR == 4) {
+        const uint16_t *s0 = sc + i * G, *s1 = s0 + G, *s2 = s1 + G, *s3 = s2 + G;
+        for (; g + 8 <= G; g += 8) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(s0 + g)), b = _mm_loadu_si128((const __m128i *)(s1 + g));
+            __m128i c = _mm_loadu_si128((const __m128i *)(s2 + g)), d = _mm_loadu_si128((const __m128i *)(s3 + g));
+            __m128i ab0 = _mm_unpacklo_epi16(a, b), ab1 = _mm_unpackhi_epi16(a, b);
+            __m128i cd0 = _mm_unpacklo_epi16(c, d), cd1 = _mm_unpackhi_epi16(c, d);
+            _mm256_storeu_ps(st + 4 * g, _mm256_cvtph_ps(_mm_unpacklo_epi32(ab0, cd0)));
+            _mm256_storeu_ps(st + 4 * g + 8, _mm256_cvtph_ps(_mm_unpackhi_epi32(ab0, cd0)));
+            _mm256_storeu_ps(st + 4 * g + 16, _mm256_cvtph_ps(_mm_unpacklo_epi32(ab1, cd1)));
+            _mm256_storeu_ps(st + 4 * g + 24, _mm256_cvtph_ps(_mm_unpackhi_epi32(ab1, cd1)));
+        }
+    }
+    for (; g < G; g++)
+        for (int j = 0; j < 4; j++) st[4 * g + j] = j < NR ? _cvtsh_ss(sc[(i + j) * G + g]) : 0.0f;
+}
+
+/* the group of each block of step s (q4g; gl[L] for Q4_SF_X, gl[0] for Q4_SF_W) and whether a
+ * Q4_SF_W group starts there; g, k: the group of the next block and its place in the group */
+static inline int q4g_step_groups(int sf, long bpg, int nbk, long *g, long *k, long gl[4]) {
+    int start = *k == 0;
+    gl[0] = gl[1] = gl[2] = gl[3] = 0;
+    if (sf == Q4_SF_W) {  /* whole steps per group: count steps */
+        gl[0] = *g;
+        *k += 4;
+        if (*k == bpg) { *k = 0; (*g)++; }
+    } else if (sf == Q4_SF_X) {
+        for (int L = 0; L < nbk; L++) {
+            gl[L] = *g;
+            if (++*k == bpg) { *k = 0; (*g)++; }
+        }
+    }
+    return start;
+}
+
+/* the 128 codes of row p's step (lo: the low nibbles' 64, hi: the high ones'); Q4_0 / Q4_1:
+ * z0 = the step's first 64 bytes (their scales: words 9 blk / 10 blk) */
+__attribute__((target(PECCA_Q4_VNNI), always_inline))
+static inline void q4_wload_vnni(int fmt, const uint8_t *p, int nbk, __m512i iq, __m512i *lo,
+                                 __m512i *hi, __m512i *z0) {
+    long bb = q4_block_bytes(fmt);
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512i v;
+    if (fmt == Q4_FMT_G) {
+        v = nbk == 4 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((1ULL << (16 * nbk)) - 1, p);
+    } else {
+        __m512i z1;
+        if (nbk == 4) {
+            *z0 = _mm512_loadu_si512(p);
+            z1 = _mm512_maskz_loadu_epi8(fmt == Q4_FMT_0 ? 0xFFULL : 0xFFFFULL, p + 64);
+        } else {
+            *z0 = _mm512_maskz_loadu_epi8((1ULL << (bb * nbk)) - 1, p);
+            z1 = _mm512_setzero_si512();
+        }
+        v = _mm512_permutex2var_epi16(*z0, iq, z1);
+    }
+    *lo = _mm512_and_si512(v, m4);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+}
+
+/* int32 lanes 4 blk + l of row (lo, hi) against one token's step codes xp: sum w q over block
+ * blk's elements 4l..4l+3 and 16+4l..16+4l+3, as 256 hi + lo (exact: |.| < 2^22) */
+__attribute__((target(PECCA_Q4_VNNI), always_inline))
+static inline __m512i q4_dot_vnni(__m512i lo, __m512i hi, const uint8_t *xp) {
+    __m512i ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
+    ih = _mm512_dpbusd_epi32(ih, hi, _mm512_loadu_si512(xp + 64));
+    __m512i il = _mm512_dpbusd_epi32(_mm512_slli_epi32(ih, 8), lo, _mm512_loadu_si512(xp + 128));
+    return _mm512_dpbusd_epi32(il, hi, _mm512_loadu_si512(xp + 192));
+}
+
+/* VNNI, per (row, token) and block the exact integer B = sum w q (Q4_0: minus 8 sum q) from
+ * q4_dot_vnni's lanes, 4 rows at a time added into a quad (lane 4 blk + j = row j's block blk
+ * of the step); per quad lane
+ *   acc += float(B) * (s_w d_x)   then   Q4_1: acc += m xs
+ * and at the end y = the sum of the row's 4 lanes (q4g: minus sum_g s_g z_g X_g, X_g the
+ * token's group sums of xs). A (row, token) gets the same operations in every tile. */
+
+/* rows i..i+NR-1 (NR <= 4: one quad) x tokens t0..t0+NT-1 (NT <= 4: each load of a row's codes
+ * serves them all), 4 blocks per step. pf: prefetch the rows pfd quads ahead (and q4g's next
+ * scales and zero points). st: 4 G floats of scratch (q4g). */
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
 static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
                                 const int8_t *zp, long K, long G, const uint8_t *act, long ab,
-                                float *out, long ldo, long i, long t0, int NR, int NT, int pf) {
+                                float *out, long ldo, long i, long t0, int NR, int NT, int pf,
+                                int pfd, float *st) {
     long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
     long bb = q4_block_bytes(fmt), sb = 4 * bb, rb = nb * bb;
-    const __m512i m4 = _mm512_set1_epi8(15);
     const __m512i iq = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_q1 : q4_idx_q0);
-    const __m512i is_ = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_s1 : q4_idx_s0);
-    const uint8_t *wr[4], *at[4];
-    __m512 acc[4][4], sw[4];
-    for (int r = 0; r < NR; r++) {
-        wr[r] = w + (i + r) * rb;
-        sw[r] = _mm512_setzero_ps();
+    const __m512i ir = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_r1 : q4_idx_r0);
+    const __m512i ibc = _mm512_loadu_si512(q4_idx_bc);
+    const uint8_t *at[4];
+    __m512 acc[4], sw = _mm512_setzero_ps(), sm = _mm512_setzero_ps();
+    PECCA_Q4_UNROLL
+    for (int t = 0; t < 4; t++) {
+        acc[t] = _mm512_setzero_ps();
+        at[t] = act + (t0 + (t < NT ? t : 0)) * ab;
     }
-    for (int t = 0; t < NT; t++) {
-        at[t] = act + (t0 + t) * ab;
-        for (int r = 0; r < NR; r++) acc[r][t] = _mm512_setzero_ps();
+    if (fmt == Q4_FMT_G) {
+        if (pf) {  /* the next rows' scales and zero points, read at its start */
+            prefetch_lines((const char *)(sc + (i + 4) * G), (int)((8 * G + 63) / 64));
+            prefetch_lines((const char *)(zp + (i + 4) * G), (int)((4 * G + 63) / 64));
+        }
+        q4g_rows_scales_vnni(sc, G, i, NR, st);
     }
-    const char *next = (const char *)(w + (i + NR) * rb);
+    const char *next = (const char *)(w + (i + 4 * pfd) * rb);
     long g = 0, k = 0;
     for (long s = 0; 4 * s < nb; s++) {
         const int nbk = nb - 4 * s < 4 ? (int)(nb - 4 * s) : 4;
-        if (pf) prefetch_lines(next + NR * sb * s, (NR * (int)sb + 63) / 64);
-        long gl[4] = {0, 0, 0, 0}, kstart = k;
-        if (fmt == Q4_FMT_G && sf == Q4_SF_W) {  /* whole steps per group: count steps */
-            gl[0] = g;
-            k += 4;
-            if (k == bpg) { k = 0; g++; }
-        } else if (fmt == Q4_FMT_G && sf == Q4_SF_X) {
-            for (int L = 0; L < nbk; L++) {
-                gl[L] = g;
-                if (++k == bpg) { k = 0; g++; }
+        if (pf) prefetch_lines(next + 4 * sb * s, (4 * (int)sb + 63) / 64);
+        long gl[4];
+        int gstart = fmt == Q4_FMT_G ? q4g_step_groups(sf, bpg, nbk, &g, &k, gl) : 0;
+        /* the quad's rows: codes (their dots at once when there is one token) and scales */
+        __m512i lo[4], hi[4], z0[4], is[4];
+        PECCA_Q4_UNROLL
+        for (int j = 0; j < 4; j++) {
+            lo[j] = hi[j] = z0[j] = is[j] = _mm512_setzero_si512();
+            if (j < NR) {
+                q4_wload_vnni(fmt, w + (i + j) * rb + sb * s, nbk, iq, &lo[j], &hi[j], &z0[j]);
+                if (NT == 1) is[j] = q4_dot_vnni(lo[j], hi[j], at[0] + Q4_ASTEP * s);
             }
         }
-        __m512i lo[4], hi[4];
-        __m512 sm[4];
-        for (int r = 0; r < NR; r++) {
-            const uint8_t *p = wr[r] + sb * s;
-            __m512i v;
-            if (fmt == Q4_FMT_G) {
-                v = nbk == 4 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((1ULL << (16 * nbk)) - 1, p);
-                if (sf == Q4_SF_W) {
-                    if (kstart == 0)
-                        sw[r] = _mm512_cvtph_ps(_mm256_set1_epi16((short)sc[(i + r) * G + gl[0]]));
-                } else if (sf == Q4_SF_1) {
-                    const uint16_t *sp = sc + (i + r) * G + 4 * s;
-                    __m128i h = nbk == 4 ? _mm_loadl_epi64((const __m128i *)sp)
-                                         : _mm_maskz_loadu_epi16((__mmask8)((1u << nbk) - 1), sp);
-                    sw[r] = q4_quarters_vnni(h);
-                } else {
-                    const uint16_t *sr = sc + (i + r) * G;
-                    uint64_t h = 0;
-                    for (int L = 0; L < nbk; L++) h |= (uint64_t)sr[gl[L]] << (16 * L);
-                    sw[r] = q4_quarters_vnni(_mm_loadl_epi64((const __m128i *)&h));
-                }
+        if (fmt != Q4_FMT_G) {  /* word 4 blk + j: row j's scale of block blk (then the m's) */
+            __m512i h = _mm512_mask_blend_epi16(0xCCCCCCCCu, _mm512_permutex2var_epi16(z0[0], ir, z0[1]),
+                                                _mm512_permutex2var_epi16(z0[2], ir, z0[3]));
+            sw = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+            if (fmt == Q4_FMT_1) sm = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+        } else if (sf != Q4_SF_W || gstart) {  /* lane 4 blk + j: row j's scale of block blk's group */
+            if (sf == Q4_SF_W) {
+                sw = _mm512_broadcast_f32x4(_mm_loadu_ps(st + 4 * gl[0]));
+            } else if (sf == Q4_SF_1) {
+                sw = _mm512_maskz_loadu_ps((__mmask16)((1u << (4 * nbk)) - 1), st + 16 * s);
             } else {
-                __m512i z0, z1;
-                if (nbk == 4) {
-                    z0 = _mm512_loadu_si512(p);
-                    z1 = _mm512_maskz_loadu_epi8(fmt == Q4_FMT_0 ? 0xFFULL : 0xFFFFULL, p + 64);
-                } else {
-                    z0 = _mm512_maskz_loadu_epi8((1ULL << (bb * nbk)) - 1, p);
-                    z1 = _mm512_setzero_si512();
-                }
-                v = _mm512_permutex2var_epi16(z0, iq, z1);
-                __m512i h = _mm512_permutexvar_epi16(is_, z0);
-                sw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-                if (fmt == Q4_FMT_1) sm[r] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+                __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(st + 4 * gl[0]));
+                v = _mm512_insertf32x4(v, _mm_loadu_ps(st + 4 * gl[1]), 1);
+                v = _mm512_insertf32x4(v, _mm_loadu_ps(st + 4 * gl[2]), 2);
+                v = _mm512_insertf32x4(v, _mm_loadu_ps(st + 4 * gl[3]), 3);
+                sw = _mm512_maskz_mov_ps((__mmask16)((1u << (4 * nbk)) - 1), v);
             }
-            lo[r] = _mm512_and_si512(v, m4);
-            hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
         }
+        /* per token: d_b per lane, Q4_1 xs_b per lane, Q4_0 -8 sum q_b per lane */
+        PECCA_Q4_UNROLL
         for (int t = 0; t < NT; t++) {
             const uint8_t *a = at[t];
-            __m512i xlo = _mm512_loadu_si512(a + Q4_STEP * s);
-            __m512i xhi = _mm512_loadu_si512(a + Q4_STEP * s + 64);
-            __m512 sx = _mm512_loadu_ps((const float *)(a + Kp) + 16 * s);
-            __m512i init = _mm512_setzero_si512();
-            __m512 xs = _mm512_setzero_ps();
-            if (fmt == Q4_FMT_0) init = _mm512_loadu_si512(a + Kp + Kp / 2 + 64 * s);
-            if (fmt == Q4_FMT_1) xs = _mm512_loadu_ps((const float *)(a + Kp + Kp / 2) + 16 * s);
-            for (int r = 0; r < NR; r++) {
-                __m512i is = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo[r], xlo), hi[r], xhi);
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(sw[r], sx), acc[r][t]);
-                if (fmt == Q4_FMT_1) acc[r][t] = _mm512_fmadd_ps(sm[r], xs, acc[r][t]);
+            if (NT > 1)
+                PECCA_Q4_UNROLL
+                for (int j = 0; j < 4; j++)
+                    is[j] = j < NR ? q4_dot_vnni(lo[j], hi[j], a + Q4_ASTEP * s) : _mm512_setzero_si512();
+            __m512i bq = q4_quadsum_vnni(is[0], is[1], is[2], is[3]);
+            if (fmt == Q4_FMT_0)
+                bq = _mm512_add_epi32(bq, _mm512_permutexvar_epi32(ibc, _mm512_castsi128_si512(
+                                              _mm_loadu_si128((const __m128i *)(a + Q4_A_NQB(Kp)) + s))));
+            __m512 sx = _mm512_loadu_ps((const float *)(a + Q4_A_SX(Kp)) + 16 * s);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bq), _mm512_mul_ps(sw, sx), acc[t]);
+            if (fmt == Q4_FMT_1) {
+                __m512 xs = _mm512_permutexvar_ps(ibc, _mm512_castps128_ps512(_mm_loadu_ps((const float *)(a + Q4_A_XSB(Kp)) + 4 * s)));
+                acc[t] = _mm512_fmadd_ps(sm, xs, acc[t]);
             }
         }
     }
-    if (fmt == Q4_FMT_G) {
-        /* - sum_g s_g z_g X_g, 16 groups per vector (lane g % 16), s_g z_g shared by the tokens */
-        for (long g = 0; g < G; g += 16) {
-            __mmask16 mk = (__mmask16)(G - g >= 16 ? 0xFFFFu : (1u << (G - g)) - 1);
-            __m512 xg[4];
-            for (int t = 0; t < NT; t++)
-                xg[t] = _mm512_maskz_loadu_ps(mk, (const float *)(at[t] + 2 * Kp + Kp / 8) + g);
-            for (int r = 0; r < NR; r++) {
-                __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sc + (i + r) * G + g));
-                __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, zp + (i + r) * G + g)));
-                __m512 sz = _mm512_mul_ps(sv, zv);
-                for (int t = 0; t < NT; t++) acc[r][t] = _mm512_fnmadd_ps(sz, xg[t], acc[r][t]);
-            }
-        }
+    const float *xg[4];
+    float v[4][4];
+    PECCA_Q4_UNROLL
+    for (int t = 0; t < 4; t++) xg[t] = (const float *)(at[t] + Q4_A_XG(Kp));
+    PECCA_Q4_UNROLL
+    for (int t = 0; t < NT; t++) _mm_storeu_ps(v[t], q4_quadfinish_vnni(acc[t]));
+    for (int j = 0; j < NR; j++) {
+        float zt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (fmt == Q4_FMT_G) q4g_zterms_vnni(sc + (i + j) * G, zp + (i + j) * G, xg, G, NT, zt);
+        for (int t = 0; t < NT; t++) out[(t0 + t) * ldo + i + j] = v[t][j] - zt[t];
     }
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[(t0 + t) * ldo + i + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
+
+#ifndef Q4_PANEL
+#define Q4_PANEL 64  /* matmul: rows kept in L2 while every group of tokens passes */
+#endif
+#ifndef Q4_PF_QUADS
+#define Q4_PF_QUADS 3  /* matvec: how many quads of rows ahead to prefetch */
+#endif
 
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
 static inline void q4_gemm_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
                                 const int8_t *zp, long K, long G, const uint8_t *act, long ab,
-                                long T, float *out, long ldo, long r0, long r1) {
-    long i = r0;
-    for (; i + 4 <= r1; i += 4) {
-        long t = 0;
-        for (; t + 4 <= T; t += 4)
-            q4_tile_vnni(fmt, sf, w, sc, zp, K, G, act, ab, out, ldo, i, t, 4, 4, t == 0 && i + 8 <= r1);
-        for (; t < T; t++)
-            q4_tile_vnni(fmt, sf, w, sc, zp, K, G, act, ab, out, ldo, i, t, 4, 1, t == 0 && i + 8 <= r1);
+                                long T, float *out, long ldo, long r0, long r1, float *st) {
+#define Q4_TILE(i, t, NR, NT, pf, pfd) \
+    q4_tile_vnni(fmt, sf, w, sc, zp, K, G, act, ab, out, ldo, i, t, NR, NT, pf, pfd, st)
+    if (T == 1) {  /* 4 rows at a time, the next ones prefetched Q4_PF_QUADS quads ahead */
+        long i = r0;
+        for (; i + 4 <= r1; i += 4) Q4_TILE(i, 0, 4, 1, i + 4 + 4 * Q4_PF_QUADS <= r1, Q4_PF_QUADS);
+        if (i < r1) Q4_TILE(i, 0, (int)(r1 - i), 1, 0, 1);
+        return;
     }
-    for (; i < r1; i++) {
-        long t = 0;
-        for (; t + 4 <= T; t += 4) q4_tile_vnni(fmt, sf, w, sc, zp, K, G, act, ab, out, ldo, i, t, 1, 4, 0);
-        for (; t < T; t++) q4_tile_vnni(fmt, sf, w, sc, zp, K, G, act, ab, out, ldo, i, t, 1, 1, 0);
+    /* panels of rows against each group of up to 4 tokens in turn, 4 rows at a time */
+    for (long p0 = r0; p0 < r1; p0 += Q4_PANEL) {
+        long p1 = p0 + Q4_PANEL < r1 ? p0 + Q4_PANEL : r1;
+        for (long t = 0; t < T; t += 4) {
+            int nt = T - t < 4 ? (int)(T - t) : 4;
+            long i = p0;
+            for (; i + 4 <= p1; i += 4) {
+                int pf = t == 0 && i + 8 <= r1;
+                if (nt == 4) Q4_TILE(i, t, 4, 4, pf, 1);
+                else if (nt == 3) Q4_TILE(i, t, 4, 3, pf, 1);
+                else if (nt == 2) Q4_TILE(i, t, 4, 2, pf, 1);
+                else Q4_TILE(i, t, 4, 1, pf, 1);
+            }
+            if (i < p1) Q4_TILE(i, t, (int)(p1 - i), nt, 0, 1);
+        }
     }
+#undef Q4_TILE
 }
 
 __attribute__((target(PECCA_Q4_VNNI)))
 static void q4_int8_rows_vnni(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                               long K, long G, const uint8_t *act, long ab, long T, float *out,
-                              long ldo, long r0, long r1) {
+                              long ldo, long r0, long r1, float *st) {
     long bpg = K / Q4_QK / G;
-    if (fmt == Q4_FMT_0) q4_gemm_vnni(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else if (fmt == Q4_FMT_1) q4_gemm_vnni(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else if (bpg % 4 == 0) q4_gemm_vnni(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else if (bpg == 1) q4_gemm_vnni(Q4_FMT_G, Q4_SF_1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else q4_gemm_vnni(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+    if (fmt == Q4_FMT_0) q4_gemm_vnni(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
+    else if (fmt == Q4_FMT_1) q4_gemm_vnni(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
+    else if (bpg % 4 == 0) q4_gemm_vnni(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
+    else if (bpg == 1) q4_gemm_vnni(Q4_FMT_G, Q4_SF_1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
+    else q4_gemm_vnni(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
 }
 #endif /* PECCA_X86 */
 
 /* ---------------- dispatch ---------------- */
 
+/* scratch floats q4_int8_rows needs (for one call at a time) */
+static long q4_int8_scratch_floats(long G) { return 4 * G + 16; }
+
 /* out[t * ldo + r] = W[r] . x_t for rows [r0, r1), tokens t < T prepared by q4_prepare_int8
- * (act + t * ab). q4g: gs = K / G a multiple of 32. */
+ * (act + t * ab). q4g: gs = K / G a multiple of 32. scratch: q4_int8_scratch_floats(G) floats
+ * for this call's exclusive use. */
 static void q4_int8_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                          long K, long G, const uint8_t *act, long ab, long T, float *out,
-                         long ldo, long r0, long r1) {
+                         long ldo, long r0, long r1, float *scratch) {
 #if PECCA_X86
     int level = q8_kernel_level();
-    if (level == 2) { q4_int8_rows_vnni(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1); return; }
+    if (level == 2) { q4_int8_rows_vnni(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, scratch); return; }
     if (level == 1) { q4_int8_rows_avx2(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1); return; }
 #endif
     q4_rows_portable(fmt, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
