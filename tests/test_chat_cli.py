@@ -119,7 +119,10 @@ def test_smollm2_instruct(kind):
     chat_template.jinja and tokenizer.json) and as llama.cpp's Q4_1 GGUF (template and
     vocabulary inside the file). Its reply ends at <|im_end|> (an end-of-turn token, not -n),
     and the second turn feeds only its new tokens."""
-    child = spawn(smollm2(kind), "-t", "0", "-n", "48", "--threads", "2", timeout=300)
+    # a plain system prompt: with the template's default one, the first token of the answer is
+    # a near tie even in fp32 (tests/export/test_q4.py)
+    child = spawn(smollm2(kind), "-t", "0", "-n", "48", "--threads", "2",
+                  "--system", "You are a helpful assistant.", timeout=300)
     child.expect("template: ")
     child.expect(">>> ")
     child.sendline("What is the capital of France?")

@@ -99,12 +99,13 @@ def test_smollm2_int8_path_no_farther_than_llama_cpp(smollm2, llama_cpp_refs):
 
 
 def test_smollm2_answers_a_chat_question(smollm2):
+    """With a plain system prompt the answer names Paris. (With the template's own default
+    system prompt the first token is a near tie in fp32 itself, "The" 25.33 against "L" 25.24,
+    and llama.cpp, like pecca's int8 path, goes on "L'Étoile, la Marseillaise, ...".)"""
     m = pecca.load(str(smollm2[0]), threads=2)
-    prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-              "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-              "<|im_start|>assistant\n")
-    ids = m.tokenizer.encode(prompt, add_bos=False)
-    text = m.tokenizer.decode(greedy(m, ids, 24))
+    text = m.chat([{"role": "system", "content": "You are a helpful assistant."},
+                   {"role": "user", "content": "What is the capital of France?"}],
+                  temperature=0, max_tokens=24)
     print(repr(text))
     assert "Paris" in text
 
