@@ -52,13 +52,15 @@ def start_server(model: str, parallel: int, threads: int):
 
 
 async def one_stream(client, prompt: str, max_tokens: int) -> int:
-    tokens = 0
+    usage, chunks = None, 0
     stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
                                              stream=True, stream_options={"include_usage": True})
     async for chunk in stream:
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return tokens
+            usage = chunk.usage.completion_tokens
+        elif chunk.choices and chunk.choices[0].text:
+            chunks += 1  # a server without usage in streams (llama-cpp-python's): one token a chunk
+    return usage if usage is not None else chunks
 
 
 async def level(url: str, n: int, max_tokens: int) -> dict:
