@@ -73,6 +73,27 @@ def embed(table: np.ndarray, tokens, out: np.ndarray) -> None:
         out[...] = rows
 
 
+def block_rows(c: ModelConfig, layer, l: int, x, xb, xb2, q, k, v, hb, hb2, nt: int, attend) -> None:
+    """One transformer block over the rows of x (T, dim), in place, every linear one
+    matrix-matrix product. The rows' q, k, v land in q, k, v; `attend(l, k, v)` then applies
+    RoPE, stores k and v in the KV cache and leaves the attention output in xb: the one step
+    that differs between a prompt's consecutive positions (Model) and a serving batch's rows,
+    each in its own cache slot (pecca.serve.batch)."""
+    ops.rmsnorm_rows(xb, x, layer.attn_norm, c.norm_eps)
+    layer.wq.batch(xb, q, nt)
+    layer.wk.batch(xb, k, nt)
+    layer.wv.batch(xb, v, nt)
+    attend(l, k, v)
+    layer.wo.batch(xb, xb2, nt)
+    ops.add(x.reshape(-1), xb2.reshape(-1))
+    ops.rmsnorm_rows(xb, x, layer.ffn_norm, c.norm_eps)
+    layer.w1.batch(xb, hb, nt)
+    layer.w3.batch(xb, hb2, nt)
+    ops.swiglu(hb.reshape(-1), hb2.reshape(-1))
+    layer.w2.batch(hb, xb, nt)
+    ops.add(x.reshape(-1), xb.reshape(-1))
+
+
 def kv_cache_bytes(c: ModelConfig, seq_len: int) -> int:
     return 2 * 4 * c.n_layers * seq_len * c.kv_dim
 
@@ -231,25 +252,16 @@ class Model:
         x, xb, xb2, q = bs.x[:T], bs.xb[:T], bs.xb2[:T], bs.q[:T]
         hb, hb2 = bs.hb[:T], bs.hb2[:T]
         embed(w.token_embedding, tokens, x)
-        for l, layer in enumerate(w.layers):
-            k = s.key_cache[l, pos0:pos0 + T]
-            v = s.value_cache[l, pos0:pos0 + T]
-            ops.rmsnorm_rows(xb, x, layer.attn_norm, c.norm_eps)
-            layer.wq.batch(xb, q, nt)
-            layer.wk.batch(xb, k, nt)
-            layer.wv.batch(xb, v, nt)
+
+        def attend(l, k, v):  # consecutive positions of this model's one cache
             ops.rope_rows(q, c.head_size, pos0, s.rope_freqs)
             ops.rope_rows(k, c.head_size, pos0, s.rope_freqs)
             ops.attention_rows(xb, q, s.key_cache[l], s.value_cache[l], bs.att, pos0,
                                c.n_heads, c.n_kv_heads, nt)
-            layer.wo.batch(xb, xb2, nt)
-            ops.add(x.reshape(-1), xb2.reshape(-1))
-            ops.rmsnorm_rows(xb, x, layer.ffn_norm, c.norm_eps)
-            layer.w1.batch(xb, hb, nt)
-            layer.w3.batch(xb, hb2, nt)
-            ops.swiglu(hb.reshape(-1), hb2.reshape(-1))
-            layer.w2.batch(hb, xb, nt)
-            ops.add(x.reshape(-1), xb.reshape(-1))
+
+        for l, layer in enumerate(w.layers):
+            block_rows(c, layer, l, x, xb, xb2, q, s.key_cache[l, pos0:pos0 + T],
+                       s.value_cache[l, pos0:pos0 + T], hb, hb2, nt, attend)
         if all_logits is not None:
             ops.rmsnorm_rows(xb, x, w.norm, c.norm_eps)
             w.output.batch(xb, all_logits, nt)

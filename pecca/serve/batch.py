@@ -22,7 +22,7 @@ import numpy as np
 from pecca._kernels import ops
 from pecca.config import ModelConfig
 from pecca.errors import PeccaError
-from pecca.model import BatchState, Model, _total_memory, embed, kv_cache_bytes
+from pecca.model import BatchState, Model, _total_memory, block_rows, embed, kv_cache_bytes
 from pecca.weights import Weights
 
 ROW_MULTIPLE = 4
@@ -125,21 +125,13 @@ class BatchDecoder:
         embed(w.token_embedding, [t for _, t, _ in rows], x[:B])
         x[B:] = 0  # padding rows stay zero through every layer
         caches = [self.pool.models[s].state for s, _, _ in rows]
-        for l, layer in enumerate(w.layers):
-            ops.rmsnorm_rows(xb, x, layer.attn_norm, c.norm_eps)
-            layer.wq.batch(xb, q, nt)
-            layer.wk.batch(xb, k, nt)
-            layer.wv.batch(xb, v, nt)
+
+        def attend(l, k, v):  # each row at its own position, in its own slot's cache
             for b, (_, _, pos) in enumerate(rows):
                 self._attend(l, b, pos, caches[b])
-            layer.wo.batch(xb, xb2, nt)
-            ops.add(x.reshape(-1), xb2.reshape(-1))
-            ops.rmsnorm_rows(xb, x, layer.ffn_norm, c.norm_eps)
-            layer.w1.batch(xb, hb, nt)
-            layer.w3.batch(xb, hb2, nt)
-            ops.swiglu(hb.reshape(-1), hb2.reshape(-1))
-            layer.w2.batch(hb, xb, nt)
-            ops.add(x.reshape(-1), xb.reshape(-1))
+
+        for l, layer in enumerate(w.layers):
+            block_rows(c, layer, l, x, xb, xb2, q, k, v, hb, hb2, nt, attend)
         ops.rmsnorm_rows(xb, x, w.norm, c.norm_eps)
         w.output.batch(xb, self.logits[:R], nt)
         return self.logits[:B]
