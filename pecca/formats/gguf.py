@@ -191,13 +191,18 @@ def rope_factors(path, meta: Metadata, tensors, head_size):
     raise UnsupportedModelError(f"{path}: llama.rope.scaling.type {kind!r} is not supported")
 
 
+def _check_shape(path, t, shape):
+    """A matrix tensor's shape (GGUF lists dimensions innermost first) against the config's."""
+    got = tuple(int(d) for d in reversed(t.shape))
+    if got != shape:
+        raise ModelFormatError(f"{path}: tensor {t.name} has shape {list(got)}, expected {list(shape)}")
+
+
 def _linear(path, t, shape):
     """The Linear for tensor `t`, after checking its type and shape."""
     from pecca import weights as W
 
-    got = tuple(int(d) for d in reversed(t.shape))
-    if got != shape:
-        raise ModelFormatError(f"{path}: tensor {t.name} has shape {list(got)}, expected {list(shape)}")
+    _check_shape(path, t, shape)
     kind = t.tensor_type.name
     if kind == "F32":
         return F32Linear(t.data)
@@ -243,9 +248,7 @@ def _vector(path, t, n):
 
 
 def _embedding(path, t, shape):
-    got = tuple(int(d) for d in reversed(t.shape))
-    if got != shape:
-        raise ModelFormatError(f"{path}: tensor {t.name} has shape {list(got)}, expected {list(shape)}")
+    _check_shape(path, t, shape)
     kind = t.tensor_type.name
     if kind in ("F32", "F16"):
         return t.data
