@@ -387,8 +387,9 @@ typedef void (*pecca_matvec_half_fn)(const uint16_t *w, const float *x, float *o
  * falls back to the matvec, which needs no memory. */
 static void gemm_half_rows(const uint16_t *w, const float *x, float *out, long n, long T,
                            long ldo, long r0, long r1, pecca_widen_fn widen,
-                           pecca_matvec_half_fn matvec) {
+                           pecca_widen_rows_fn widen_rows, pecca_matvec_half_fn matvec) {
     if (r1 <= r0 || T <= 0) return;
+    if (T >= PECCA_LANES_MIN_T && gemm_lanes_rows(w, widen_rows, x, out, n, T, ldo, r0, r1)) return;
     float *buf = T > 1 ? (float *)malloc((size_t)(4 * n) * sizeof(float)) : NULL;
     if (buf == NULL) {
         for (long t = 0; t < T; t++) matvec(w, x + t * n, out + t * ldo, n, r0, r1);
@@ -402,14 +403,22 @@ static void gemm_half_rows(const uint16_t *w, const float *x, float *out, long n
     free(buf);
 }
 
+static void widen_f16_from(const void *w, long first, float *dst, long count) {
+    widen_f16((const uint16_t *)w + first, dst, count);
+}
+
+static void widen_bf16_from(const void *w, long first, float *dst, long count) {
+    widen_bf16((const uint16_t *)w + first, dst, count);
+}
+
 static void gemm_f16_rows(const uint16_t *w, const float *x, float *out, long n, long T,
                           long ldo, long r0, long r1) {
-    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_f16, matvec_f16_rows);
+    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_f16, widen_f16_from, matvec_f16_rows);
 }
 
 static void gemm_bf16_rows(const uint16_t *w, const float *x, float *out, long n, long T,
                            long ldo, long r0, long r1) {
-    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_bf16, matvec_bf16_rows);
+    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_bf16, widen_bf16_from, matvec_bf16_rows);
 }
 
 #endif

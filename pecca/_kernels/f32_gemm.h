@@ -123,8 +123,182 @@ static void gemm_rows_avx512(const float *w, const float *x, float *out, long n,
 }
 #endif /* PECCA_X86 */
 
+/* ---------------- tokens in lanes ("broadcast" form) ----------------
+ * For prompts of 16+ tokens the dot-product tiles above are bound by cache traffic: every
+ * 4-row block re-reads all T token rows (T x n floats: 1-3 MB for a 7B layer) from L3. Here
+ * the tokens are transposed once per call into panels of 32 (AVX-512) / 16 (AVX2) tokens,
+ * xt[panel][k][token] (zero-padded), and a register tile holds MR weight rows x 32 (AVX-512) or 16 (AVX2) tokens: each step of k
+ * broadcasts one weight of each row and multiplies it into the tokens' vectors, so one load of
+ * xt feeds MR multiply-adds and no horizontal sums are needed. Each output is one sequential
+ * fused multiply-add chain over k: the same bits for a token whatever T, the tile it lands in
+ * or the thread split.
+ * The weight rows are read in place (f32) or widened MR rows at a time into a scratch block
+ * (f16/bf16: `widen`, MR x n floats, in L2 while every token block meets it). */
+typedef void (*pecca_widen_rows_fn)(const void *w, long first, float *dst, long count);
+
+/* Token panels of P tokens: xt[(p * n + k) * P + t'] = x[(p * P + t') * n + k], zero past T,
+ * so a tile reads its tokens' values for each k from one contiguous stream. */
+static void transpose_tokens(const float *x, float *xt, long n, long T, long P) {
+    for (long p = 0; p * P < T; p++) {
+        float *d = xt + p * n * P;
+        long m = T - p * P < P ? T - p * P : P;
+        for (long k = 0; k < n; k++, d += P) {
+            for (long t = 0; t < m; t++) d[t] = x[(p * P + t) * n + k];
+            for (long t = m; t < P; t++) d[t] = 0.0f;
+        }
+    }
+}
+
+/* out[t * ldo + r + i] = acc row i, lane t - t0, for the tokens t < T of this tile */
+static inline void store_token_lanes(const float *lanes, long width, float *out, long ldo,
+                                     long r, long i, long t0, long T) {
+    long m = T - t0 < width ? T - t0 : width;
+    for (long t = 0; t < m; t++) out[(t0 + t) * ldo + r + i] = lanes[t];
+}
+
+#if PECCA_X86
+#define LANES512_MR 12
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline))
+static inline void lanes_tile_avx512(const int mr, const int nv, const float *w, long n,
+                                     const float *xt, float *out, long ldo, long r, long t0,
+                                     long T) {
+    __m512 acc[LANES512_MR][2];
+    const float *wr[LANES512_MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) {
+        acc[i][0] = _mm512_setzero_ps(); acc[i][1] = _mm512_setzero_ps();
+        wr[i] = w + i * n;
+    }
+    const float *xk = xt;
+    for (long k = 0; k < n; k++, xk += 32) {
+        __m512 x0 = _mm512_loadu_ps(xk);
+        __m512 x1 = nv > 1 ? _mm512_loadu_ps(xk + 16) : x0;
+#pragma GCC unroll 12
+        for (int i = 0; i < mr; i++) {
+            __m512 b = _mm512_set1_ps(wr[i][k]);
+            acc[i][0] = _mm512_fmadd_ps(b, x0, acc[i][0]);
+            if (nv > 1) acc[i][1] = _mm512_fmadd_ps(b, x1, acc[i][1]);
+        }
+    }
+    float lanes[32];
+#pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) {  /* unrolled: acc must stay registers, never an array */
+        _mm512_storeu_ps(lanes, acc[i][0]);
+        if (nv > 1) _mm512_storeu_ps(lanes + 16, acc[i][1]);
+        store_token_lanes(lanes, 16 * nv, out, ldo, r, i, t0, T);
+    }
+}
+
+#define LANES512_CASE(MR)                                                                  \
+    case MR:                                                                               \
+        if (nv > 1) lanes_tile_avx512(MR, 2, w, n, xp, out, ldo, r, t0, T);                \
+        else lanes_tile_avx512(MR, 1, w, n, xp, out, ldo, r, t0, T);                       \
+        break;
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static void lanes_tiles_avx512(int mr, const float *w, long n, const float *xt, long tp,
+                               float *out, long ldo, long r, long T) {
+    for (long t0 = 0; t0 < tp; t0 += 32) {
+        int nv = tp - t0 >= 32 ? 2 : 1;
+        const float *xp = xt + t0 * n;
+        switch (mr) {
+            LANES512_CASE(1) LANES512_CASE(2) LANES512_CASE(3) LANES512_CASE(4)
+            LANES512_CASE(5) LANES512_CASE(6) LANES512_CASE(7) LANES512_CASE(8)
+            LANES512_CASE(9) LANES512_CASE(10) LANES512_CASE(11) LANES512_CASE(12)
+        }
+    }
+}
+
+#define LANES256_MR 6
+__attribute__((target("avx2,fma"), always_inline))
+static inline void lanes_tile_avx2(const int mr, const int nv, const float *w, long n,
+                                   const float *xt, float *out, long ldo, long r, long t0,
+                                   long T) {
+    __m256 acc[LANES256_MR][2];
+    const float *wr[LANES256_MR];
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; i++) {
+        acc[i][0] = _mm256_setzero_ps(); acc[i][1] = _mm256_setzero_ps();
+        wr[i] = w + i * n;
+    }
+    const float *xk = xt;
+    for (long k = 0; k < n; k++, xk += 16) {
+        __m256 x0 = _mm256_loadu_ps(xk);
+        __m256 x1 = nv > 1 ? _mm256_loadu_ps(xk + 8) : x0;
+#pragma GCC unroll 6
+        for (int i = 0; i < mr; i++) {
+            __m256 b = _mm256_broadcast_ss(wr[i] + k);
+            acc[i][0] = _mm256_fmadd_ps(b, x0, acc[i][0]);
+            if (nv > 1) acc[i][1] = _mm256_fmadd_ps(b, x1, acc[i][1]);
+        }
+    }
+    float lanes[16];
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; i++) {
+        _mm256_storeu_ps(lanes, acc[i][0]);
+        if (nv > 1) _mm256_storeu_ps(lanes + 8, acc[i][1]);
+        store_token_lanes(lanes, 8 * nv, out, ldo, r, i, t0, T);
+    }
+}
+
+#define LANES256_CASE(MR)                                                                  \
+    case MR:                                                                               \
+        if (nv > 1) lanes_tile_avx2(MR, 2, w, n, xp, out, ldo, r, t0, T);                  \
+        else lanes_tile_avx2(MR, 1, w, n, xp, out, ldo, r, t0, T);                         \
+        break;
+
+__attribute__((target("avx2,fma")))
+static void lanes_tiles_avx2(int mr, const float *w, long n, const float *xt, long tp,
+                             float *out, long ldo, long r, long T) {
+    for (long t0 = 0; t0 < tp; t0 += 16) {
+        int nv = tp - t0 >= 16 ? 2 : 1;
+        const float *xp = xt + t0 * n;
+        switch (mr) {
+            LANES256_CASE(1) LANES256_CASE(2) LANES256_CASE(3)
+            LANES256_CASE(4) LANES256_CASE(5) LANES256_CASE(6)
+        }
+    }
+}
+#endif /* PECCA_X86 */
+
+/* The tokens-in-lanes GEMM over rows [r0, r1): w is float32 rows read in place when `widen`
+ * is NULL, else 16-bit rows widened MR at a time. Returns 0 (nothing done) when this CPU has
+ * no vector path or the scratch cannot be allocated: the caller then runs its dot-product
+ * tiles. */
+static int gemm_lanes_rows(const void *w, pecca_widen_rows_fn widen, const float *x, float *out,
+                           long n, long T, long ldo, long r0, long r1) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level != PECCA_SIMD_AVX512 && level != PECCA_SIMD_AVX2) return 0;
+    int avx512 = level == PECCA_SIMD_AVX512;
+    long width = avx512 ? 16 : 8, MR = avx512 ? LANES512_MR : LANES256_MR;
+    long tp = (T + width - 1) / width * width, P = 2 * width;
+    float *xt = (float *)malloc((size_t)(n * ((T + P - 1) / P * P)) * sizeof(float));
+    float *wbuf = widen ? (float *)malloc((size_t)(MR * n) * sizeof(float)) : NULL;
+    if (xt == NULL || (widen && wbuf == NULL)) { free(xt); free(wbuf); return 0; }
+    transpose_tokens(x, xt, n, T, P);
+    for (long r = r0; r < r1; r += MR) {
+        int mr = (int)(r1 - r < MR ? r1 - r : MR);
+        const float *wr;
+        if (widen) { widen(w, r * n, wbuf, mr * n); wr = wbuf; }
+        else wr = (const float *)w + r * n;
+        if (avx512) lanes_tiles_avx512(mr, wr, n, xt, tp, out, ldo, r, T);
+        else lanes_tiles_avx2(mr, wr, n, xt, tp, out, ldo, r, T);
+    }
+    free(xt); free(wbuf);
+    return 1;
+#else
+    (void)w; (void)widen; (void)x; (void)out; (void)n; (void)T; (void)ldo; (void)r0; (void)r1;
+    return 0;
+#endif
+}
+
+/* from this many tokens on, the tokens-in-lanes form wins */
+#define PECCA_LANES_MIN_T 8
+
 static void gemm_f32_rows(const float *w, const float *x, float *out, long n, long T,
                           long ldo, long r0, long r1) {
+    if (T >= PECCA_LANES_MIN_T && gemm_lanes_rows(w, NULL, x, out, n, T, ldo, r0, r1)) return;
 #if PECCA_X86
     int level = pecca_simd_level();
     if (level == PECCA_SIMD_AVX512) { gemm_rows_avx512(w, x, out, n, T, ldo, r0, r1); return; }

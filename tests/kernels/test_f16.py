@@ -67,7 +67,7 @@ def test_matvec_matches_float64(simd, fmt, rows, n, threads):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows,n", SIZES)
-@pytest.mark.parametrize("T", [1, 3, 4, 9])
+@pytest.mark.parametrize("T", [1, 3, 4, 9, 17, 40])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matmul_matches_float64(simd, fmt, rows, n, T, threads):
     rng = np.random.default_rng(rows * 7 + n * 3 + T)

@@ -57,7 +57,10 @@ def test_matvec_rejects_shape_mismatch():
 
 
 GEMM_SIZES = [(1, 1, 1), (1, 7, 3), (7, 1, 2), (7, 33, 5), (33, 7, 4), (288, 288, 9),
-              (768, 288, 1), (5, 4099, 6), (9, 31, 7), (4, 16, 4), (64, 172, 64)]
+              (768, 288, 1), (5, 4099, 6), (9, 31, 7), (4, 16, 4), (64, 172, 64),
+              # tokens-in-lanes form (T >= 8): row tiles of 12 (AVX-512) / 6 (AVX2) and
+              # their leftovers, token vectors of 16 / 8 and a 32 / 16 tile with a half tail
+              (1, 9, 8), (13, 50, 16), (25, 33, 17), (7, 1, 33), (40, 300, 48), (12, 64, 63)]
 
 
 @pytest.mark.parametrize("rows,n,T", GEMM_SIZES)
@@ -71,6 +74,21 @@ def test_matmul_matches_float64(simd, rows, n, T, threads):
     ref = x.astype(np.float64) @ w.T.astype(np.float64)
     bound = 4 * np.finfo(np.float32).eps * np.sqrt(n) * (np.abs(x) @ np.abs(w).T) + 1e-30
     assert np.all(np.abs(out - ref) <= bound + 1e-6 * np.abs(ref))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_token_independent_of_batch(simd, threads):
+    """From 8 tokens on, each output is one multiply-add chain over the row: a token's result
+    has the same bits whatever other tokens share the call (the serving batch relies on it)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((29, 70)).astype(np.float32)
+    x = rng.standard_normal((40, 70)).astype(np.float32)
+    full = np.empty((40, 29), np.float32)
+    f32.matmul(w, x, full, threads)
+    for lo, hi in [(0, 8), (3, 20), (31, 40), (5, 38)]:
+        part = np.empty((hi - lo, 29), np.float32)
+        f32.matmul(w, x[lo:hi], part, threads)
+        np.testing.assert_array_equal(part, full[lo:hi])
 
 
 def test_matmul_writes_into_a_cache_slice():
