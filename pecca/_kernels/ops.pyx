@@ -12,6 +12,8 @@ sampling compares a random coin against cumulative probabilities.
 """
 from cython.parallel cimport prange, threadid
 from libc.math cimport expf, powf, cosf, sinf, sqrt, sqrtf
+from libc.stdint cimport int32_t
+from libc.string cimport memcpy
 from pecca._kernels.kernels cimport pecca_simd_reset, attention_heads_f32
 
 
@@ -261,6 +263,122 @@ def attention_rows(float[:, ::1] out, const float[:, ::1] q, const float[:, ::1]
             attention_heads_f32(qp + t * dim, kp, vp, ap + threadid() * slab, att_stride,
                                 op + t * dim, 0, n_heads, pos0 + t, head_size, kv_dim,
                                 kv_mul, scale)
+
+# ---- the serving batch: one token per sequence, each in its own cache slot -------------
+
+def attend_slots(float[:, ::1] out, float[:, ::1] q, float[:, ::1] k, const float[:, ::1] v,
+                 float[:, :, :, ::1] key_cache, float[:, :, :, ::1] value_cache, int layer,
+                 const int32_t[::1] slots, const int32_t[::1] positions,
+                 const float[:, ::1] cos_t, const float[:, ::1] sin_t, float[:, :, ::1] att,
+                 int n_heads, int n_kv_heads, int num_threads=1):
+    """For each row b < B = len(slots): RoPE of q[b] and k[b] at position p = positions[b]
+    (cos_t[p], sin_t[p] from rope_table, the arithmetic of `rope`), k[b] and v[b] stored at
+    cache row p of slot slots[b], layer `layer`, then attention of q[b] over that slot's rows
+    0..p into out[b] (`attention`'s arithmetic: each head the same bits however the heads
+    are split between threads). Rows past B are not touched.
+
+    out : OUT (>= B, n_heads * head_size); q, k : IN/OUT (>= B, ...), rotated in place
+    v : IN (>= B, n_kv_heads * head_size)
+    key_cache, value_cache : IN/OUT (slots, layers, seq_len, n_kv_heads * head_size)
+    cos_t, sin_t : IN (>= seq_len rows used, head_size // 2)
+    att : scratch (>= num_threads, n_heads, > max position), one slab per thread
+    """
+    cdef Py_ssize_t B = slots.shape[0], dim = q.shape[1], kv_dim = k.shape[1]
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or dim % n_heads:
+        raise ValueError("attend_slots: bad head counts")
+    cdef long head_size = dim // n_heads
+    cdef int half = head_size // 2
+    if num_threads < 1:
+        num_threads = 1
+    if (head_size % 2 or positions.shape[0] != B or out.shape[0] < B or q.shape[0] < B
+            or k.shape[0] < B or v.shape[0] < B or out.shape[1] != dim
+            or kv_dim != n_kv_heads * head_size or v.shape[1] != kv_dim
+            or key_cache.shape[3] != kv_dim or value_cache.shape[3] != kv_dim
+            or value_cache.shape[0] != key_cache.shape[0] or value_cache.shape[1] != key_cache.shape[1]
+            or value_cache.shape[2] != key_cache.shape[2]
+            or layer < 0 or layer >= key_cache.shape[1] or cos_t.shape[1] < half
+            or sin_t.shape[1] < half or att.shape[0] < num_threads or att.shape[1] < n_heads):
+        raise ValueError("attend_slots: shapes disagree")
+    if B == 0:
+        return
+    cdef Py_ssize_t n_slots = key_cache.shape[0], seq = key_cache.shape[2]
+    cdef long b, s, p, h, j, i, u, work = 0, bad = -1
+    with nogil:
+        for b in range(B):
+            s = slots[b]
+            p = positions[b]
+            if (s < 0 or s >= n_slots or p < 0 or p >= seq or p >= cos_t.shape[0]
+                    or p >= sin_t.shape[0] or p >= att.shape[2]):
+                bad = b
+                break
+            work = work + (p + 1) * dim
+    if bad >= 0:
+        raise ValueError(f"attend_slots: row {bad}: slot {slots[bad]} or position {positions[bad]} "
+                         "outside the cache")
+    cdef float v0, v1, c, sn
+    cdef long kv_mul = n_heads // n_kv_heads, nb, units
+    cdef float scale = sqrtf(<float>head_size)
+    cdef long att_stride = att.shape[2], slab = att.shape[1] * att.shape[2]
+    cdef long cache_row = kv_dim, cache_layer = seq * kv_dim, cache_slot = key_cache.shape[1] * seq * kv_dim
+    cdef float *kcp = &key_cache[0, 0, 0, 0]
+    cdef float *vcp = &value_cache[0, 0, 0, 0]
+    cdef float *qp = &q[0, 0]
+    cdef float *op = &out[0, 0]
+    cdef float *ap = &att[0, 0, 0]
+    cdef float *kr
+    cdef float *qr
+    cdef long base
+    with nogil:
+        for b in range(B):  # RoPE and the cache writes: a few hundred floats a row
+            p = positions[b]
+            qr = &q[b, 0]
+            kr = &k[b, 0]
+            for h in range(dim // head_size):  # as `rope`, head by head, pair by pair
+                i = h * head_size
+                for j in range(half):
+                    c = cos_t[p, j]
+                    sn = sin_t[p, j]
+                    v0 = qr[i + 2 * j]
+                    v1 = qr[i + 2 * j + 1]
+                    qr[i + 2 * j] = v0 * c - v1 * sn
+                    qr[i + 2 * j + 1] = v0 * sn + v1 * c
+            for h in range(kv_dim // head_size):
+                i = h * head_size
+                for j in range(half):
+                    c = cos_t[p, j]
+                    sn = sin_t[p, j]
+                    v0 = kr[i + 2 * j]
+                    v1 = kr[i + 2 * j + 1]
+                    kr[i + 2 * j] = v0 * c - v1 * sn
+                    kr[i + 2 * j + 1] = v0 * sn + v1 * c
+            base = slots[b] * cache_slot + layer * cache_layer + p * cache_row
+            memcpy(kcp + base, kr, kv_dim * sizeof(float))
+            memcpy(vcp + base, &v[b, 0], kv_dim * sizeof(float))
+    # attention: units of (row, block of heads); small caches are not worth a thread team
+    cdef int nt = num_threads if work >= 16384 else 1
+    nb = 1
+    if nt > 1 and B < nt:
+        nb = min(n_heads, (nt + B - 1) // B)
+    units = B * nb
+    if nt > units:
+        nt = <int>units
+    if nt <= 1:
+        with nogil:
+            for b in range(B):
+                base = slots[b] * cache_slot + layer * cache_layer
+                attention_heads_f32(qp + b * dim, kcp + base, vcp + base, ap, att_stride,
+                                    op + b * dim, 0, n_heads, positions[b], head_size, kv_dim,
+                                    kv_mul, scale)
+        return
+    with nogil:
+        for u in prange(units, schedule='dynamic', num_threads=nt):
+            attention_heads_f32(qp + (u // nb) * dim,
+                                kcp + slots[u // nb] * cache_slot + layer * cache_layer,
+                                vcp + slots[u // nb] * cache_slot + layer * cache_layer,
+                                ap + threadid() * slab, att_stride, op + (u // nb) * dim,
+                                n_heads * (u % nb) // nb, n_heads * (u % nb + 1) // nb,
+                                positions[u // nb], head_size, kv_dim, kv_mul, scale)
+
 
 def _reset_simd():
     """Re-read PECCA_SIMD in this module (each extension keeps its own choice)."""

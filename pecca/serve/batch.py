@@ -5,15 +5,19 @@ new sequence's prompt is prefilled by the model's own batched prefill, exactly a
 `LLM.generate` prefills it). `BatchDecoder.step` then feeds one token for each of B sequences:
 every linear layer runs as one matrix-matrix product over the B rows (`Linear.batch`), so the
 weights stream through memory once per step for all of them, while RoPE and attention run per
-row, at that row's own position, over that row's own slot.
+row, at that row's own position, over that row's own slot: one nogil kernel call per layer for
+all rows (`ops.attend_slots`), over the pool's caches, one array for all slots.
 
-The batch is padded with zero rows to a multiple of `ROW_MULTIPLE` when the model's kernels
-need it: the f32/f16/bf16 GEMM kernels compute whole tiles of 4 tokens with a different
-summation order than their leftover rows, so without padding a sequence's logits (and hence its
-tokens) would depend on how many other requests happen to share its step. Padded, each row's
-arithmetic is the same whatever the batch, and a greedy reply is the same under load as alone.
-The int8 kernels sum integers, exactly, in any tiling: a model whose every layer is int8 is not
-padded (`rows_exact` checks each kernel once at start).
+The batch is padded with zero rows when the model's kernels need it, so that a sequence's
+logits (and hence its tokens) do not depend on how many other requests happen to share its step:
+the f32/f16/bf16 GEMMs below 8 tokens compute whole tiles of 4 tokens with another summation
+order than their leftover rows (padding to a multiple of 4 makes every row a tile row), and from
+8 tokens on put tokens in vector lanes, one multiply-add chain per output whatever the batch
+(padding to at least 8 rows keeps every step on that form). Padded, each row's arithmetic is
+the same whatever the batch, and a greedy reply is the same under load as alone. The int8
+kernels sum integers, exactly, in any tiling: a model whose every layer is int8 is not padded.
+`row_padding` finds, once at start, the least padding under which each kernel of the model gives
+a row the same bits alone as in a batch.
 """
 from typing import List, Sequence, Tuple
 
@@ -25,35 +29,51 @@ from pecca.errors import PeccaError
 from pecca.model import BatchState, Model, _total_memory, block_rows, embed, kv_cache_bytes
 from pecca.weights import Weights
 
-ROW_MULTIPLE = 4
+ROW_MULTIPLE = 4  # the float GEMMs' token tiles below LANES_MIN_ROWS
+LANES_MIN_ROWS = 8  # from this many tokens on, the float GEMMs' tokens-in-lanes form
+CHECK_ROWS = 2 * LANES_MIN_ROWS + 1  # rows of the batch a kernel is checked on
 
 
-def padded(n: int, multiple: int = ROW_MULTIPLE) -> int:
-    return -(-n // multiple) * multiple
+def padded(n: int, multiple: int = ROW_MULTIPLE, minimum: int = 1) -> int:
+    """Rows a batch of n is computed as: a multiple of `multiple`, at least `minimum`."""
+    return max(minimum, -(-n // multiple) * multiple)
 
 
-def rows_exact(linear, threads: int) -> bool:
-    """Whether `linear.batch` gives each row of a batch the bits it gives that row alone (float
-    GEMM tiles differ from their leftover rows in the last bits on random data, always)."""
-    x = np.random.default_rng(0).standard_normal((ROW_MULTIPLE + 1, linear.in_features)).astype(np.float32)
+def rows_exact(linear, threads: int, multiple: int = 1, minimum: int = 1) -> bool:
+    """Whether `linear.batch`, on batches padded(n, multiple, minimum) rows long (zero rows
+    after the real ones), gives each row of a large batch the bits it gives that row alone
+    (float GEMM tiles differ from their leftover rows in the last bits on random data, always)."""
+    n = CHECK_ROWS
+    rng = np.random.default_rng(0)
+    x = np.zeros((padded(n, multiple, minimum), linear.in_features), np.float32)
+    x[:n] = rng.standard_normal((n, linear.in_features))
     together = np.zeros((len(x), linear.out_features), np.float32)
-    alone = np.zeros((1, linear.out_features), np.float32)
     linear.batch(x, together, threads)
-    for t in range(len(x)):
-        linear.batch(x[t:t + 1], alone, threads)
+    one = np.zeros((padded(1, multiple, minimum), linear.in_features), np.float32)
+    alone = np.zeros((len(one), linear.out_features), np.float32)
+    for t in range(n):
+        one[0] = x[t]
+        linear.batch(one, alone, threads)
         if not np.array_equal(alone[0], together[t]):
             return False
     return True
 
 
-def row_multiple(weights: Weights, threads: int) -> int:
-    """ROW_MULTIPLE, or 1 when every kernel of the model is exact row by row (one layer's kinds
-    stand for all layers: each layer holds the same kinds of matrices)."""
+def row_padding(weights: Weights, threads: int) -> Tuple[int, int]:
+    """(multiple, minimum) for `padded`: the least padding under which every kernel of the
+    model is exact row by row ((1, 1) for int8 kernels; one layer's kinds stand for all layers:
+    each layer holds the same kinds of matrices)."""
     layer = weights.layers[0] if weights.layers else None
     names = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
     linears = [getattr(layer, n) for n in names] if layer is not None else []
     linears.append(weights.output)
-    return 1 if all(rows_exact(lin, threads) for lin in linears) else ROW_MULTIPLE
+    multiple, minimum = 1, 1
+    for lin in linears:
+        for m, lo in ((1, 1), (1, LANES_MIN_ROWS), (ROW_MULTIPLE, 1), (ROW_MULTIPLE, LANES_MIN_ROWS)):
+            if (m, lo) == (ROW_MULTIPLE, LANES_MIN_ROWS) or rows_exact(lin, threads, m, lo):
+                break
+        multiple, minimum = max(multiple, m), max(minimum, lo)
+    return multiple, minimum
 
 
 class SlotPool:
@@ -65,6 +85,14 @@ class SlotPool:
             raise PeccaError(f"{n} KV-cache slots of {seq_len} positions need {need / 2**30:.1f} GiB, "
                              "more than this machine has; lower --parallel or --ctx-size")
         self.models = [Model(config, weights, threads, seq_len) for _ in range(n)]
+        # every slot's cache in one array (slot, layer, position, kv_dim), so that one kernel call
+        # serves the whole batch; each Model sees its own slot (its prefill writes there). The
+        # caches each Model allocated are zero pages never touched: dropping them costs nothing.
+        shape = (n, config.n_layers, seq_len, config.kv_dim)
+        self.key_cache = np.zeros(shape, np.float32)
+        self.value_cache = np.zeros(shape, np.float32)
+        for i, m in enumerate(self.models):
+            m.state.key_cache, m.state.value_cache = self.key_cache[i], self.value_cache[i]
         # the engine prefills one sequence at a time: one set of prefill buffers serves all slots
         shared = BatchState(config, Model.PREFILL_BATCH, seq_len, threads)
         for m in self.models:
@@ -100,8 +128,8 @@ class BatchDecoder:
         c, f = m0.config, np.float32
         self.pool, self.config, self.weights = pool, c, m0.weights
         self.threads, self.seq_len = m0.threads, m0.seq_len
-        self.multiple = row_multiple(self.weights, self.threads)
-        R = padded(max_rows, self.multiple)
+        self.multiple, self.minimum = row_padding(self.weights, self.threads)
+        R = padded(max_rows, self.multiple, self.minimum)
         self.x = np.zeros((R, c.dim), f)
         self.xb = np.zeros((R, c.dim), f)
         self.xb2 = np.zeros((R, c.dim), f)
@@ -111,42 +139,35 @@ class BatchDecoder:
         self.hb = np.zeros((R, c.hidden_dim), f)
         self.hb2 = np.zeros((R, c.hidden_dim), f)
         self.logits = np.zeros((R, c.vocab_size), f)
-        self.att = np.zeros((c.n_heads, self.seq_len), f)
+        self.att = np.zeros((self.threads, c.n_heads, self.seq_len), f)  # one slab per thread
+        self.slots = np.zeros(max_rows, np.int32)
+        self.positions = np.zeros(max_rows, np.int32)
         self.cos, self.sin = rope_tables(m0.state.rope_freqs, self.seq_len)
 
     def step(self, rows: Sequence[Tuple[int, int, int]]) -> np.ndarray:
         """Feed rows of (slot, token, position); returns logits (B, vocab_size), one row per
         input row (a view, overwritten by the next step)."""
-        c, w, nt = self.config, self.weights, self.threads
+        c, w, nt, pool = self.config, self.weights, self.threads, self.pool
         B = len(rows)
-        R = padded(B, self.multiple)
+        R = padded(B, self.multiple, self.minimum)
         x, xb, xb2, q, k, v = (a[:R] for a in (self.x, self.xb, self.xb2, self.q, self.k, self.v))
         hb, hb2 = self.hb[:R], self.hb2[:R]
         embed(w.token_embedding, [t for _, t, _ in rows], x[:B])
         x[B:] = 0  # padding rows stay zero through every layer
-        caches = [self.pool.models[s].state for s, _, _ in rows]
+        slots, positions = self.slots[:B], self.positions[:B]
+        for b, (s, _, pos) in enumerate(rows):
+            slots[b], positions[b] = s, pos
+        args = (pool.key_cache, pool.value_cache)
+        cos, sin, att, nh, nkv = self.cos, self.sin, self.att, c.n_heads, c.n_kv_heads
 
         def attend(l, k, v):  # each row at its own position, in its own slot's cache
-            for b, (_, _, pos) in enumerate(rows):
-                self._attend(l, b, pos, caches[b])
+            ops.attend_slots(xb, q, k, v, *args, l, slots, positions, cos, sin, att, nh, nkv, nt)
 
         for l, layer in enumerate(w.layers):
             block_rows(c, layer, l, x, xb, xb2, q, k, v, hb, hb2, nt, attend)
         ops.rmsnorm_rows(xb, x, w.norm, c.norm_eps)
         w.output.batch(xb, self.logits[:R], nt)
         return self.logits[:B]
-
-    def _attend(self, l: int, b: int, pos: int, state) -> None:
-        """Row b at position `pos`: RoPE as Model.forward does it, its key and value into its
-        own slot's cache, attention over that cache; the result replaces xb[b]."""
-        c = self.config
-        q, k = self.q[b], self.k[b]
-        ops.rope(q, c.head_size, self.cos[pos], self.sin[pos])
-        ops.rope(k, c.head_size, self.cos[pos], self.sin[pos])
-        state.key_cache[l, pos] = k
-        state.value_cache[l, pos] = self.v[b]
-        ops.attention(self.xb[b], q, state.key_cache[l], state.value_cache[l], self.att, pos,
-                      c.n_heads, c.n_kv_heads, self.threads)
 
 
 def rope_tables(freqs: np.ndarray, seq_len: int):

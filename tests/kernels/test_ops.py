@@ -159,3 +159,82 @@ def test_attention_rows_is_causal_per_token(simd, n_heads, n_kv, head_size, pos0
             close(out[t], attention_ref(q[t], kc, vc, pos0 + t, n_heads, n_kv), 1e-5)
     finally:
         _kernels.set_simd_path(None)
+
+
+# ---- the serving batch: rows at their own positions, in their own cache slots --------------
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("n_heads,n_kv,head_size,positions,slots", [
+    (1, 1, 2, [0], [0]),
+    (3, 1, 6, [5, 0, 11], [2, 0, 1]),
+    (8, 4, 8, [40, 3, 0, 90, 7], [4, 1, 3, 0, 2]),
+    (9, 3, 64, [300, 2], [1, 3]),
+    (6, 6, 46, [17, 299, 60], [0, 2, 4]),
+])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_attend_slots_equals_rope_store_attention_per_row(simd, n_heads, n_kv, head_size, positions,
+                                                          slots, threads):
+    """Bit for bit what Model.forward does for each row (rope, rope, store k and v, attention),
+    close to float64, padding rows and other cache rows untouched."""
+    _kernels.set_simd_path(simd)
+    try:
+        n_slots, layers, seq, layer = 5, 3, 301, 1
+        B, R = len(slots), len(slots) + 2  # two padding rows the kernel must leave alone
+        dim, kv_dim = n_heads * head_size, n_kv * head_size
+        rng = np.random.default_rng(sum(positions) + n_heads)
+        q = rng.standard_normal((R, dim)).astype(np.float32)
+        k = rng.standard_normal((R, kv_dim)).astype(np.float32)
+        v = rng.standard_normal((R, kv_dim)).astype(np.float32)
+        kc = rng.standard_normal((n_slots, layers, seq, kv_dim)).astype(np.float32)
+        vc = rng.standard_normal((n_slots, layers, seq, kv_dim)).astype(np.float32)
+        freqs = np.empty(head_size // 2, np.float32)
+        ops.rope_freqs(head_size, 10000.0, freqs)
+        cos = np.empty((seq, head_size // 2), np.float32)
+        sin = np.empty((seq, head_size // 2), np.float32)
+        for p in range(seq):
+            ops.rope_table(p, freqs, cos[p], sin[p])
+        # the reference: the one-token ops, row by row
+        want_q, want_k, want_kc, want_vc = q.copy(), k.copy(), kc.copy(), vc.copy()
+        want = np.full((R, dim), 7.0, np.float32)
+        att1 = np.zeros((n_heads, seq), np.float32)
+        for b, (s, p) in enumerate(zip(slots, positions)):
+            ops.rope(want_q[b], head_size, cos[p], sin[p])
+            ops.rope(want_k[b], head_size, cos[p], sin[p])
+            want_kc[s, layer, p] = want_k[b]
+            want_vc[s, layer, p] = v[b]
+            ops.attention(want[b], want_q[b], want_kc[s, layer], want_vc[s, layer], att1, p, n_heads, n_kv, 1)
+            close(want[b], attention_ref(want_q[b], want_kc[s, layer], want_vc[s, layer], p, n_heads, n_kv), 1e-5)
+        out = np.full((R, dim), 7.0, np.float32)
+        att = np.zeros((threads, n_heads, seq), np.float32)
+        ops.attend_slots(out, q, k, v, kc, vc, layer, np.array(slots, np.int32), np.array(positions, np.int32),
+                         cos, sin, att, n_heads, n_kv, threads)
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(q, want_q)
+        np.testing.assert_array_equal(k, want_k)
+        np.testing.assert_array_equal(kc, want_kc)
+        np.testing.assert_array_equal(vc, want_vc)
+    finally:
+        _kernels.set_simd_path(None)
+
+
+def test_attend_slots_rejects_bad_rows():
+    n_heads, hs, seq = 2, 4, 8
+    q = np.zeros((2, n_heads * hs), np.float32)
+    kc = np.zeros((3, 2, seq, hs), np.float32)
+    cos = np.zeros((seq, hs // 2), np.float32)
+    att = np.zeros((1, n_heads, seq), np.float32)
+    k = np.zeros((2, hs), np.float32)
+
+    def call(slots, positions, layer=0, heads=n_heads):
+        ops.attend_slots(q.copy(), q.copy(), k.copy(), k, kc, kc.copy(), layer, np.array(slots, np.int32),
+                         np.array(positions, np.int32), cos, cos, att, heads, 1, 1)
+
+    call([0, 2], [0, seq - 1])  # fine
+    for slots, positions in [([3], [0]), ([-1], [0]), ([0], [seq]), ([0], [-1]), ([0, 1], [0])]:
+        with pytest.raises(ValueError):
+            call(slots, positions)
+    with pytest.raises(ValueError):
+        call([0], [0], layer=2)
+    with pytest.raises(ValueError):
+        call([0], [0], heads=3)
+    call([], [])  # no rows: nothing to do
