@@ -20,12 +20,14 @@ repetition during which other processes used more than 0.1 core is redone (up to
 
 GB/s = bytes the decode streams per token (every layer matrix and the classifier, as pecca
 reads the file: Weights.nbytes) x decode tok/s; the same bytes are counted for llama.cpp on
-the same file. The STREAM-style read bandwidth (a 512 MiB f32 matvec, best of 5) is measured
-in the same run at each thread count: the ceiling for every decode here.
+the same file. The STREAM-style read bandwidth (a 512 MiB f32 matvec, best of 3) is measured
+in every repetition, just before its engines: the ceiling for every decode here. This VM's
+bandwidth moves 10-40% from minute to minute (at 2 threads it flips between ~50 and ~80 GB/s),
+so "of BW" is the mean of each rep's decode GB/s over that rep's own bandwidth.
 
-Files go to --out-dir (default bench/out/, gitignored); 7B-layers needs ~4 GB of disk.
+Files go to --out-dir (default bench/out/, gitignored); 7B-layers needs ~10 GB of disk.
 Usage: python bench/compare.py [--cases smollm2,7B-layers] [--threads 1,2] [--reps 3]
-       [--prompt-tokens 32] [--gen-tokens 32] [--layers 2] [--json]
+       [--prompt-tokens 128] [--gen-tokens 32] [--layers 4] [--json]
 """
 import argparse
 import json
@@ -140,10 +142,12 @@ def bench_threads(case, engines, threads, reps):
         e.set_threads(threads)
         e.run(0)  # warm: page in, start thread pools
     samples = [[] for _ in engines]
+    bandwidth = []  # measured in every rep, beside the engines: the machine's drifts by 10-40%
     redone = 0
     for r in range(reps):
         for attempt in range(RETRIES + 1):
             before, t0 = cpu_seconds(), time.perf_counter()
+            bw = read_bandwidth(threads, reps=3)
             rep = [e.run(r) for e in engines]
             load = foreign_load(before, cpu_seconds(), time.perf_counter() - t0)
             log(f"  {case} threads={threads} rep {r + 1}/{reps}: " + " | ".join(
@@ -155,10 +159,13 @@ def bench_threads(case, engines, threads, reps):
             time.sleep(2.0)
         for s, x in zip(samples, rep):
             s.append(x)
-    return samples, redone
+        bandwidth.append(bw)
+    return samples, bandwidth, redone
 
 
 def summarize(case, engines, threads, samples, redone, bandwidth):
+    """One row per engine; "of_bandwidth" pairs each rep's decode GB/s with the read bandwidth
+    measured in that same rep."""
     rows = []
     for e, s in zip(engines, samples):
         pp, tg = [p for p, _ in s], [t for _, t in s]
@@ -166,7 +173,9 @@ def summarize(case, engines, threads, samples, redone, bandwidth):
         rows.append({"case": case, "threads": threads, "label": e.label, "engine": e.kind,
                      "file": str(e.path), "bytes_per_token": e.bytes_per_token,
                      "pp": mean_std(pp), "tg": mean_std(tg), "gb_s": gbs,
-                     "of_bandwidth": gbs / bandwidth, "reps_redone": redone})
+                     "of_bandwidth": mean_std([t * e.bytes_per_token / 1e9 / b
+                                               for t, b in zip(tg, bandwidth)]),
+                     "bandwidth_gb_s": mean_std(bandwidth), "reps_redone": redone})
     # paired ratios: each pecca row against llama.cpp on the same file, and against llama.cpp's
     # first row of the case (e.g. GPTQ against llama.cpp's Q4_0)
     cpp = [(e, s) for e, s in zip(engines, samples) if e.kind == "llama.cpp"]
@@ -180,17 +189,21 @@ def summarize(case, engines, threads, samples, redone, bandwidth):
     return rows
 
 
-def format_table(rows, bandwidth, n_p, n_g, reps) -> str:
+def format_table(rows, n_p, n_g, reps) -> str:
     out = [f"tok/s, mean ± std of {reps} alternating reps; pp{n_p} prefill, tg{n_g} greedy decode",
            f"{'case':<10} {'thr':>3}  {'engine':<9} {'weights':<20} {'pp tok/s':>16} {'tg tok/s':>14} "
-           f"{'GB/s':>6} {'of BW':>6}  tg ratios (paired)", "-" * 130]
+           f"{'GB/s':>6} {'of BW':>10}  tg ratios (paired)", "-" * 134]
     for r in rows:
         ratios = ", ".join(f"{k} {fmt(*v, prec=2)}" for k, v in r.items() if k.startswith("vs "))
         out.append(f"{r['case']:<10} {r['threads']:>3}  {r['engine']:<9} {r['label']:<20} "
                    f"{fmt(*r['pp']):>16} {fmt(*r['tg']):>14} {r['gb_s']:>6.1f} "
-                   f"{100 * r['of_bandwidth']:>5.0f}%  {ratios}")
-    out.append("read bandwidth (512 MiB f32 matvec, best of 5): " + ", ".join(
-        f"{t} thread{'s' if t > 1 else ''} {b:.1f} GB/s" for t, b in bandwidth.items()))
+                   f"{100 * r['of_bandwidth'][0]:>4.0f} ± {100 * r['of_bandwidth'][1]:>2.0f}%  {ratios}")
+    seen = {}
+    for r in rows:
+        seen.setdefault((r["case"], r["threads"]), r["bandwidth_gb_s"])
+    out.append("read bandwidth (512 MiB f32 matvec, best of 3, measured in every rep; "
+               "'of BW' pairs each rep with its own): " + ", ".join(
+                   f"{c} {t} thr {fmt(*b)} GB/s" for (c, t), b in seen.items()))
     import llama_cpp
     from pecca._kernels import runtime
 
@@ -205,7 +218,7 @@ def parse_args(argv=None):
     p.add_argument("--cases", default="smollm2,7B-layers")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--layers", type=int, default=4, help="7B-layers: how many layers")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
@@ -227,7 +240,6 @@ def main(argv=None) -> int:
         print("compare: skipped: llama_cpp (llama-cpp-python) is not installed")
         return 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    bandwidth = {t: read_bandwidth(t) for t in args.threads}
     rows = []
     for case in args.cases:
         log(f"{case}: preparing files")
@@ -235,13 +247,13 @@ def main(argv=None) -> int:
         os.sync()
         engines = [Engine(*f, args.prompt_tokens, args.gen_tokens) for f in files]
         for t in args.threads:
-            samples, redone = bench_threads(case, engines, t, args.reps)
-            rows += summarize(case, engines, t, samples, redone, bandwidth[t])
+            samples, bandwidth, redone = bench_threads(case, engines, t, args.reps)
+            rows += summarize(case, engines, t, samples, redone, bandwidth)
         del engines
-    result = {"rows": rows, "bandwidth_gb_s": bandwidth}
+    result = {"rows": rows}
     (args.out_dir / "compare.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if args.json else
-          format_table(rows, bandwidth, args.prompt_tokens, args.gen_tokens, args.reps))
+          format_table(rows, args.prompt_tokens, args.gen_tokens, args.reps))
     return 0
 
 
