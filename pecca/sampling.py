@@ -138,10 +138,9 @@ def apply_min_p(logits: np.ndarray, min_p: float) -> None:
 
 
 def sample_mult(probs: np.ndarray, coin) -> int:
-    """The first index whose cumulative probability exceeds coin (run.c's sample_mult)."""
-    cdf = np.cumsum(probs, dtype=F32)  # sequential float32 sums, as run.c's loop
-    i = int(np.searchsorted(cdf, coin, side="right"))
-    return min(i, len(probs) - 1)
+    """The first index whose cumulative probability exceeds coin (run.c's sample_mult: a
+    sequential float32 sum, stopping there)."""
+    return ops.sample_mult(probs, coin)
 
 
 def sample_topp(probs: np.ndarray, top_p, coin) -> int:

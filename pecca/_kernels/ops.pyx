@@ -58,6 +58,26 @@ def softmax(float[::1] x):
             x[i] = x[i] / s
 
 
+def sample_mult(const float[::1] probs, float coin):
+    """The first index whose cumulative probability (a sequential float32 sum) exceeds coin,
+    the last index if none does: run.c's sample_mult.
+
+    probs : IN (n,) float32, n >= 1
+    """
+    cdef Py_ssize_t n = probs.shape[0], i
+    if n == 0:
+        raise ValueError("sample_mult of an empty vector")
+    cdef float cdf = 0.0
+    cdef Py_ssize_t found = n - 1
+    with nogil:
+        for i in range(n):
+            cdf = cdf + probs[i]
+            if coin < cdf:
+                found = i
+                break
+    return found
+
+
 def rope_freqs(int head_size, float theta, float[::1] out):
     """RoPE frequency of each pair of a head: 1 / theta**(2i / head_size), computed in float32
     with powf exactly as llama2.c's run.c.

@@ -238,3 +238,22 @@ def test_attend_slots_rejects_bad_rows():
     with pytest.raises(ValueError):
         call([0], [0], heads=3)
     call([], [])  # no rows: nothing to do
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 1000, 49153])
+def test_sample_mult_is_the_first_index_past_the_coin(n):
+    """A sequential float32 running sum (np.cumsum's), stopping at the first entry past the coin;
+    the last index when rounding leaves the total at or under it."""
+    rng = np.random.default_rng(n)
+    for scale in (0.1, 3.0, 30.0):
+        p = rand(n, n + int(scale), scale)
+        if n > 3:
+            p[rng.integers(0, n, n // 3)] = -np.inf  # zero probabilities (top-k, min-p)
+        ops.softmax(p)
+        cdf = np.cumsum(p, dtype=np.float32)
+        for coin in [0.0, 1e-9, *rng.random(20), cdf[-1], np.nextafter(np.float32(1), np.float32(0))]:
+            coin = np.float32(coin)
+            want = min(int(np.searchsorted(cdf, coin, side="right")), n - 1)
+            assert ops.sample_mult(p, coin) == want
+    with pytest.raises(ValueError):
+        ops.sample_mult(np.zeros(0, np.float32), 0.5)
