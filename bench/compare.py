@@ -3,8 +3,8 @@
 Cases (--cases, comma-separated):
   smollm2     the real SmolLM2-135M-Instruct: llama.cpp's Q4_1 GGUF as shipped (pecca and
               llama.cpp), pecca's export of the GPTQModel checkpoint of it (4-bit, group 64,
-              act-order; ../shared/models/gptq), and pecca's f32 and q8_0 re-exports of the Q4_1
-              file (pecca and llama.cpp). Every 4-bit file has a Q8_0 embedding and classifier.
+              act-order; ../shared/models/gptq), and pecca's f32, q8_0 and q4_0 re-exports of the
+              Q4_1 file (pecca and llama.cpp). Every 4-bit file has a Q8_0 embedding and classifier.
   7B-layers   random weights with Llama-2-7B's layer shapes (dim 4096, hidden 11008, 32 heads,
               vocab 32000), --layers of them: a GPTQ checkpoint (group 128, act-order, written by
               bench/make_gptq_checkpoint.py) exported by pecca (Q8_0 embedding and classifier, as
@@ -60,16 +60,18 @@ def smollm2_files(out: Path, args) -> list:
     q4_1 = Path(subprocess.run(["bash", str(shared_dir() / "models/gguf/fetch-smollm2.sh")],
                                check=True, capture_output=True, text=True).stdout.strip())
     gptq_dir = shared_dir() / "models/gptq/SmolLM2-135M-Instruct-gptq-4bit-g64-actorder"
-    files = {"gptq": out / "smollm2-gptq-g64.gguf", "q8_0": out / "smollm2-q8_0.gguf",
-             "f32": out / "smollm2-f32.gguf"}
+    files = {"gptq": out / "smollm2-gptq-g64.gguf", "q4_0": out / "smollm2-q4_0.gguf",
+             "q8_0": out / "smollm2-q8_0.gguf", "f32": out / "smollm2-f32.gguf"}
     if not files["gptq"].exists():  # Q8_0 embedding and classifier, as in the Q4_1 file
         export(str(gptq_dir), str(files["gptq"]), "q8_0")
-    for dtype in ("q8_0", "f32"):
+    for dtype in ("q4_0", "q8_0", "f32"):
         if not files[dtype].exists():
             export(str(q4_1), str(files[dtype]), dtype)
     return [("GPTQ g64 act-order", "pecca", files["gptq"]), ("Q4_1 (llama.cpp's)", "pecca", q4_1),
-            ("Q4_1 (llama.cpp's)", "llama.cpp", q4_1), ("Q8_0", "pecca", files["q8_0"]),
-            ("Q8_0", "llama.cpp", files["q8_0"]), ("F32", "pecca", files["f32"])]
+            ("Q4_1 (llama.cpp's)", "llama.cpp", q4_1), ("Q4_0", "pecca", files["q4_0"]),
+            ("Q4_0", "llama.cpp", files["q4_0"]), ("Q8_0", "pecca", files["q8_0"]),
+            ("Q8_0", "llama.cpp", files["q8_0"]), ("F32", "pecca", files["f32"]),
+            ("F32", "llama.cpp", files["f32"])]
 
 
 def seven_b_files(out: Path, args) -> list:
