@@ -89,7 +89,7 @@ def block_rows(c: ModelConfig, layer, l: int, x, xb, xb2, q, k, v, hb, hb2, nt: 
     ops.rmsnorm_rows(xb, x, layer.ffn_norm, c.norm_eps)
     layer.w1.batch(xb, hb, nt)
     layer.w3.batch(xb, hb2, nt)
-    ops.swiglu(hb.reshape(-1), hb2.reshape(-1))
+    ops.swiglu(hb.reshape(-1), hb2.reshape(-1), nt)
     layer.w2.batch(hb, xb, nt)
     ops.add(x.reshape(-1), xb.reshape(-1))
 
@@ -183,7 +183,7 @@ class Model:
             ops.rmsnorm(s.xb, x, layer.ffn_norm, c.norm_eps)
             layer.w1(s.xb, s.hb, nt)
             layer.w3(s.xb, s.hb2, nt)
-            ops.swiglu(s.hb, s.hb2)
+            ops.swiglu(s.hb, s.hb2, nt)
             layer.w2(s.hb, s.xb, nt)
             ops.add(x, s.xb)
         ops.rmsnorm(x, x, w.norm, c.norm_eps)

@@ -14,6 +14,8 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport expf, powf, cosf, sinf, sqrt, sqrtf
 from libc.stdint cimport int32_t
 from libc.string cimport memcpy
+
+cdef Py_ssize_t SWIGLU_CHUNK = 2048  # elements a thread takes at least (expf: a few ns each)
 from pecca._kernels.kernels cimport pecca_simd_reset, attention_heads_f32
 
 
@@ -134,21 +136,34 @@ def rope(float[::1] vec, int head_size, const float[::1] cos_t, const float[::1]
                 vec[i + 2 * j + 1] = v0 * s + v1 * c
 
 
-def swiglu(float[::1] h, const float[::1] g):
+def swiglu(float[::1] h, const float[::1] g, int num_threads=1):
     """In place: h = silu(h) * g.
 
     h : IN/OUT (n,) float32 (the gate projection, w1 x)
     g : IN (n,) float32 (the up projection, w3 x)
+    num_threads : threads for a long vector (a batch's rows together): each element's
+        arithmetic is the same however it is split
     """
-    cdef Py_ssize_t n = h.shape[0], i
+    cdef Py_ssize_t n = h.shape[0], i, b, lo, hi
     cdef float v, one = 1.0
     if g.shape[0] != n:
         raise ValueError("swiglu: length mismatch")
+    cdef int nt = max(1, min(num_threads, <int>(n // SWIGLU_CHUNK)))
+    if nt <= 1:
+        with nogil:
+            for i in range(n):
+                v = h[i]
+                v = v * (one / (one + expf(-v)))
+                h[i] = v * g[i]
+        return
     with nogil:
-        for i in range(n):
-            v = h[i]
-            v = v * (one / (one + expf(-v)))
-            h[i] = v * g[i]
+        for b in prange(nt, schedule='static', num_threads=nt):
+            lo = n * b // nt
+            hi = n * (b + 1) // nt
+            for i in range(lo, hi):
+                v = h[i]
+                v = v * (one / (one + expf(-v)))
+                h[i] = v * g[i]
 
 
 def add(float[::1] x, const float[::1] y):

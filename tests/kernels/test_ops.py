@@ -69,6 +69,19 @@ def test_swiglu_and_add(n):
     close(x, ref, 1e-7)
 
 
+@pytest.mark.parametrize("n", [1, 4095, 4096, 6145, 44032])
+@pytest.mark.parametrize("threads", [2, 3, 16])
+def test_swiglu_threads_same_bits(n, threads):
+    """Split over threads (a batch's rows, a 7B hidden layer) each element is computed as alone."""
+    h, g = rand(n, 14, 3.0), rand(n, 15)
+    one, many = h.copy(), h.copy()
+    ops.swiglu(one, g)
+    ops.swiglu(many, g, threads)
+    np.testing.assert_array_equal(many, one)
+    h64 = h.astype(np.float64)
+    close(many, h64 / (1 + np.exp(-h64)) * g)
+
+
 def attention_ref(q, kc, vc, pos, n_heads, n_kv):
     hs = q.shape[0] // n_heads
     out = np.zeros(q.shape[0])
