@@ -12,6 +12,7 @@ import numpy as np
 from pecca._kernels import ops
 from pecca.config import ModelConfig
 from pecca.errors import ContextLengthError, InsufficientMemoryError, InvalidArgumentError
+from pecca.threads import governor
 from pecca.weights import Weights
 
 
@@ -159,7 +160,8 @@ class Model:
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Run one token at position `pos`; returns the logits buffer (overwritten by the
         next call: copy it to keep it)."""
-        c, w, s, nt = self.config, self.weights, self.state, self.threads
+        c, w, s = self.config, self.weights, self.state
+        nt = governor.threads(self.threads)  # fewer while other processes hold cores
         if not 0 <= token < c.vocab_size:
             raise InvalidArgumentError(f"token id {token} is outside the vocabulary 0..{c.vocab_size - 1}")
         if not 0 <= pos < self.seq_len:
@@ -247,7 +249,8 @@ class Model:
         (T, vocab_size) when given."""
         c, w = self.config, self.weights
         bs, s = self._batch_state(), self.state
-        nt = min(self.threads, bs.threads)  # never more threads than bs.att has slabs for
+        # never more threads than bs.att has slabs for; fewer while other processes hold cores
+        nt = min(governor.threads(self.threads), bs.threads)
         T = len(tokens)
         x, xb, xb2, q = bs.x[:T], bs.xb[:T], bs.xb2[:T], bs.q[:T]
         hb, hb2 = bs.hb[:T], bs.hb2[:T]
