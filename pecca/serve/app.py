@@ -20,7 +20,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from pecca.chat_template import ChatTemplate, chat_ids
 from pecca.errors import ChatTemplateError, PeccaError
@@ -341,36 +341,34 @@ def build_app(server: PeccaServer):
             server.engine.cancel(relay.job)  # nothing when it ended; frees the slot when it did not
 
     def stream(relay: Relay, rid, created, chat: bool, include_usage: bool):
-        from sse_starlette.sse import EventSourceResponse
-
         name = server.model_name
 
         def chunk(**kw) -> str:
             return json.dumps((P.chat_chunk if chat else P.completion_chunk)(rid, name, created, **kw))
 
-        async def events():
-            try:
-                if chat:
-                    yield chunk(delta={"role": "assistant", "content": ""})
-                ended = False
-                while not ended:
-                    for event in await relay.events():
-                        if event[0] == "text":
-                            yield chunk(**({"delta": {"content": event[1]}} if chat else {"text": event[1]}))
-                            continue
-                        if event[0] == "done":
-                            yield chunk(finish=event[1])
-                            if include_usage:
-                                yield chunk(usage=event[2].as_dict())
-                        else:
-                            yield json.dumps(P.ApiError(500, event[1], code="generation_failed").body())
-                        ended = True
-                        break
-                yield "[DONE]"
-            finally:  # also when the client disconnects: the slot is freed at once
-                server.engine.cancel(relay.job)
+        # a text chunk is the same JSON every time but for its text: dumped once around a marker
+        marker = "\x00pecca-text\x00"
+        head, tail = chunk(**({"delta": {"content": marker}} if chat else {"text": marker})).split(json.dumps(marker))
 
-        return EventSourceResponse(events(), sep="\n")
+        def render(events: list) -> Tuple[List[str], bool]:
+            """The SSE data lines of these events, and whether the stream ends with them."""
+            out = []
+            for event in events:
+                if event[0] == "text":
+                    out.append(head + json.dumps(event[1]) + tail)
+                    continue
+                if event[0] == "done":
+                    out.append(chunk(finish=event[1]))
+                    if include_usage:
+                        out.append(chunk(usage=event[2].as_dict()))
+                elif event[0] == "error":
+                    out.append(json.dumps(P.ApiError(500, event[1], code="generation_failed").body()))
+                out.append("[DONE]")
+                return out, True
+            return out, False
+
+        first = [chunk(delta={"role": "assistant", "content": ""})] if chat else []
+        return EventStream(relay, first, render, server.engine.cancel)
 
     async def not_found(request, exc):
         status = getattr(exc, "status_code", 404)
@@ -386,6 +384,51 @@ def build_app(server: PeccaServer):
         Route("/v1/chat/completions", route(chat_completions), methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+class EventStream:
+    """A server-sent event stream as a bare ASGI response: `first` data lines, then those `render`
+    makes of each batch of the relay's events, all of a batch in one write, until `render` says
+    the stream ended. A task waits for the client's disconnect meanwhile; then, or when the
+    stream ends in any way, `cancel(relay.job)` frees the job's slot (nothing if it is done).
+
+    (sse-starlette's EventSourceResponse did the same with a cancel scope and an event object per
+    chunk: ~0.6 ms of the HTTP thread's time per token, which the engine thread then waited for
+    the GIL.)"""
+
+    headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+    def __init__(self, relay: Relay, first: List[str], render, cancel):
+        self.relay, self.first, self.render, self.cancel = relay, first, render, cancel
+
+    async def __call__(self, scope, receive, send) -> None:
+        relay = self.relay
+        gone = asyncio.ensure_future(self._client_gone(receive))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            lines, ended = self.first, False
+            while True:
+                if lines:
+                    body = "".join(f"data: {line}\n\n" for line in lines).encode()
+                    await send({"type": "http.response.body", "body": body, "more_body": not ended})
+                if ended:
+                    break
+                events = await relay.events()
+                if any(e[0] == "gone" for e in events):
+                    return
+                lines, ended = self.render(events)
+        except OSError:  # the connection broke under a write
+            pass
+        finally:
+            gone.cancel()
+            self.cancel(relay.job)
+
+    async def _client_gone(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.cancel(self.relay.job)  # the slot is free before the engine's next step
+        self.relay.queue.put_nowait(("gone",))
 
 
 class BackgroundServer:

@@ -15,7 +15,7 @@ def files(tmp_path_factory):
 
 
 def start_server(files, **kwargs):
-    for extra in ("starlette", "uvicorn", "sse_starlette"):  # pip install "pecca[server]"
+    for extra in ("starlette", "uvicorn"):  # pip install "pecca[server]"
         pytest.importorskip(extra)
     from pecca.serve import BackgroundServer, PeccaServer
 
