@@ -13,7 +13,9 @@ same repetition-penalty history, same UTF-8-safe text and stop-string cutting), 
 request gets is what `LLM.generate` gives for the same prompt and options.
 
 The engine talks to the outside through each job's `sink`, a callable it calls from its thread
-with ("text", str), then ("done", finish_reason, Usage) or ("error", message).
+with ("text", str), then ("done", finish_reason, Usage) or ("error", message). A step's events
+are handed over together at its end: the HTTP thread, woken by the first, would otherwise take
+the GIL from the engine between two rows' sampling.
 
 Every kernel call of the engine runs on its one thread, from the BatchDecoder's start-up checks
 on: libgomp gives each thread that starts parallel regions a pool of worker threads of its own,
@@ -132,6 +134,7 @@ class Engine:
         self.step_lock = threading.Lock()  # held during each step (see pause)
         self.closed = False
         self.thread: Optional[threading.Thread] = None
+        self.outbox: List[tuple] = []  # (sink, event) of this step, handed over at its end
 
     # ---- the outside (any thread) ---------------------------------------------------------
 
@@ -208,8 +211,21 @@ class Engine:
                 except Exception as e:  # a broken step fails its jobs, never the engine
                     for job in list(self.active):
                         self._fail(job, e)
+                self._deliver()
         for job in list(self.active) + list(self.waiting):
             self._fail(job, EngineClosedError("the server is shutting down"))
+        self._deliver()
+
+    def _emit(self, job: Job, event: tuple) -> None:
+        self.outbox.append((job.sink, event))
+
+    def _deliver(self) -> None:
+        out, self.outbox = self.outbox, []
+        for sink, event in out:
+            try:
+                sink(event)
+            except Exception:  # a sink that fails loses its own events, nobody else's
+                pass
 
     def _step(self) -> None:
         self._admit()
@@ -269,7 +285,7 @@ class Engine:
         job.previous.append(token)
         text, found = job.text.push(token)
         if text:
-            job.sink(("text", text))
+            self._emit(job, ("text", text))
         if found:
             return self._finish(job, "stop", flushed=True)
         if job.generated >= job.max_tokens:
@@ -283,18 +299,18 @@ class Engine:
         if not flushed:
             text, found = job.text.finish()
             if text:
-                job.sink(("text", text))
+                self._emit(job, ("text", text))
             reason = "stop" if found else reason
         self._send_done(job, reason)
         with self.lock:
             self._end(job)
 
     def _send_done(self, job: Job, reason: str) -> None:
-        job.sink(("done", reason, Usage(len(job.prompt_ids), job.generated)))
+        self._emit(job, ("done", reason, Usage(len(job.prompt_ids), job.generated)))
 
     def _fail(self, job: Job, error: Exception) -> None:
         msg = str(error) if isinstance(error, PeccaError) else f"{type(error).__name__}: {error}"
-        job.sink(("error", msg))
+        self._emit(job, ("error", msg))
         with self.lock:
             self._end(job, "failed")
 
