@@ -97,8 +97,14 @@ class Sampler:
     def sample(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
         """The next token. `logits` (float32, vocab_size) is overwritten. `previous`: the
         tokens so far (prompt and generated), for the repetition penalty."""
+        penalty = self.repetition_penalty != 1 and self.repeat_last_n != 0 and len(previous)
+        if self.temperature == 0 and not penalty and logits.dtype == F32 and logits.flags.c_contiguous:
+            token = ops.argmax_finite(logits)  # greedy: one pass finds the token and any NaN
+            if token < 0:
+                check_finite(logits)
+            return token
         check_finite(logits)
-        if self.repetition_penalty != 1 and self.repeat_last_n != 0 and len(previous):
+        if penalty:
             window = previous if self.repeat_last_n < 0 else previous[-self.repeat_last_n:]
             penalize(logits, window, self.repetition_penalty)
         if self.temperature == 0:

@@ -60,6 +60,29 @@ def softmax(float[::1] x):
             x[i] = x[i] / s
 
 
+def argmax_finite(const float[::1] x):
+    """The index of the first largest entry of x (np.argmax's), or -1 when x holds a NaN or an
+    infinity (the caller then reports them): greedy sampling's one pass over the logits.
+
+    x : IN (n,) float32, n >= 1
+    """
+    cdef Py_ssize_t n = x.shape[0], i, best = 0
+    if n == 0:
+        raise ValueError("argmax of an empty vector")
+    cdef float v, m = x[0]
+    cdef bint bad = False
+    with nogil:
+        for i in range(n):
+            v = x[i]
+            if not (v - v == 0):  # NaN or +-inf (v - v is NaN for both)
+                bad = True
+                break
+            if v > m:
+                m = v
+                best = i
+    return -1 if bad else best
+
+
 def sample_mult(const float[::1] probs, float coin):
     """The first index whose cumulative probability (a sequential float32 sum) exceeds coin,
     the last index if none does: run.c's sample_mult.

@@ -270,3 +270,20 @@ def test_sample_mult_is_the_first_index_past_the_coin(n):
             assert ops.sample_mult(p, coin) == want
     with pytest.raises(ValueError):
         ops.sample_mult(np.zeros(0, np.float32), 0.5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 49152])
+def test_argmax_finite(n):
+    """np.argmax's first maximum, -1 as soon as a NaN or an infinity is anywhere."""
+    rng = np.random.default_rng(n)
+    x = np.round(rand(n, n, 3.0))  # ties: the first one wins
+    assert ops.argmax_finite(x) == int(np.argmax(x))
+    x[rng.integers(0, n)] = x.max()
+    assert ops.argmax_finite(x) == int(np.argmax(x))
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[rng.integers(0, n)] = bad
+        assert ops.argmax_finite(y) == -1
+    assert ops.argmax_finite(np.full(n, -np.float32(3e38))) == 0
+    with pytest.raises(ValueError):
+        ops.argmax_finite(np.zeros(0, np.float32))
