@@ -27,6 +27,7 @@ from pecca._kernels import ops
 from pecca.config import ModelConfig
 from pecca.errors import PeccaError
 from pecca.model import BatchState, Model, _total_memory, block_rows, embed, kv_cache_bytes
+from pecca.threads import governor
 from pecca.weights import Weights
 
 ROW_MULTIPLE = 4  # the float GEMMs' token tiles below LANES_MIN_ROWS
@@ -147,7 +148,8 @@ class BatchDecoder:
     def step(self, rows: Sequence[Tuple[int, int, int]]) -> np.ndarray:
         """Feed rows of (slot, token, position); returns logits (B, vocab_size), one row per
         input row (a view, overwritten by the next step)."""
-        c, w, nt, pool = self.config, self.weights, self.threads, self.pool
+        c, w, pool = self.config, self.weights, self.pool
+        nt = governor.threads(self.threads)  # fewer while other processes hold cores
         B = len(rows)
         R = padded(B, self.multiple, self.minimum)
         x, xb, xb2, q, k, v = (a[:R] for a in (self.x, self.xb, self.xb2, self.q, self.k, self.v))
