@@ -71,7 +71,26 @@ class BlockRows:
         self.shape = (blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[kind] * BLOCK_VALUES)
 
     def rows(self, tokens) -> np.ndarray:
-        return dequantize_blocks(self.blocks[tokens], self.type)
+        return dequantize_rows(self.blocks[tokens], self.type)
+
+
+def dequantize_rows(blocks: np.ndarray, kind: str) -> np.ndarray:
+    """dequantize_blocks for a few rows, without the `gguf` package's per-call overhead (~0.1 ms:
+    2.5% of a SmolLM2 decode step for its one embedding row). The same arithmetic as gguf's
+    numpy code (and llama.cpp's C): float32 of the f16 scales times float32 of the codes."""
+    n_blocks = blocks.shape[-1] // BLOCK_BYTES[kind]
+    b = np.ascontiguousarray(blocks).reshape(-1, n_blocks, BLOCK_BYTES[kind])
+    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)
+    if kind == "Q8_0":
+        vals = d * b[..., 2:].copy().view(np.int8).astype(np.float32)
+    else:
+        qs = b[..., 4 if kind == "Q4_1" else 2:]
+        codes = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32)
+        if kind == "Q4_0":
+            vals = d * (codes - np.float32(8))
+        else:
+            vals = d * codes + b[..., 2:4].copy().view(np.float16).astype(np.float32)
+    return vals.reshape(blocks.shape[:-1] + (n_blocks * BLOCK_VALUES,))
 
 
 class Q8GroupRows:
