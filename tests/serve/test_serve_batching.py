@@ -185,3 +185,27 @@ def test_disconnect_while_waiting_and_without_stream(bg, client, slow_engine):
         wait_until(lambda: engine.status()["slots_busy"] == 1, what="the job to start")
     wait_until(lambda: engine.status()["in_flight"] == 0, 10, "the slots to be freed")
     assert engine.status()["cancelled"] - before["cancelled"] == 2
+
+
+def test_padding_for_speed_keeps_the_bits(any_precision):
+    """Rows added only for speed (exact int8 kernels, 4-token tiles) change no row's logits."""
+    from pecca.serve.batch import BatchDecoder, SlotPool, padded
+
+    c, w = any_precision.config, any_precision.model.weights
+    pool = SlotPool(c, w, 3, 64, 1)
+    decoder = BatchDecoder(pool, 3)
+    for slot in range(3):
+        pool.prefill(slot, [1, 300 + slot], 0, 2)
+    rows = [(0, 7, 2), (1, 8, 2), (2, 9, 2)]
+    decoder.rows_layers = [padded(b, decoder.multiple, decoder.minimum) for b in range(4)]
+    decoder.rows_output = list(decoder.rows_layers)
+    plain = decoder.step(rows[:2]).copy()
+    for slot in range(3):  # the same positions again, from the same caches
+        pool.prefill(slot, [1, 300 + slot], 0, 2)
+    decoder.rows_layers = [padded(b, 4, decoder.minimum) for b in range(4)]
+    decoder.rows_output = list(decoder.rows_layers)
+    padded_rows = decoder.step(rows[:2]).copy()
+    if (decoder.multiple, decoder.minimum) == (1, 1):
+        assert np.array_equal(plain, padded_rows)
+    else:  # float kernels: only their own padding is exact; 4 more rows must at least be close
+        assert np.allclose(plain, padded_rows, atol=1e-4)
