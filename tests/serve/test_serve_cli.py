@@ -10,7 +10,6 @@ import pytest
 from serve_helpers import http
 
 pytest.importorskip("uvicorn")
-pytest.importorskip("sse_starlette")
 openai = pytest.importorskip("openai")
 
 
