@@ -93,6 +93,10 @@ class Sampler:
         self.repeat_last_n = repeat_last_n
         self.seed = resolve_seed(seed)
         self.rng = XorShiftRng(self.seed)
+        # scratch kept between tokens: nothing vocabulary-sized is allocated per token
+        self._mask = np.empty(vocab_size, bool)
+        self._values = np.empty(vocab_size, F32)
+        self._topp = np.empty(vocab_size * ops.TOPP_SCRATCH_BYTES, np.uint8)
 
     def sample(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
         """The next token. `logits` (float32, vocab_size) is overwritten. `previous`: the
@@ -103,27 +107,32 @@ class Sampler:
             if token < 0:
                 check_finite(logits)
             return token
-        check_finite(logits)
+        mask = self._mask[:len(logits)]
+        check_finite(logits, mask)
         if penalty:
             window = previous if self.repeat_last_n < 0 else previous[-self.repeat_last_n:]
             penalize(logits, window, self.repetition_penalty)
         if self.temperature == 0:
             return int(np.argmax(logits))  # first maximum, as run.c
         if self.min_p > 0:
-            apply_min_p(logits, self.min_p)
+            apply_min_p(logits, self.min_p, mask)
         if 0 < self.top_k < self.vocab_size:
-            kth = np.partition(logits, -self.top_k)[-self.top_k]
-            logits[logits < kth] = -np.inf
+            values = self._values[:len(logits)]
+            np.copyto(values, logits)
+            values.partition(len(values) - self.top_k)  # in place: the k-th largest lands there
+            np.less(logits, values[len(values) - self.top_k], out=mask)
+            np.copyto(logits, -np.inf, where=mask)
         np.divide(logits, self.temperature, out=logits)
         ops.softmax(logits)
         coin = self.rng.f32()
         if self.top_p >= 1:
             return sample_mult(logits, coin)
-        return sample_topp(logits, self.top_p, coin)
+        return sample_topp(logits, self.top_p, coin, self._topp)
 
 
-def check_finite(logits: np.ndarray) -> None:
-    if not np.isfinite(logits).all():
+def check_finite(logits: np.ndarray, mask=None) -> None:
+    """NonFiniteLogitsError if a logit is NaN or infinite (`mask`: a bool buffer to use)."""
+    if not np.isfinite(logits, out=mask).all():
         bad = np.flatnonzero(~np.isfinite(logits))
         raise NonFiniteLogitsError(
             f"the model produced {len(bad)} non-finite logits (token {int(bad[0])}: {logits[bad[0]]}); "
@@ -138,9 +147,11 @@ def penalize(logits: np.ndarray, tokens: Sequence[int], penalty) -> None:
     logits[ids] = np.where(x > 0, x / penalty, x * penalty)
 
 
-def apply_min_p(logits: np.ndarray, min_p: float) -> None:
-    """Drop (-inf) the tokens whose probability is below min_p times the largest one's."""
-    logits[logits < logits.max() + F32(math.log(min_p))] = -np.inf
+def apply_min_p(logits: np.ndarray, min_p: float, mask=None) -> None:
+    """Drop (-inf) the tokens whose probability is below min_p times the largest one's
+    (`mask`: a bool buffer to use)."""
+    mask = np.less(logits, logits.max() + F32(math.log(min_p)), out=mask)
+    np.copyto(logits, -np.inf, where=mask)
 
 
 def sample_mult(probs: np.ndarray, coin) -> int:
@@ -149,17 +160,9 @@ def sample_mult(probs: np.ndarray, coin) -> int:
     return ops.sample_mult(probs, coin)
 
 
-def sample_topp(probs: np.ndarray, top_p, coin) -> int:
-    """Nucleus sampling, run.c's sample_topp."""
-    n = len(probs)
-    if n == 1:
-        return 0
-    cutoff = (F32(1.0) - top_p) / F32(n - 1)
-    idx = np.flatnonzero(probs >= cutoff)
-    order = idx[np.argsort(-probs[idx], kind="stable")]
-    cum = np.cumsum(probs[order], dtype=F32)
-    over = np.flatnonzero(cum > top_p)
-    last = int(over[0]) if len(over) else len(order) - 1
-    r = F32(coin) * cum[last]
-    i = int(np.searchsorted(cum[:last + 1], r, side="right"))
-    return int(order[min(i, last)])
+def sample_topp(probs: np.ndarray, top_p, coin, scratch=None) -> int:
+    """Nucleus sampling, run.c's sample_topp (ops.sample_topp; `scratch`: its buffer, kept
+    between tokens)."""
+    if scratch is None:
+        scratch = np.empty(len(probs) * ops.TOPP_SCRATCH_BYTES, np.uint8)
+    return ops.sample_topp(probs, F32(top_p), F32(coin), scratch)

@@ -14,6 +14,7 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport expf, powf, cosf, sinf, sqrt, sqrtf
 from libc.stdint cimport int32_t
 from libc.string cimport memcpy
+from libc.stdlib cimport qsort
 
 cdef Py_ssize_t SWIGLU_CHUNK = 2048  # elements a thread takes at least (expf: a few ns each)
 from pecca._kernels.kernels cimport pecca_simd_reset, attention_heads_f32
@@ -101,6 +102,75 @@ def sample_mult(const float[::1] probs, float coin):
                 found = i
                 break
     return found
+
+
+cdef struct ProbIndex:
+    float prob
+    int32_t index
+
+
+cdef int prob_desc(const void *a, const void *b) noexcept nogil:
+    """Larger probability first; equal ones in index order (a stable sort's result)."""
+    cdef const ProbIndex *x = <const ProbIndex *>a
+    cdef const ProbIndex *y = <const ProbIndex *>b
+    if x.prob > y.prob:
+        return -1
+    if x.prob < y.prob:
+        return 1
+    return (x.index > y.index) - (x.index < y.index)
+
+
+TOPP_SCRATCH_BYTES = sizeof(ProbIndex)  # per vocabulary entry
+
+
+def sample_topp(const float[::1] probs, float top_p, float coin, unsigned char[::1] scratch):
+    """Nucleus sampling, run.c's sample_topp: the tokens with probability >= (1 - top_p) /
+    (n - 1), largest first, up to the first whose cumulative (sequential float32) sum exceeds
+    top_p; then the first of those whose cumulative sum exceeds coin times that sum.
+
+    probs : IN (n,) float32, n >= 1, a softmax
+    scratch : (>= n * TOPP_SCRATCH_BYTES,) bytes the caller keeps between tokens, so that
+        nothing is allocated per token
+    """
+    cdef Py_ssize_t n = probs.shape[0], i, m = 0, last, found
+    if n == 0:
+        raise ValueError("sample_topp of an empty vector")
+    if scratch.shape[0] < n * <Py_ssize_t>sizeof(ProbIndex):
+        raise ValueError(f"sample_topp: scratch holds {scratch.shape[0]} bytes, needs "
+                         f"{n * sizeof(ProbIndex)}")
+    if n == 1:
+        return 0
+    cdef ProbIndex *cand = <ProbIndex *>&scratch[0]
+    cdef float one = 1.0, cutoff = (one - top_p) / <float>(n - 1), cum, r
+    with nogil:
+        for i in range(n):
+            if probs[i] >= cutoff:
+                cand[m].prob = probs[i]
+                cand[m].index = <int32_t>i
+                m += 1
+        if m == 0:  # a near-uniform softmax and a tiny top_p: every token under the cutoff
+            for i in range(n):  # the most probable one (the first if tied)
+                if m == 0 or probs[i] > cand[0].prob:
+                    cand[0].prob = probs[i]
+                    cand[0].index = <int32_t>i
+                    m = 1
+        qsort(cand, m, sizeof(ProbIndex), prob_desc)
+        last = m - 1
+        cum = 0.0
+        for i in range(m):
+            cum = cum + cand[i].prob
+            if cum > top_p:
+                last = i
+                break
+        r = coin * cum
+        found = last
+        cum = 0.0
+        for i in range(last + 1):
+            cum = cum + cand[i].prob
+            if cum > r:
+                found = i
+                break
+    return cand[found].index
 
 
 def rope_freqs(int head_size, float theta, float[::1] out):
