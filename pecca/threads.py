@@ -63,6 +63,8 @@ class ThreadGovernor:
             self.cpus = os.cpu_count() or 1
         self.free = self.cpus
         self._last = None  # (monotonic time, machine busy seconds, own seconds)
+        if self.enabled:  # a first reading now, so the first forward pass already has a window
+            self._sample(time.monotonic())
 
     def threads(self, wanted: int) -> int:
         """The thread count to use now for a request of `wanted`."""
