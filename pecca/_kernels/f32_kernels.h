@@ -217,9 +217,127 @@ static void axpy_avx512(float *y, float a, const float *x, long n) {
         _mm512_mask_storeu_ps(y + j, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + j), yv));
     }
 }
+
+/* exp(x) on a vector (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial in r,
+ * times 2^n): within 2 ulp of expf over the range, 0 below -87.34 (expf gives subnormals
+ * there), +inf above 88.72, NaN stays NaN. Attention's softmax and SwiGLU call exp once per
+ * element; glibc's scalar expf costs ~10x more per value than this. */
+#define PECCA_EXP_COEFFS                                                                       \
+    const float c1 = 1.9875691500e-4f, c2 = 1.3981999507e-3f, c3 = 8.3334519073e-3f,           \
+                c4 = 4.1665795894e-2f, c5 = 1.6666665459e-1f, c6 = 5.0000001201e-1f;
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline))
+static inline __m512 exp_avx512(__m512 x) {
+    PECCA_EXP_COEFFS
+    __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.7228f), x);  /* NaN: min returns x */
+    xc = _mm512_max_ps(_mm512_set1_ps(-87.3365f), xc);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504089f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(c1);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c6));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512 y = _mm512_scalef_ps(p, n);
+    y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365f), _CMP_LT_OQ), _mm512_setzero_ps());
+    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.7228f), _CMP_GT_OQ),
+                              _mm512_set1_ps(__builtin_inff()));
+}
+
+/* a[0..n) = softmax(a): max, exp(a - max), then division by the sum (the scalar path's steps) */
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static void softmax_avx512(float *a, long n) {
+    long j = 0, n16 = n & ~15L;
+    __mmask16 m = (__mmask16)((1u << (n - n16)) - 1u);
+    __m512 vmax = _mm512_set1_ps(-__builtin_inff());
+    for (; j < n16; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(a + j));
+    if (j < n) vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, a + j));
+    __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax)), sum = _mm512_setzero_ps();
+    for (j = 0; j < n16; j += 16) {
+        __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(a + j), mx));
+        _mm512_storeu_ps(a + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (j < n) {
+        __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, a + j), mx));
+        _mm512_mask_storeu_ps(a + j, m, e);
+        sum = _mm512_mask_add_ps(sum, m, sum, e);
+    }
+    __m512 s = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    for (j = 0; j < n16; j += 16) _mm512_storeu_ps(a + j, _mm512_div_ps(_mm512_loadu_ps(a + j), s));
+    if (j < n) _mm512_mask_storeu_ps(a + j, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, a + j), s));
+}
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline __m256 exp_avx2(__m256 x) {
+    PECCA_EXP_COEFFS
+    __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.7228f), x);
+    xc = _mm256_max_ps(_mm256_set1_ps(-87.3365f), xc);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504089f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(c1);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c6));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n in two halves, so that n = 128 (x up to 88.72) stays a normal float */
+    __m256i ni = _mm256_cvtps_epi32(n);
+    __m256i h = _mm256_srai_epi32(ni, 1);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23));
+    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23));
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365f), _CMP_LT_OQ));
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, _mm256_set1_ps(88.7228f), _CMP_GT_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  /* NaN stays NaN */
+}
+
+__attribute__((target("avx2,fma")))
+static void softmax_avx2(float *a, long n) {
+    long j = 0, n8 = n & ~7L;
+    float mx = -__builtin_inff(), tail = 0.0f;
+    __m256 vmax = _mm256_set1_ps(-__builtin_inff());
+    for (; j < n8; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(a + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    for (int l = 0; l < 8; l++) mx = lanes[l] > mx ? lanes[l] : mx;
+    for (; j < n; j++) mx = a[j] > mx ? a[j] : mx;
+    __m256 vmx = _mm256_set1_ps(mx), sum = _mm256_setzero_ps();
+    for (j = 0; j < n8; j += 8) {
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(a + j), vmx));
+        _mm256_storeu_ps(a + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    for (; j < n; j++) {  /* the tail through the same vector exp, one lane used */
+        _mm256_storeu_ps(lanes, exp_avx2(_mm256_set1_ps(a[j] - mx)));
+        a[j] = lanes[0];
+        tail += lanes[0];
+    }
+    float s = hsum256(sum) + tail;
+    __m256 vs = _mm256_set1_ps(s);
+    for (j = 0; j < n8; j += 8) _mm256_storeu_ps(a + j, _mm256_div_ps(_mm256_loadu_ps(a + j), vs));
+    for (; j < n; j++) a[j] /= s;
+}
+
 #endif /* PECCA_X86 */
 
 /* ---------------- dispatch ---------------- */
+
+/* run.c's softmax: max, expf, a sequential sum, division */
+static void softmax_portable(float *a, long n) {
+    float maxv = a[0], sum = 0.0f;
+    for (long t = 1; t < n; t++) if (a[t] > maxv) maxv = a[t];
+    for (long t = 0; t < n; t++) { a[t] = expf(a[t] - maxv); sum += a[t]; }
+    for (long t = 0; t < n; t++) a[t] /= sum;
+}
+
 
 /* out[r0:r1] = W[r0:r1, :] @ x, W row-major (rows, n). */
 static void matvec_f32_rows(const float *w, const float *x, float *out,
@@ -245,7 +363,7 @@ static inline void prefetch_span(const float *p, long n) {
  * The loops run over cache rows outermost, so each row is read once, front to back, for all
  * heads of the range (a head-outer loop would stride through the cache once per head).
  * One body, instantiated per SIMD path so that its dot/axpy inline. */
-#define ATTENTION_BODY(DOT, AXPY)                                                              \
+#define ATTENTION_BODY(DOT, AXPY, SOFTMAX)                                                     \
     long kv_lo = (h0 / kv_mul) * head_size, kv_hi = ((h1 - 1) / kv_mul + 1) * head_size;        \
     for (long t = 0; t <= pos; t++) {                                                          \
         const float *krow = kc + t * kv_dim;                                                   \
@@ -255,11 +373,7 @@ static inline void prefetch_span(const float *p, long n) {
                                           head_size) / scale;                                  \
     }                                                                                          \
     for (long h = h0; h < h1; h++) {                                                           \
-        float *a = att + h * att_stride;                                                       \
-        float maxv = a[0], sum = 0.0f;                                                         \
-        for (long t = 1; t <= pos; t++) if (a[t] > maxv) maxv = a[t];                          \
-        for (long t = 0; t <= pos; t++) { a[t] = expf(a[t] - maxv); sum += a[t]; }             \
-        for (long t = 0; t <= pos; t++) a[t] /= sum;                                           \
+        SOFTMAX(att + h * att_stride, pos + 1);                                                \
         for (long i = 0; i < head_size; i++) out[h * head_size + i] = 0.0f;                    \
     }                                                                                          \
     for (long t = 0; t <= pos; t++) {                                                          \
@@ -284,12 +398,12 @@ static inline float dot_sequential(const float *a, const float *b, long n) {
     return s;
 }
 
-static void attention_heads_portable(ATTENTION_ARGS) { ATTENTION_BODY(dot_sequential, axpy_portable) }
+static void attention_heads_portable(ATTENTION_ARGS) { ATTENTION_BODY(dot_sequential, axpy_portable, softmax_portable) }
 #if PECCA_X86
 __attribute__((target("avx2,fma")))
-static void attention_heads_avx2(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx2, axpy_avx2) }
+static void attention_heads_avx2(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx2, axpy_avx2, softmax_avx2) }
 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-static void attention_heads_avx512(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx512, axpy_avx512) }
+static void attention_heads_avx512(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx512, axpy_avx512, softmax_avx512) }
 #endif
 
 static void attention_heads_f32(ATTENTION_ARGS) {

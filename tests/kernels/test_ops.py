@@ -116,6 +116,29 @@ def test_attention(simd, n_heads, n_kv, head_size, pos, threads):
         _kernels.set_simd_path(None)
 
 
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("spread", [1e-3, 30.0, 3000.0])
+@pytest.mark.parametrize("pos", [0, 7, 8, 15, 16, 17, 130])
+def test_attention_softmax_over_any_score_range(simd, spread, pos):
+    """The vector paths' softmax (a polynomial exp): scores spread from nearly equal to
+    thousands apart (most weights underflow to 0), every length around the vector widths."""
+    _kernels.set_simd_path(simd)
+    try:
+        rng = np.random.default_rng(int(pos + spread))
+        n_heads, n_kv, hs = 4, 2, 16
+        q = (rng.standard_normal(n_heads * hs) * spread).astype(np.float32)
+        kc = rng.standard_normal((pos + 1, n_kv * hs)).astype(np.float32)
+        vc = rng.standard_normal((pos + 1, n_kv * hs)).astype(np.float32)
+        att = np.zeros((n_heads, pos + 1), np.float32)
+        out = np.zeros_like(q)
+        ops.attention(out, q, kc, vc, att, pos, n_heads, n_kv, 1)
+        assert np.all(np.isfinite(out))
+        np.testing.assert_allclose(att.sum(axis=1), 1.0, rtol=1e-5)
+        close(out, attention_ref(q, kc, vc, pos, n_heads, n_kv), 1e-5)
+    finally:
+        _kernels.set_simd_path(None)
+
+
 def test_attention_rejects_bad_shapes():
     q = np.zeros(16, np.float32)
     kc = np.zeros((4, 8), np.float32)
