@@ -10,6 +10,7 @@
 #define PECCA_F32_KERNELS_H
 
 #include <math.h>
+#include <string.h>
 #include "simd.h"
 
 /* ---------------- portable ---------------- */
@@ -326,6 +327,39 @@ static void softmax_avx2(float *a, long n) {
     for (; j < n; j++) a[j] /= s;
 }
 
+
+/* SwiGLU in place: h = h * (1 / (1 + exp(-h))) * g, each element on its own (no lane mixing):
+ * its bits do not depend on where a thread's range starts */
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static void swiglu_avx512(float *h, const float *g, long n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (long j = 0; j < n; j += 16) {
+        __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+        __m512 v = _mm512_maskz_loadu_ps(m, h + j);
+        __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        v = _mm512_mul_ps(v, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+        _mm512_mask_storeu_ps(h + j, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, g + j)));
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void swiglu_avx2(float *h, const float *g, long n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    long j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 v = _mm256_loadu_ps(h + j);
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), v));
+        v = _mm256_mul_ps(v, _mm256_div_ps(one, _mm256_add_ps(one, e)));
+        _mm256_storeu_ps(h + j, _mm256_mul_ps(v, _mm256_loadu_ps(g + j)));
+    }
+    if (j < n) {  /* the tail through a zero-padded vector: the same arithmetic per element */
+        float hv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, gv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        memcpy(hv, h + j, (size_t)(n - j) * sizeof(float));
+        memcpy(gv, g + j, (size_t)(n - j) * sizeof(float));
+        swiglu_avx2(hv, gv, 8);
+        memcpy(h + j, hv, (size_t)(n - j) * sizeof(float));
+    }
+}
 #endif /* PECCA_X86 */
 
 /* ---------------- dispatch ---------------- */
@@ -338,6 +372,25 @@ static void softmax_portable(float *a, long n) {
     for (long t = 0; t < n; t++) a[t] /= sum;
 }
 
+
+static void swiglu_portable(float *h, const float *g, long n) {
+    for (long i = 0; i < n; i++) {
+        float v = h[i];
+        v = v * (1.0f / (1.0f + expf(-v)));
+        h[i] = v * g[i];
+    }
+}
+
+/* h = silu(h) * g in place: the vector paths' exp is exp_avx2/exp_avx512 (within 2 ulp of
+ * expf), the portable path run.c's expf */
+static void swiglu_f32(float *h, const float *g, long n) {
+#if PECCA_X86
+    int level = pecca_simd_level();
+    if (level == PECCA_SIMD_AVX512) { swiglu_avx512(h, g, n); return; }
+    if (level == PECCA_SIMD_AVX2) { swiglu_avx2(h, g, n); return; }
+#endif
+    swiglu_portable(h, g, n);
+}
 
 /* out[r0:r1] = W[r0:r1, :] @ x, W row-major (rows, n). */
 static void matvec_f32_rows(const float *w, const float *x, float *out,

@@ -82,6 +82,33 @@ def test_swiglu_threads_same_bits(n, threads):
     close(many, h64 / (1 + np.exp(-h64)) * g)
 
 
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 16, 17, 1000, 20003])
+def test_swiglu_every_path_and_range(simd, n):
+    """silu through each path's exp (vector paths: a polynomial, portable: expf), inputs from
+    -200 to 200 (exp over- and underflows at the ends), every length around the vector widths;
+    split over threads each element keeps its bits."""
+    _kernels.set_simd_path(simd)
+    try:
+        rng = np.random.default_rng(n)
+        h = rng.uniform(-200, 200, n).astype(np.float32)
+        h[: n // 2] = rng.standard_normal(n // 2).astype(np.float32) * 4
+        g = rng.standard_normal(n).astype(np.float32)
+        h64 = h.astype(np.float64)
+        with np.errstate(over="ignore"):
+            ref = h64 / (1 + np.exp(-h64)) * g
+        one = h.copy()
+        ops.swiglu(one, g)
+        assert np.all(np.isfinite(one))
+        close(one, ref)
+        np.testing.assert_allclose(one, ref, rtol=2e-6, atol=1e-30)
+        many = h.copy()
+        ops.swiglu(many, g, 3)
+        np.testing.assert_array_equal(many, one)
+    finally:
+        _kernels.set_simd_path(None)
+
+
 def attention_ref(q, kc, vc, pos, n_heads, n_kv):
     hs = q.shape[0] // n_heads
     out = np.zeros(q.shape[0])
