@@ -11,13 +11,14 @@ so that pecca reproduces its tokens; softmax sums sequentially as run.c does, be
 sampling compares a random coin against cumulative probabilities.
 """
 from cython.parallel cimport prange, threadid
-from libc.math cimport expf, powf, cosf, sinf, sqrt, sqrtf
+from libc.math cimport powf, cosf, sinf, sqrt, sqrtf
 from libc.stdint cimport int32_t
 from libc.string cimport memcpy
 from libc.stdlib cimport qsort
 
 cdef Py_ssize_t SWIGLU_CHUNK = 16384  # elements a thread takes at least (the vector exp: ~0.3 ns each)
-from pecca._kernels.kernels cimport pecca_simd_reset, attention_heads_f32, swiglu_f32
+from pecca._kernels.kernels cimport (pecca_simd_reset, attention_heads_f32, softmax_portable,
+                                     swiglu_f32)
 
 
 def rmsnorm(float[::1] out, const float[::1] x, const float[::1] weight, float eps):
@@ -46,19 +47,11 @@ def softmax(float[::1] x):
 
     x : IN/OUT (n,) float32, n >= 1
     """
-    cdef Py_ssize_t n = x.shape[0], i
+    cdef Py_ssize_t n = x.shape[0]
     if n == 0:
         raise ValueError("softmax of an empty vector")
-    cdef float maxv = x[0], s = 0.0
     with nogil:
-        for i in range(1, n):
-            if x[i] > maxv:
-                maxv = x[i]
-        for i in range(n):
-            x[i] = expf(x[i] - maxv)
-            s += x[i]
-        for i in range(n):
-            x[i] = x[i] / s
+        softmax_portable(&x[0], n)  # attention's portable softmax: run.c's arithmetic
 
 
 def argmax_finite(const float[::1] x):
@@ -205,6 +198,22 @@ def rope_table(int pos, const float[::1] freqs, float[::1] cos_out, float[::1] s
             sin_out[i] = sinf(val)
 
 
+cdef void rope_heads(float *vec, Py_ssize_t n, long head_size, const float *cos_t,
+                     const float *sin_t) noexcept nogil:
+    """Each head of vec[0:n] rotated in place, pairs adjacent (`rope`'s arithmetic)."""
+    cdef Py_ssize_t h, i, j
+    cdef float v0, v1, c, s
+    for h in range(n // head_size):
+        i = h * head_size
+        for j in range(head_size // 2):
+            c = cos_t[j]
+            s = sin_t[j]
+            v0 = vec[i + 2 * j]
+            v1 = vec[i + 2 * j + 1]
+            vec[i + 2 * j] = v0 * c - v1 * s
+            vec[i + 2 * j + 1] = v0 * s + v1 * c
+
+
 def rope(float[::1] vec, int head_size, const float[::1] cos_t, const float[::1] sin_t):
     """Rotate each head of `vec` in place; pairs are adjacent (vec[2i], vec[2i+1]),
     the layout of Meta's and llama2.c's checkpoints.
@@ -212,21 +221,14 @@ def rope(float[::1] vec, int head_size, const float[::1] cos_t, const float[::1]
     vec : IN/OUT (n_heads * head_size,) float32
     cos_t, sin_t : IN (head_size // 2,) from rope_table
     """
-    cdef Py_ssize_t n = vec.shape[0], h, i, j
+    cdef Py_ssize_t n = vec.shape[0]
     cdef int half = head_size // 2
-    cdef float v0, v1, c, s
     if head_size <= 0 or head_size % 2 or n % head_size or cos_t.shape[0] < half or sin_t.shape[0] < half:
         raise ValueError("rope: bad head_size or table length")
+    if n == 0:
+        return
     with nogil:
-        for h in range(n // head_size):
-            i = h * head_size
-            for j in range(half):
-                c = cos_t[j]
-                s = sin_t[j]
-                v0 = vec[i + 2 * j]
-                v1 = vec[i + 2 * j + 1]
-                vec[i + 2 * j] = v0 * c - v1 * s
-                vec[i + 2 * j + 1] = v0 * s + v1 * c
+        rope_heads(&vec[0], n, head_size, &cos_t[0], &sin_t[0])
 
 
 def swiglu(float[::1] h, const float[::1] g, int num_threads=1):
@@ -425,7 +427,7 @@ def attend_slots(float[:, ::1] out, float[:, ::1] q, float[:, ::1] k, const floa
     if B == 0:
         return
     cdef Py_ssize_t n_slots = key_cache.shape[0], seq = key_cache.shape[2]
-    cdef long b, s, p, h, j, i, u, work = 0, bad = -1
+    cdef long b, s, p, u, work = 0, bad = -1
     with nogil:
         for b in range(B):
             s = slots[b]
@@ -438,7 +440,6 @@ def attend_slots(float[:, ::1] out, float[:, ::1] q, float[:, ::1] k, const floa
     if bad >= 0:
         raise ValueError(f"attend_slots: row {bad}: slot {slots[bad]} or position {positions[bad]} "
                          "outside the cache")
-    cdef float v0, v1, c, sn
     cdef long kv_mul = n_heads // n_kv_heads, nb, units
     cdef float scale = sqrtf(<float>head_size)
     cdef long att_stride = att.shape[2], slab = att.shape[1] * att.shape[2]
@@ -456,24 +457,8 @@ def attend_slots(float[:, ::1] out, float[:, ::1] q, float[:, ::1] k, const floa
             p = positions[b]
             qr = &q[b, 0]
             kr = &k[b, 0]
-            for h in range(dim // head_size):  # as `rope`, head by head, pair by pair
-                i = h * head_size
-                for j in range(half):
-                    c = cos_t[p, j]
-                    sn = sin_t[p, j]
-                    v0 = qr[i + 2 * j]
-                    v1 = qr[i + 2 * j + 1]
-                    qr[i + 2 * j] = v0 * c - v1 * sn
-                    qr[i + 2 * j + 1] = v0 * sn + v1 * c
-            for h in range(kv_dim // head_size):
-                i = h * head_size
-                for j in range(half):
-                    c = cos_t[p, j]
-                    sn = sin_t[p, j]
-                    v0 = kr[i + 2 * j]
-                    v1 = kr[i + 2 * j + 1]
-                    kr[i + 2 * j] = v0 * c - v1 * sn
-                    kr[i + 2 * j + 1] = v0 * sn + v1 * c
+            rope_heads(qr, dim, head_size, &cos_t[p, 0], &sin_t[p, 0])
+            rope_heads(kr, kv_dim, head_size, &cos_t[p, 0], &sin_t[p, 0])
             base = slots[b] * cache_slot + layer * cache_layer + p * cache_row
             memcpy(kcp + base, kr, kv_dim * sizeof(float))
             memcpy(vcp + base, &v[b, 0], kv_dim * sizeof(float))
