@@ -44,6 +44,7 @@ import pecca  # noqa: E402
 from export.llama2c import STORIES_SHAPES, random_weights, write_llama2c  # noqa: E402
 from pecca.bench import time_model  # noqa: E402
 from pecca.config import ModelConfig  # noqa: E402
+from pecca.threads import machine_busy_seconds  # noqa: E402
 
 BOS = 1
 BOS_ROW_SCALE = 1e-3
@@ -187,12 +188,9 @@ def greedy_agreement(m, prompt_ids, steps: int, c_stdout: bytes):
 def cpu_seconds():
     """(busy CPU seconds of the whole machine, CPU seconds of this process and its waited-for
     children), or None off Linux. Busy counts steal: the hypervisor's other guests."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
+    busy = machine_busy_seconds()  # the thread governor's own reading
+    if busy is None:
         return None
-    busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
     t = os.times()
     return busy, t.user + t.system + t.children_user + t.children_system
 
