@@ -8,10 +8,11 @@
  * results round as the f32 kernels' would on the widened matrix: ~1e-6 relative to float64.
  *
  * matvec_<t>_rows: the f32 structure (matvec_rows_avx2 / _avx512 in f32_kernels.h), 4 rows at
- * a time with 2 accumulators each, the next 4-row block prefetched. gemm_<t>_rows: each 4-row
- * block is widened into a float32 scratch block and handed to the f32 register-tile kernels
- * (f32_gemm.h); the widening is 4n operations against 4nT multiply-adds, so it costs little
- * once T is more than a few tokens.
+ * a time with 2 accumulators each, the next 4-row block prefetched. gemm_<t>_rows: from
+ * PECCA_LANES_MIN_T tokens on, f32_gemm.h's tokens-in-lanes GEMM with the rows widened a tile
+ * at a time (widen_<t>_from); below that, each 4-row block is widened into a float32 scratch
+ * block and handed to the f32 dot-product tiles. Either way the widening is one operation per
+ * weight against T multiply-adds.
  *
  * Each path has one body for both formats, instantiated through an always_inline helper with
  * a constant `bf16` flag: after inlining the flag folds away, leaving no branch in the loops.
@@ -375,21 +376,21 @@ static void widen_bf16(const uint16_t *src, float *dst, long count) {
     widen_bf16_portable(src, dst, count);
 }
 
-typedef void (*pecca_widen_fn)(const uint16_t *src, float *dst, long count);
 typedef void (*pecca_matvec_half_fn)(const uint16_t *w, const float *x, float *out,
                                      long n, long r0, long r1);
 
 /* out[t, r] = sum_j w[r, j] x[t, j] for rows [r0, r1), all T tokens; out (T, ldo).
- * Each block of 4 rows (fewer at the end) is widened into a float32 scratch block that stays
+ * From PECCA_LANES_MIN_T tokens on: gemm_lanes_rows (f32_gemm.h). Below that,
+ * each block of 4 rows (fewer at the end) is widened into a float32 scratch block that stays
  * in L1/L2 while gemm_f32_rows runs it against every token. One token is a plain matvec (no
  * reuse to pay for the widening). The scratch is 16n bytes, up to 4 MiB for n = 65536: too
  * big for the stack, so it is malloc'd once per call (per thread); if that fails, each token
  * falls back to the matvec, which needs no memory. */
 static void gemm_half_rows(const uint16_t *w, const float *x, float *out, long n, long T,
-                           long ldo, long r0, long r1, pecca_widen_fn widen,
-                           pecca_widen_rows_fn widen_rows, pecca_matvec_half_fn matvec) {
+                           long ldo, long r0, long r1, pecca_widen_rows_fn widen,
+                           pecca_matvec_half_fn matvec) {
     if (r1 <= r0 || T <= 0) return;
-    if (T >= PECCA_LANES_MIN_T && gemm_lanes_rows(w, widen_rows, x, out, n, T, ldo, r0, r1)) return;
+    if (T >= PECCA_LANES_MIN_T && gemm_lanes_rows(w, widen, x, out, n, T, ldo, r0, r1)) return;
     float *buf = T > 1 ? (float *)malloc((size_t)(4 * n) * sizeof(float)) : NULL;
     if (buf == NULL) {
         for (long t = 0; t < T; t++) matvec(w, x + t * n, out + t * ldo, n, r0, r1);
@@ -397,7 +398,7 @@ static void gemm_half_rows(const uint16_t *w, const float *x, float *out, long n
     }
     for (long r = r0; r < r1; r += 4) {
         long k = r1 - r < 4 ? r1 - r : 4;
-        widen(w + r * n, buf, k * n);
+        widen(w, r * n, buf, k * n);
         gemm_f32_rows(buf, x, out + r, n, T, ldo, 0, k);
     }
     free(buf);
@@ -413,12 +414,12 @@ static void widen_bf16_from(const void *w, long first, float *dst, long count) {
 
 static void gemm_f16_rows(const uint16_t *w, const float *x, float *out, long n, long T,
                           long ldo, long r0, long r1) {
-    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_f16, widen_f16_from, matvec_f16_rows);
+    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_f16_from, matvec_f16_rows);
 }
 
 static void gemm_bf16_rows(const uint16_t *w, const float *x, float *out, long n, long T,
                            long ldo, long r0, long r1) {
-    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_bf16, widen_bf16_from, matvec_bf16_rows);
+    gemm_half_rows(w, x, out, n, T, ldo, r0, r1, widen_bf16_from, matvec_bf16_rows);
 }
 
 #endif
