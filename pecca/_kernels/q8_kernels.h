@@ -469,8 +469,9 @@ static inline void q8_rows_vnni(const uint8_t *w, const float *ws, const int8_t 
     for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, 0);
 }
 
-/* Tiles of 4 rows x 4 tokens: each loaded chunk of weights serves 4 tokens, each chunk of x
- * 4 rows; the correction and scales of a row are computed once per chunk for all tokens. */
+/* Tiles of 4 rows x 4 tokens (the last 1-3 tokens: 4 rows x that many): each loaded chunk of
+ * weights serves every token of the tile, each chunk of x 4 rows; the correction and scales of
+ * a row are computed once per chunk for all of them. */
 __attribute__((target(PECCA_Q8_VNNI), always_inline))
 static inline void q8_gemm_vnni(const uint8_t *w, const float *ws, const int8_t *xq,
                                 const float *xs, float *out, long n, long bpg, long T, long ldo,
@@ -480,7 +481,11 @@ static inline void q8_gemm_vnni(const uint8_t *w, const float *ws, const int8_t 
         long t = 0;
         for (; t + 4 <= T; t += 4)
             q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 4, fmt, t == 0 && i + 8 <= r1);
-        for (; t < T; t++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 1, fmt, 0);
+        /* the last 1-3 tokens in one tile (prefetching when they are all there is) */
+        int pf = t == 0 && i + 8 <= r1;
+        if (T - t == 3) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 3, fmt, pf);
+        else if (T - t == 2) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 2, fmt, pf);
+        else if (T - t == 1) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 1, fmt, pf);
     }
     for (; i < r1; i++) {
         long t = 0;

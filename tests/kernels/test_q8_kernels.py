@@ -305,7 +305,7 @@ def test_q8_0_blocks_match_gguf():
 
 @pytest.mark.parametrize("n,gs", Q8G_SHAPES)
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("T", [1, 3, 4, 9])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 6, 9])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matmul_q8g(simd, rows, n, gs, T, threads):
     rng = np.random.default_rng(rows * 7 + n * 3 + gs + T)
@@ -324,7 +324,7 @@ def test_matmul_q8g(simd, rows, n, gs, T, threads):
 
 @pytest.mark.parametrize("n", Q8_0_N)
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("T", [1, 3, 4, 9])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 6, 9])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matmul_q8_0(simd, rows, n, T, threads):
     rng = np.random.default_rng(rows * 7 + n * 3 + T)
