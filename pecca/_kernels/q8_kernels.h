@@ -250,13 +250,6 @@ static void quantize_q8_0_avx2(const float *x, int8_t *qx, float *dx, long n) {
     }
 }
 
-/* 8 int32 lanes, each the sum of four consecutive products w_j * x_j (see the header). */
-__attribute__((target(PECCA_Q8_AVX2), always_inline))
-static inline __m256i q8_dot32_avx2(__m256i w, __m256i x) {
-    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
-
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
 static inline float q8_0_scale_f16c(const uint8_t *blk) {
     uint16_t h;
@@ -264,83 +257,213 @@ static inline float q8_0_scale_f16c(const uint8_t *blk) {
     return _cvtsh_ss(h);
 }
 
-/* Rows i .. i+NR-1 (NR = 4 or 1) against one quantized x. Both layouts are rows of n/32
- * blocks of 32 int8: q8g's block b is at wq + row * n + 32 b, its scale ws[row * G + b / bpg]
- * (bpg = gs / 32 blocks per group); Q8_0's at w + row * 34 (n/32) + 34 b + 2 with its f16 scale
- * in front (bpg = 1). The integer lanes are summed over a group, then converted once. */
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
-static inline void q8_block_avx2(const uint8_t *w, const float *ws, const int8_t *xq,
-                                 const float *xs, float *out, long n, long bpg, long i,
-                                 int NR, int q80, int pf) {
+static inline uint16_t q8_u16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    return h;
+}
+
+/* AVX2 products. Every step takes two blocks b = 2s, b+1 (64 inputs) as two vectors, each
+ * [16 bytes of block b | the same 16 of block b+1] (bytes 0..15, then 16..31), so that the int32
+ * lanes of the low 128 bits belong to block b and the high ones to b+1: one conversion and one
+ * FMA per step, with the scale vector [sw_b sx_b x4 | sw_b+1 sx_b+1 x4]. A missing block b+1
+ * (n/32 odd) is zeros. Each token's x is laid out like this once per product (q8_prep_avx2):
+ * per step Q8_AX bytes, the two vectors and [sx_b x4 | sx_b+1 x4] (q8g: the scales of the
+ * blocks' groups). */
+#define Q8_AX 96
+#define Q8_AVX2_STACK 49152  /* prepared x up to this size lives on the stack */
+
+__attribute__((target(PECCA_Q8_AVX2), always_inline))
+static inline __m128i q8_ld128(const void *p) { return _mm_loadu_si128((const __m128i *)p); }
+
+/* step s of one token: its two vectors and scales, from xq (xs: scales per group of bpg blocks) */
+__attribute__((target(PECCA_Q8_AVX2), always_inline))
+static inline void q8_xstep_avx2(const int8_t *xq, const float *xs, long ga, long gb, long s,
+                                 int two, __m256i *x0, __m256i *x1, __m256 *sx) {
+    const int8_t *p = xq + 2 * Q8_0_BLOCK * s;
+    __m128i c0 = _mm_setzero_si128(), c1 = _mm_setzero_si128();
+    __m128 s1 = _mm_setzero_ps();
+    if (two) {
+        c0 = q8_ld128(p + 32);
+        c1 = q8_ld128(p + 48);
+        s1 = _mm_broadcast_ss(xs + gb);
+    }
+    *x0 = _mm256_set_m128i(c0, q8_ld128(p));
+    *x1 = _mm256_set_m128i(c1, q8_ld128(p + 16));
+    *sx = _mm256_set_m128(s1, _mm_broadcast_ss(xs + ga));
+}
+
+/* the groups of blocks 2s and 2s+1 as the steps go: g, k: group and place in it of block 2s */
+static inline void q8_groups_next(long bpg, long *g, long *k, long *ga, long *gb) {
+    *ga = *g;
+    if (++*k == bpg) { *k = 0; ++*g; }
+    *gb = *g;
+    if (++*k == bpg) { *k = 0; ++*g; }
+}
+
+__attribute__((target(PECCA_Q8_AVX2)))
+static void q8_prep_avx2(const int8_t *xq, const float *xs, long n, long bpg, uint8_t *xb) {
+    long nb = n / Q8_0_BLOCK, g = 0, k = 0, ga, gb;
+    for (long s = 0; 2 * s < nb; s++) {
+        __m256i x0, x1;
+        __m256 sx;
+        q8_groups_next(bpg, &g, &k, &ga, &gb);
+        q8_xstep_avx2(xq, xs, ga, gb, s, 2 * s + 1 < nb, &x0, &x1, &sx);
+        _mm256_storeu_si256((__m256i *)(xb + Q8_AX * s), x0);
+        _mm256_storeu_si256((__m256i *)(xb + Q8_AX * s + 32), x1);
+        _mm256_storeu_ps((float *)(xb + Q8_AX * s + 64), sx);
+    }
+}
+
+/* One step of rows wr[0..NR) against tokens 0..NT-1 into acc[r][t]. Per row: its two weight
+ * vectors w, |w| and the scales [sw_b x4 | sw_b+1 x4]; per (row, token): the sign trick
+ * maddubs(|w|, sign(x, w)) (|w| <= 128 as unsigned, |x| <= 127: no saturation) on both vectors,
+ * madd with ones, add, convert, times sw * sx, FMA. x from the prepared buffers xb[t] or
+ * (direct) from xq[t], xs[t]. */
+__attribute__((target(PECCA_Q8_AVX2), always_inline))
+static inline void q8_step_avx2(__m256 acc[4][4], const uint8_t *const wr[4],
+                                const float *const wsr[4], const uint8_t *const xb[4],
+                                const int8_t *const xq[4], const float *const xs[4], long s,
+                                long ga, long gb, int NR, int NT, int q80, int two, int direct) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const long bb = q80 ? Q8_0_BYTES : Q8_0_BLOCK;
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *p = wr[r] + 2 * bb * s, *q = p + (q80 ? 2 : 0);
+        __m128i c0 = _mm_setzero_si128(), c1 = _mm_setzero_si128();
+        if (two) {
+            c0 = q8_ld128(q + bb);
+            c1 = q8_ld128(q + bb + 16);
+        }
+        __m256i w0 = _mm256_set_m128i(c0, q8_ld128(q)), w1 = _mm256_set_m128i(c1, q8_ld128(q + 16));
+        __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+        __m256 sw;
+        if (q80) {
+            __m128i h = _mm_set1_epi16((short)q8_u16(p));
+            h = _mm_blend_epi16(h, two ? _mm_set1_epi16((short)q8_u16(p + bb)) : _mm_setzero_si128(), 0xF0);
+            sw = _mm256_cvtph_ps(h);
+        } else {
+            sw = _mm256_set_m128(two ? _mm_broadcast_ss(wsr[r] + gb) : _mm_setzero_ps(),
+                                 _mm_broadcast_ss(wsr[r] + ga));
+        }
+        for (int t = 0; t < NT; t++) {
+            __m256i x0, x1;
+            __m256 sx;
+            if (direct) {
+                q8_xstep_avx2(xq[t], xs[t], ga, gb, s, two, &x0, &x1, &sx);
+            } else {
+                const uint8_t *xp = xb[t] + Q8_AX * s;
+                x0 = _mm256_loadu_si256((const __m256i *)xp);
+                x1 = _mm256_loadu_si256((const __m256i *)(xp + 32));
+                sx = _mm256_loadu_ps((const float *)(xp + 64));
+            }
+            __m256i d0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, w0));
+            __m256i d1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, w1));
+            __m256i is = _mm256_add_epi32(_mm256_madd_epi16(d0, ones), _mm256_madd_epi16(d1, ones));
+            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(sw, sx), acc[r][t]);
+        }
+    }
+}
+
+/* out[(t0 + t) * ldo + i + r] for r < NR, t < NT: rows i.. against tokens t0.. (prepared at
+ * xb + t * xstride, or direct from xq + t * n, xs + t * G). pf: prefetch the next NR rows. */
+__attribute__((target(PECCA_Q8_AVX2), always_inline))
+static inline void q8_tile_avx2(const uint8_t *w, const float *ws, const uint8_t *xb, long xstride,
+                                const int8_t *xq, const float *xs, float *out, long n, long bpg,
+                                long ldo, long i, long t0, int NR, int NT, int q80, int pf,
+                                int direct) {
     long nb = n / Q8_0_BLOCK, G = nb / bpg;
     long bb = q80 ? Q8_0_BYTES : Q8_0_BLOCK, rb = nb * bb;
-    const uint8_t *wr[4];
-    __m256 acc[4];
-    __m256i is[4];
+    const uint8_t *wr[4], *xr[4];
+    const float *wsr[4], *sr[4];
+    const int8_t *qr[4];
+    __m256 acc[4][4];
     for (int r = 0; r < NR; r++) {
         wr[r] = w + (i + r) * rb;
-        acc[r] = _mm256_setzero_ps();
-        is[r] = _mm256_setzero_si256();
+        wsr[r] = ws ? ws + (i + r) * G : NULL;
     }
-    const char *next = (const char *)(w + (i + NR) * rb);  /* the next block, fetched meanwhile */
-    long g = 0, k = 0;
-    for (long b = 0; b < nb; b++) {
-        if (pf) prefetch_lines(next + NR * bb * b, q80 ? 3 : 2);
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + Q8_0_BLOCK * b));
-        for (int r = 0; r < NR; r++) {
-            const uint8_t *p = wr[r] + bb * b + (q80 ? 2 : 0);
-            is[r] = _mm256_add_epi32(is[r], q8_dot32_avx2(_mm256_loadu_si256((const __m256i *)p), xv));
-        }
-        if (++k == bpg) {
-            float sx = xs[g];
-            for (int r = 0; r < NR; r++) {
-                float sw = q80 ? q8_0_scale_f16c(wr[r] + bb * b) : ws[(i + r) * G + g];
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r]), _mm256_set1_ps(sw * sx), acc[r]);
-                is[r] = _mm256_setzero_si256();
-            }
-            k = 0;
-            g++;
-        }
+    for (int t = 0; t < NT; t++) {
+        xr[t] = direct ? NULL : xb + (t0 + t) * xstride;
+        qr[t] = direct ? xq + (t0 + t) * n : NULL;
+        sr[t] = direct ? xs + (t0 + t) * G : NULL;
+        for (int r = 0; r < NR; r++) acc[r][t] = _mm256_setzero_ps();
     }
-    for (int r = 0; r < NR; r++) out[i + r] = hsum256(acc[r]);
+    const char *next = (const char *)(w + (i + NR) * rb);
+    const int lines = (int)((NR * 2 * bb + 63) / 64);
+    long g = 0, k = 0, ga, gb, s = 0;
+    for (; 2 * s + 1 < nb; s++) {
+        if (pf) prefetch_lines(next + NR * 2 * bb * s, lines);
+        q8_groups_next(bpg, &g, &k, &ga, &gb);
+        q8_step_avx2(acc, wr, wsr, xr, qr, sr, s, ga, gb, NR, NT, q80, 1, direct);
+    }
+    if (2 * s < nb) {
+        q8_groups_next(bpg, &g, &k, &ga, &gb);
+        q8_step_avx2(acc, wr, wsr, xr, qr, sr, s, ga, gb, NR, NT, q80, 0, direct);
+    }
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++) out[(t0 + t) * ldo + i + r] = hsum256(acc[r][t]);
 }
 
-__attribute__((target(PECCA_Q8_AVX2), always_inline))
-static inline void q8_rows_avx2(const uint8_t *w, const float *ws, const int8_t *xq,
-                                const float *xs, float *out, long n, long bpg, long r0, long r1,
-                                int q80) {
-    long i = r0;
-    for (; i + 4 <= r1; i += 4) q8_block_avx2(w, ws, xq, xs, out, n, bpg, i, 4, q80, i + 8 <= r1);
-    for (; i < r1; i++) q8_block_avx2(w, ws, xq, xs, out, n, bpg, i, 1, q80, 0);
-}
+#ifndef Q8_AVX2_PANEL
+#define Q8_AVX2_PANEL 16  /* matmul: rows kept in L2 while every group of tokens passes */
+#endif
 
-/* Each 4-row block (4n bytes) stays in L1/L2 while it meets every token; the next block is
- * prefetched during the first token. */
+/* T tokens (T = 1: matvec) of rows [r0, r1): tiles of 2 rows x 4 tokens (the rest of the tokens
+ * 2 rows x 1-3) over panels of Q8_AVX2_PANEL rows; matvec: 4 rows x 1 token, prefetching the
+ * next 4 rows. A (row, token) gets the same operations in every tile. */
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
 static inline void q8_gemm_avx2(const uint8_t *w, const float *ws, const int8_t *xq,
                                 const float *xs, float *out, long n, long bpg, long T, long ldo,
                                 long r0, long r1, int q80) {
-    long G = n / Q8_0_BLOCK / bpg;
-    long i = r0;
-    for (; i + 4 <= r1; i += 4)
-        for (long t = 0; t < T; t++)
-            q8_block_avx2(w, ws, xq + t * n, xs + t * G, out + t * ldo, n, bpg, i, 4, q80,
-                          t == 0 && i + 8 <= r1);
-    for (; i < r1; i++)
-        for (long t = 0; t < T; t++)
-            q8_block_avx2(w, ws, xq + t * n, xs + t * G, out + t * ldo, n, bpg, i, 1, q80, 0);
+    long nb = n / Q8_0_BLOCK, G = nb / bpg, xstride = (nb + 1) / 2 * Q8_AX;
+    uint8_t stackbuf[Q8_AVX2_STACK];
+    uint8_t *xb = stackbuf, *heap = NULL;
+    int direct = 0;
+    if (T * xstride > Q8_AVX2_STACK) {
+        heap = (uint8_t *)malloc((size_t)(T * xstride));
+        xb = heap;
+        direct = heap == NULL;  /* same arithmetic, x laid out on the fly */
+    }
+    if (!direct)
+        for (long t = 0; t < T; t++) q8_prep_avx2(xq + t * n, xs + t * G, n, bpg, xb + t * xstride);
+#define Q8_TILE(i, t, NR, NT, pf) do { \
+        if (direct) q8_tile_avx2(w, ws, NULL, 0, xq, xs, out, n, bpg, ldo, i, t, NR, NT, q80, pf, 1); \
+        else q8_tile_avx2(w, ws, xb, xstride, NULL, NULL, out, n, bpg, ldo, i, t, NR, NT, q80, pf, 0); \
+    } while (0)
+    if (T == 1) {
+        long i = r0;
+        for (; i + 4 <= r1; i += 4) Q8_TILE(i, 0, 4, 1, i + 8 <= r1);
+        for (; i < r1; i++) Q8_TILE(i, 0, 1, 1, 0);
+    } else {
+        for (long p0 = r0; p0 < r1; p0 += Q8_AVX2_PANEL) {
+            long p1 = p0 + Q8_AVX2_PANEL < r1 ? p0 + Q8_AVX2_PANEL : r1;
+            long t = 0;
+            for (; t + 4 <= T; t += 4) {
+                long i = p0;
+                for (; i + 2 <= p1; i += 2) Q8_TILE(i, t, 2, 4, 0);
+                for (; i < p1; i++) Q8_TILE(i, t, 1, 4, 0);
+            }
+            for (; t < T; t++) {
+                long i = p0;
+                for (; i + 2 <= p1; i += 2) Q8_TILE(i, t, 2, 1, 0);
+                for (; i < p1; i++) Q8_TILE(i, t, 1, 1, 0);
+            }
+        }
+    }
+#undef Q8_TILE
+    free(heap);
 }
 
 __attribute__((target(PECCA_Q8_AVX2)))
 static void matvec_q8g_rows_avx2(const int8_t *wq, const float *ws, const int8_t *xq,
                                  const float *xs, float *out, long n, long gs, long r0, long r1) {
-    q8_rows_avx2((const uint8_t *)wq, ws, xq, xs, out, n, gs / Q8_0_BLOCK, r0, r1, 0);
+    q8_gemm_avx2((const uint8_t *)wq, ws, xq, xs, out, n, gs / Q8_0_BLOCK, 1, 0, r0, r1, 0);
 }
 
 __attribute__((target(PECCA_Q8_AVX2)))
 static void matvec_q8_0_rows_avx2(const uint8_t *w, const int8_t *xq, const float *xd,
                                   float *out, long n, long r0, long r1) {
-    q8_rows_avx2(w, NULL, xq, xd, out, n, 1, r0, r1, 1);
+    q8_gemm_avx2(w, NULL, xq, xd, out, n, 1, 1, 0, r0, r1, 1);
 }
 
 __attribute__((target(PECCA_Q8_AVX2)))
