@@ -416,7 +416,7 @@ static inline void prefetch_span(const float *p, long n) {
  * The loops run over cache rows outermost, so each row is read once, front to back, for all
  * heads of the range (a head-outer loop would stride through the cache once per head).
  * One body, instantiated per SIMD path so that its dot/axpy inline. */
-#define ATTENTION_BODY(DOT, AXPY, SOFTMAX)                                                     \
+#define ATTENTION_SCORES(DOT, SOFTMAX)                                                         \
     long kv_lo = (h0 / kv_mul) * head_size, kv_hi = ((h1 - 1) / kv_mul + 1) * head_size;        \
     for (long t = 0; t <= pos; t++) {                                                          \
         const float *krow = kc + t * kv_dim;                                                   \
@@ -428,7 +428,10 @@ static inline void prefetch_span(const float *p, long n) {
     for (long h = h0; h < h1; h++) {                                                           \
         SOFTMAX(att + h * att_stride, pos + 1);                                                \
         for (long i = 0; i < head_size; i++) out[h * head_size + i] = 0.0f;                    \
-    }                                                                                          \
+    }
+
+#define ATTENTION_BODY(DOT, AXPY, SOFTMAX)                                                     \
+    ATTENTION_SCORES(DOT, SOFTMAX)                                                             \
     for (long t = 0; t <= pos; t++) {                                                          \
         const float *vrow = vc + t * kv_dim;                                                   \
         if (PREFETCH_ROWS && t + PREFETCH_ROWS <= pos) prefetch_span(vrow + PREFETCH_ROWS * kv_dim + kv_lo, kv_hi - kv_lo); \
@@ -454,9 +457,129 @@ static inline float dot_sequential(const float *a, const float *b, long n) {
 static void attention_heads_portable(ATTENTION_ARGS) { ATTENTION_BODY(dot_sequential, axpy_portable, softmax_portable) }
 #if PECCA_X86
 __attribute__((target("avx2,fma")))
-static void attention_heads_avx2(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx2, axpy_avx2, softmax_avx2) }
+static void attention_heads_avx2_rows(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx2, axpy_avx2, softmax_avx2) }
 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-static void attention_heads_avx512(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx512, axpy_avx512, softmax_avx512) }
+static void attention_heads_avx512_rows(ATTENTION_ARGS) { ATTENTION_BODY(dot_avx512, axpy_avx512, softmax_avx512) }
+
+/* The vector paths, for head sizes that are whole vectors: ATTENTION_BODY's scores, and its
+ * values with the output in registers instead of loaded and stored for every position (most of
+ * the time went there). Value rows are taken in blocks of 16 (AVX-512) / 8 (AVX2) positions,
+ * which stay in L1 while every head of the range uses them, so the cache is still read once,
+ * front to back; per block the output of up to 4 heads sharing a kv head is loaded into
+ * registers, accumulated and stored. Each output element is the same FMA chain over positions
+ * 0..pos, in order, as axpy's: the same bits as ATTENTION_BODY. */
+
+/* out of heads h .. h + NH - 1 (sharing the value rows at vh), columns [W c0, W (c0 + C)),
+ * += positions [t0, t1) */
+#define ATT_VALUES_TILE(VEC, W, LOAD, STORE, SET1, FMA)                                         \
+    VEC acc[4][4];                                                                             \
+    for (int j = 0; j < NH; j++)                                                               \
+        for (int s = 0; s < C; s++) acc[j][s] = LOAD(out + (h + j) * head_size + W * (c0 + s)); \
+    for (long t = t0; t < t1; t++) {                                                           \
+        const float *vr = vh + t * kv_dim + W * c0;                                            \
+        VEC a[4];                                                                              \
+        for (int j = 0; j < NH; j++) a[j] = SET1(att[(h + j) * att_stride + t]);               \
+        for (int s = 0; s < C; s++) {                                                          \
+            VEC v = LOAD(vr + W * s);                                                          \
+            for (int j = 0; j < NH; j++) acc[j][s] = FMA(a[j], v, acc[j][s]);                  \
+        }                                                                                      \
+    }                                                                                          \
+    for (int j = 0; j < NH; j++)                                                               \
+        for (int s = 0; s < C; s++) STORE(out + (h + j) * head_size + W * (c0 + s), acc[j][s]);
+
+#define ATT_VALUES_TILE_ARGS const float *att, long att_stride, const float *vh, float *out,     \
+    long h, long t0, long t1, long head_size, long kv_dim, long c0, const int NH, const int C
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline))
+static inline void att_values_avx512(ATT_VALUES_TILE_ARGS) {
+    ATT_VALUES_TILE(__m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps)
+}
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void att_values_avx2(ATT_VALUES_TILE_ARGS) {
+    ATT_VALUES_TILE(__m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps)
+}
+
+/* heads h .. h + NH - 1, all S vectors of each head in tiles of at most 4 (16 accumulators) */
+#define ATT_VALUES_HEADS(TILE)                                                                 \
+    int c = 0;                                                                                 \
+    for (; c + 4 <= S; c += 4) TILE(att, att_stride, vh, out, h, t0, t1, head_size, kv_dim, c, NH, 4); \
+    if (S - c == 3) TILE(att, att_stride, vh, out, h, t0, t1, head_size, kv_dim, c, NH, 3);    \
+    else if (S - c == 2) TILE(att, att_stride, vh, out, h, t0, t1, head_size, kv_dim, c, NH, 2); \
+    else if (S - c == 1) TILE(att, att_stride, vh, out, h, t0, t1, head_size, kv_dim, c, NH, 1);
+
+#define ATT_VALUES_HEADS_ARGS const float *att, long att_stride, const float *vh, float *out,    \
+    long h, long t0, long t1, long head_size, long kv_dim, const int NH, const int S
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline))
+static inline void att_heads_avx512(ATT_VALUES_HEADS_ARGS) { ATT_VALUES_HEADS(att_values_avx512) }
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void att_heads_avx2(ATT_VALUES_HEADS_ARGS) { ATT_VALUES_HEADS(att_values_avx2) }
+
+/* The whole product for head vectors of W floats, S of them; W-position blocks, each block's
+ * heads in groups sharing a kv head (at most 4 per group), the next block's rows prefetched a
+ * share after each group. */
+#define ATTENTION_VEC(W, DOT, SOFTMAX, HEADS)                                                  \
+    ATTENTION_SCORES(DOT, SOFTMAX)                                                             \
+    for (long t = 0; t < W && t <= pos; t++) prefetch_span(vc + t * kv_dim + kv_lo, kv_hi - kv_lo); \
+    for (long t0 = 0; t0 <= pos; t0 += W) {                                                    \
+        long t1 = t0 + W <= pos + 1 ? t0 + W : pos + 1;                                        \
+        long nn = pos + 1 - t1 < W ? pos + 1 - t1 : W, nh = h1 - h0;                           \
+        for (long h = h0; h < h1;) {                                                           \
+            long end = (h / kv_mul + 1) * kv_mul, hp = h;                                      \
+            long hn = (end < h1 ? end : h1) - h;                                               \
+            const float *vh = vc + (h / kv_mul) * head_size;                                   \
+            if (hn >= 4) { HEADS(att, att_stride, vh, out, h, t0, t1, head_size, kv_dim, 4, S); h += 4; } \
+            else if (hn == 3) { HEADS(att, att_stride, vh, out, h, t0, t1, head_size, kv_dim, 3, S); h += 3; } \
+            else if (hn == 2) { HEADS(att, att_stride, vh, out, h, t0, t1, head_size, kv_dim, 2, S); h += 2; } \
+            else { HEADS(att, att_stride, vh, out, h, t0, t1, head_size, kv_dim, 1, S); h += 1; } \
+            for (long t = t1 + nn * (hp - h0) / nh; t < t1 + nn * (h - h0) / nh; t++)          \
+                prefetch_span(vc + t * kv_dim + kv_lo, kv_hi - kv_lo);                         \
+        }                                                                                      \
+    }
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline))
+static inline void attention_vec_avx512(ATTENTION_ARGS, const int S) {
+    ATTENTION_VEC(16, dot_avx512, softmax_avx512, att_heads_avx512)
+}
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void attention_vec_avx2(ATTENTION_ARGS, const int S) {
+    ATTENTION_VEC(8, dot_avx2, softmax_avx2, att_heads_avx2)
+}
+
+#define PECCA_ATT_CALL(F, S) F(q, kc, vc, att, att_stride, out, h0, h1, pos, head_size, kv_dim, kv_mul, scale, S)
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static void attention_heads_avx512(ATTENTION_ARGS) {
+    if (head_size % 16 || head_size > 256) {
+        attention_heads_avx512_rows(q, kc, vc, att, att_stride, out, h0, h1, pos, head_size, kv_dim, kv_mul, scale);
+        return;
+    }
+    switch (head_size / 16) {  /* a constant S for each common head size */
+    case 2: PECCA_ATT_CALL(attention_vec_avx512, 2); return;
+    case 3: PECCA_ATT_CALL(attention_vec_avx512, 3); return;
+    case 4: PECCA_ATT_CALL(attention_vec_avx512, 4); return;
+    case 8: PECCA_ATT_CALL(attention_vec_avx512, 8); return;
+    default: PECCA_ATT_CALL(attention_vec_avx512, (int)(head_size / 16));
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void attention_heads_avx2(ATTENTION_ARGS) {
+    if (head_size % 8 || head_size > 256) {
+        attention_heads_avx2_rows(q, kc, vc, att, att_stride, out, h0, h1, pos, head_size, kv_dim, kv_mul, scale);
+        return;
+    }
+    switch (head_size / 8) {
+    case 6: PECCA_ATT_CALL(attention_vec_avx2, 6); return;
+    case 8: PECCA_ATT_CALL(attention_vec_avx2, 8); return;
+    case 16: PECCA_ATT_CALL(attention_vec_avx2, 16); return;
+    default: PECCA_ATT_CALL(attention_vec_avx2, (int)(head_size / 8));
+    }
+}
+#undef PECCA_ATT_CALL
 #endif
 
 static void attention_heads_f32(ATTENTION_ARGS) {

@@ -124,8 +124,10 @@ def attention_ref(q, kc, vc, pos, n_heads, n_kv):
 
 
 @pytest.mark.parametrize("simd", PATHS)
-@pytest.mark.parametrize("n_heads,n_kv,head_size", [(1, 1, 2), (8, 4, 8), (6, 6, 48), (12, 3, 64), (5, 1, 7 * 2 + 3 * 2)])
-@pytest.mark.parametrize("pos", [0, 6, 32, 300])
+@pytest.mark.parametrize("n_heads,n_kv,head_size", [(1, 1, 2), (8, 4, 8), (6, 6, 48), (12, 3, 64), (5, 1, 7 * 2 + 3 * 2),
+                                                    (4, 2, 16), (6, 3, 32), (3, 3, 96), (4, 4, 128),
+                                                    (8, 1, 64), (5, 5, 80)])
+@pytest.mark.parametrize("pos", [0, 6, 15, 16, 32, 300])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_attention(simd, n_heads, n_kv, head_size, pos, threads):
     _kernels.set_simd_path(simd)
@@ -233,6 +235,7 @@ def test_attention_rows_is_causal_per_token(simd, n_heads, n_kv, head_size, pos0
     (8, 4, 8, [40, 3, 0, 90, 7], [4, 1, 3, 0, 2]),
     (9, 3, 64, [300, 2], [1, 3]),
     (6, 6, 46, [17, 299, 60], [0, 2, 4]),
+    (8, 2, 128, [33, 0, 7], [3, 0, 1]),
 ])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_attend_slots_equals_rope_store_attention_per_row(simd, n_heads, n_kv, head_size, positions,
