@@ -7,7 +7,8 @@ then for each concurrency level N sends N streamed greedy completions at once an
   client cpu      = CPU seconds this client process spent per 1000 tokens
 and the speed-up over one stream. The client shares the machine with the server, so by default
 it is a thin one (httpx, each server-sent event parsed with json.loads); --client openai uses
-the official `openai` async client instead (1.5-2x its CPU per token). Every level runs --reps
+the official `openai` async client instead (on SmolLM2: 0.17 against 0.13 ms of CPU a token at 4
+streams, 0.35 against 0.3 at 1). Every level runs --reps
 times (best kept); each request is bounded by --max-tokens and a timeout, so the script always
 ends.
 
@@ -97,8 +98,7 @@ def client_for(kind: str, url: str):
 
 
 def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
+    return time.process_time()  # this process, all threads, ns resolution (os.times: 10 ms)
 
 
 async def level(url: str, n: int, max_tokens: int, kind: str = "httpx") -> dict:
