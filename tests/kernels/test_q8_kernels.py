@@ -361,6 +361,29 @@ def test_large_parallel_split(simd, threads):
         check_q8_0_product(outs[t], blocks, d, qs, xs[t])
 
 
+def test_matvec_of_large_shares_streams_rows_with_the_same_bits(simd):
+    """A thread's share of 2 MiB or more is read one row at a time (the memory-bound form): each
+    row equals the 4-row tiles' result (2 threads: shares under 2 MiB) and matmul's, bit for
+    bit, and the reference."""
+    rng = np.random.default_rng(13)
+    rows, n = 523, 4096  # Q8_0 2.27 MB, q8g (gs 64) 2.19 MB + scales: streamed at 1 thread
+    blocks, d, qs = random_q8_0(rows, n, rng)
+    wq, ws = random_q8g(rows, n, 64, rng)
+    x = random_x(n, rng)
+    one, two = np.full(rows, np.nan, np.float32), np.full(rows, np.nan, np.float32)
+    q8.matvec_q8_0(blocks, x, one, 1)
+    q8.matvec_q8_0(blocks, x, two, 2)
+    check_q8_0_product(one, blocks, d, qs, x)
+    np.testing.assert_array_equal(one, two)
+    mm = np.full((3, rows), np.nan, np.float32)
+    q8.matmul_q8_0(blocks, np.stack([x, x, x]), mm, 1)
+    np.testing.assert_array_equal(mm[1], one)
+    q8.matvec_q8g(wq, ws, 64, x, one, 1)
+    q8.matvec_q8g(wq, ws, 64, x, two, 2)
+    check_q8g_product(one, wq, ws, 64, x)
+    np.testing.assert_array_equal(one, two)
+
+
 def test_reads_readonly_memmap(tmp_path, simd):
     rng = np.random.default_rng(2)
     wq, ws = random_q8g(6, 64, 32, rng)
