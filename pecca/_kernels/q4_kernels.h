@@ -557,6 +557,60 @@ static void gptq_cols_portable(const uint32_t *qw, const uint32_t *qz, uint32_t 
 #endif
 /* ---------------- AVX2 + FMA + F16C ---------------- */
 
+/* int8 path, AVX2. Per step of two blocks b = 2s, b+1 (64 inputs) a row's int32 lanes: lane l of
+ * the low (high) 128 bits sums code * q over block b's (b+1's) elements 4l..4l+3 and
+ * 16+4l..16+4l+3 (Q4_0: with -8 sum q, the zero point). Two ways to the same integers:
+ *  matvec: maddubs of the code nibbles (unsigned) with both levels as they are prepared (hi,
+ *   lo), madd by 256 and 1 (q4_dot_avx2);
+ *  matmul: the activations put back together once per product as int16 q = 256 hi + lo and the
+ *   codes widened to int16 in place: per 16-bit word of the 32 code bytes [block b | block b+1]
+ *   (byte j: codes j and 16 + j), & 15 (code 2i), >> 8 & 15 (2i + 1), >> 4 & 15 (16 + 2i), >> 12
+ *   (17 + 2i) (Q4_0: minus 8) against the same selections of q: 4 madds, 3 adds (fewer multiplies
+ *   than 4 maddubs + 2 madds; a lane sums 8 products |code| |q| <= 15 * 32512: < 2^22).
+ * The float work is shared by two (row, token) pairs: lanes l and l + 2 of both are added in
+ * integers (unpacklo/hi_epi64, exact) into one vector [p p q q | p p q q] (halves: blocks b and
+ * b+1), converted and multiplied by [sw sx of p x2, of q x2 | the same for b+1] in one FMA (Q4_1:
+ * plus m * xs / 2 per lane). matvec pairs two rows against its token, matmul one row against two
+ * tokens; a (row, token)'s lanes get the same values and operations either way, and its result
+ * is (lane 0 + lane 4) + (lane 1 + lane 5) of its pair (q4g: minus sum_g s_g z_g X_g, 8 groups
+ * per vector), so matmul rows equal matvec bit for bit. */
+
+/* pairs of (row, token) products: the integer lanes of p and q -> [p p q q | p p q q] */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline __m256i q4_pair_avx2(__m256i p, __m256i q) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(p, q), _mm256_unpackhi_epi64(p, q));
+}
+
+/* [lanes 0..1 of a | lanes 0..1 of b] in each half: scales of a (row or token) and b paired */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline __m256 q4_pairps_avx2(__m256 a, __m256 b) {
+    return _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
+}
+
+/* the two results of a pair accumulator: (l0 + l4) + (l1 + l5) and (l2 + l6) + (l3 + l7) */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline void q4_pairsum_avx2(__m256 acc, float *p, float *q) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    *p = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    __m128 g = _mm_movehl_ps(h, h);
+    *q = _mm_cvtss_f32(_mm_add_ss(g, _mm_movehdup_ps(g)));
+}
+
+/* q4g: sum_g s_g z_g X_g of one row and token (groups 8 to a vector, then the rest) */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline float q4g_zsum_avx2(const uint16_t *sr, const int8_t *zr, const float *xg, long G) {
+    __m256 acc = _mm256_setzero_ps();
+    long g = 0;
+    for (; g + 8 <= G; g += 8) {
+        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + g)));
+        __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g))));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(xg + g), acc);
+    }
+    float t = hsum256(acc);
+    for (; g < G; g++) t += _cvtsh_ss(sr[g]) * (float)zr[g] * xg[g];
+    return t;
+}
+
 /* [f16 h0 x4 | f16 h1 x4] as floats */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
 static inline __m256 q4_halves2_avx2(uint32_t h0, uint32_t h1) {
@@ -564,8 +618,292 @@ static inline __m256 q4_halves2_avx2(uint32_t h0, uint32_t h1) {
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(f), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
-/* q4g row: acc - s_g z_g X_g for the groups g < G rounded down to 8 (lane g % 8), then the
- * sum of the lanes minus the remaining groups' terms */
+/* step s of a row (its blocks at p): the 32 code bytes [block b | block b+1] (zeros for a
+ * missing b+1), the weight scales [sw_b x4 | sw_b+1 x4] and (Q4_1) mins likewise */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline __m256i q4_wstep_avx2(int fmt, int sf, const uint8_t *p, const uint16_t *sr, long ga,
+                                    long gb, int two, __m256 *sw, __m256 *sm) {
+    const long bb = q4_block_bytes(fmt), off = q4_code_offset(fmt);
+    __m256i v;
+    if (fmt == Q4_FMT_G && two) {
+        v = _mm256_loadu_si256((const __m256i *)p);
+    } else {
+        __m128i hi = two ? _mm_loadu_si128((const __m128i *)(p + bb + off)) : _mm_setzero_si128();
+        v = _mm256_set_m128i(hi, _mm_loadu_si128((const __m128i *)(p + off)));
+    }
+    if (fmt == Q4_FMT_G) {
+        *sw = sf == Q4_SF_W ? _mm256_cvtph_ps(_mm_set1_epi16((short)sr[ga]))
+                            : q4_halves2_avx2(sr[ga], two ? sr[gb] : 0);
+    } else {
+        *sw = q4_halves2_avx2(q4_u16(p), two ? q4_u16(p + bb) : 0);
+        if (fmt == Q4_FMT_1) *sm = q4_halves2_avx2(q4_u16(p + 2), two ? q4_u16(p + bb + 2) : 0);
+    }
+    return v;
+}
+
+/* ---- matvec ---- */
+
+/* a row's int32 lanes of step s against the prepared token (qa: its codes, ext: Q4_0's -8 sums) */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline __m256i q4_dot_avx2(int fmt, __m256i v, const int8_t *qa, const uint8_t *ext, long s) {
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
+    const int8_t *xp = qa + Q4_ASTEP * (s >> 1) + 32 * (s & 1);
+    __m256i lo4 = _mm256_and_si256(v, m4), hi4 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(lo4, _mm256_loadu_si256((const __m256i *)xp)),
+                                  _mm256_maddubs_epi16(hi4, _mm256_loadu_si256((const __m256i *)(xp + 64))));
+    __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo4, _mm256_loadu_si256((const __m256i *)(xp + 128))),
+                                  _mm256_maddubs_epi16(hi4, _mm256_loadu_si256((const __m256i *)(xp + 192))));
+    __m256i is = _mm256_add_epi32(_mm256_madd_epi16(ph, c256), _mm256_madd_epi16(pl, ones));
+    if (fmt == Q4_FMT_0) is = _mm256_add_epi32(is, _mm256_loadu_si256((const __m256i *)(ext + 32 * s)));
+    return is;
+}
+
+/* step s of rows a and b (b absent: !hasb) against one prepared token into the pair accumulator */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline __m256 q4_mv_pair_avx2(__m256 acc, int fmt, int sf, const uint8_t *pa, const uint8_t *pb,
+                                     const uint16_t *sa, const uint16_t *sb, const int8_t *qa,
+                                     const uint8_t *ext, __m256 sx, __m256 xs2, long s, long ga,
+                                     long gb, int two, int hasb) {
+    __m256 swa, swb = _mm256_setzero_ps(), sma = _mm256_setzero_ps(), smb = _mm256_setzero_ps();
+    __m256i ia = q4_dot_avx2(fmt, q4_wstep_avx2(fmt, sf, pa, sa, ga, gb, two, &swa, &sma), qa, ext, s);
+    __m256i ib = _mm256_setzero_si256();
+    if (hasb) ib = q4_dot_avx2(fmt, q4_wstep_avx2(fmt, sf, pb, sb, ga, gb, two, &swb, &smb), qa, ext, s);
+    __m256 f = _mm256_cvtepi32_ps(q4_pair_avx2(ia, ib));
+    acc = _mm256_fmadd_ps(f, _mm256_mul_ps(q4_pairps_avx2(swa, swb), sx), acc);
+    if (fmt == Q4_FMT_1) acc = _mm256_fmadd_ps(q4_pairps_avx2(sma, smb), xs2, acc);
+    return acc;
+}
+
+/* rows i..i+NR-1 (NR = 4, 2 or 1; a lone row is paired with nothing) against one prepared token,
+ * prefetching the next NR rows when pf */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline void q4_mv_avx2(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
+                              const int8_t *zp, long K, long G, const uint8_t *act, float *out,
+                              long i, int NR, int pf) {
+    long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
+    long bb = q4_block_bytes(fmt), rb = nb * bb;
+    const int8_t *qa = (const int8_t *)act;
+    const float *sx4 = (const float *)(act + Q4_A_SX(Kp)), *xs4 = (const float *)(act + Q4_A_EXT(Kp));
+    const uint8_t *ext = act + Q4_A_EXT(Kp);
+    const uint8_t *w0 = w + i * rb, *w1 = w0 + rb, *w2 = w1 + rb, *w3 = w2 + rb;
+    const uint16_t *s0 = NULL, *s1 = NULL, *s2 = NULL, *s3 = NULL;
+    if (fmt == Q4_FMT_G) {
+        s0 = sc + i * G;
+        s1 = s0 + G;
+        s2 = s1 + G;
+        s3 = s2 + G;
+    }
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const char *next = (const char *)(w + (i + NR) * rb);
+    const int lines = (int)((NR * 2 * bb + 63) / 64);
+    long g = 0, k = 0, ga = 0, gb = 0;
+    for (long s = 0; 2 * s < nb; s++) {
+        const int two = 2 * s + 1 < nb;
+        const long o = 2 * bb * s;
+        if (pf) prefetch_lines(next + NR * o, lines);
+        if (fmt == Q4_FMT_G) q8_groups_next(bpg, &g, &k, &ga, &gb);
+        __m256 sx = _mm256_loadu_ps(sx4 + 8 * s), xs2 = _mm256_setzero_ps();
+        if (fmt == Q4_FMT_1) xs2 = _mm256_add_ps(_mm256_loadu_ps(xs4 + 8 * s), _mm256_loadu_ps(xs4 + 8 * s));
+        acc0 = q4_mv_pair_avx2(acc0, fmt, sf, w0 + o, w1 + o, s0, s1, qa, ext, sx, xs2, s, ga, gb, two, NR >= 2);
+        if (NR == 4) acc1 = q4_mv_pair_avx2(acc1, fmt, sf, w2 + o, w3 + o, s2, s3, qa, ext, sx, xs2, s, ga, gb, two, 1);
+    }
+    const float *xg = (const float *)(act + Q4_A_XG(Kp));
+    float v[4];
+    q4_pairsum_avx2(acc0, &v[0], &v[1]);
+    if (NR == 4) q4_pairsum_avx2(acc1, &v[2], &v[3]);
+    for (int r = 0; r < NR; r++)
+        out[i + r] = fmt == Q4_FMT_G ? v[r] - q4g_zsum_avx2(sc + (i + r) * G, zp + (i + r) * G, xg, G) : v[r];
+}
+
+/* ---- matmul ---- */
+
+/* prepared tokens, per pair of tokens (the second zeros when T is odd) per step: the int16 q of
+ * both (4 vectors each, the selections above), [sx of the first x2, of the second x2 | b+1]
+ * and for Q4_1 the same pairing of xs / 2 per lane */
+#define Q4_XP(fmt) ((fmt) == Q4_FMT_1 ? 320 : 288)
+#ifndef Q4_AVX2_TP
+#define Q4_AVX2_TP 4      /* matmul tile: pairs of tokens */
+#endif
+#ifndef Q4_AVX2_RM
+#define Q4_AVX2_RM 1      /* matmul tile: rows */
+#endif
+#ifndef Q4_AVX2_KC
+#define Q4_AVX2_KC 16     /* matmul: steps per chunk of K (the tile's x stays in L1) */
+#endif
+#ifndef Q4_AVX2_PANEL
+#define Q4_AVX2_PANEL 32  /* matmul: rows kept in L2 while every group of tokens passes */
+#endif
+
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline void q4_x16_avx2(const uint8_t *act, long s, __m256i X[4]) {
+    const __m256i himask = _mm256_set1_epi16((short)0xFF00);
+    const int8_t *xp = (const int8_t *)act + Q4_ASTEP * (s >> 1) + 32 * (s & 1);
+    for (int h = 0; h < 2; h++) {
+        __m256i H = _mm256_loadu_si256((const __m256i *)(xp + 64 * h));
+        __m256i L = _mm256_loadu_si256((const __m256i *)(xp + 128 + 64 * h));
+        /* even elements: hi to the high byte, lo sign-extended; odd: both from the high bytes */
+        X[2 * h] = _mm256_add_epi16(_mm256_slli_epi16(H, 8), _mm256_srai_epi16(_mm256_slli_epi16(L, 8), 8));
+        X[2 * h + 1] = _mm256_add_epi16(_mm256_and_si256(H, himask), _mm256_srai_epi16(L, 8));
+    }
+}
+
+/* tokens a and b (b NULL: none) -> xb, one pair's steps */
+__attribute__((target(PECCA_Q4_AVX2)))
+static void q4_prep_pair_avx2(int fmt, const uint8_t *a, const uint8_t *b, long nb, long Kp, uint8_t *xb) {
+    const long xp = Q4_XP(fmt);
+    for (long s = 0; 2 * s < nb; s++) {
+        uint8_t *o = xb + xp * s;
+        __m256i X[4], Y[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        __m256 sa = _mm256_loadu_ps((const float *)(a + Q4_A_SX(Kp)) + 8 * s), sb = _mm256_setzero_ps();
+        __m256 ea = _mm256_setzero_ps(), eb = _mm256_setzero_ps();
+        q4_x16_avx2(a, s, X);
+        if (fmt == Q4_FMT_1) ea = _mm256_loadu_ps((const float *)(a + Q4_A_EXT(Kp)) + 8 * s);
+        if (b) {
+            q4_x16_avx2(b, s, Y);
+            sb = _mm256_loadu_ps((const float *)(b + Q4_A_SX(Kp)) + 8 * s);
+            if (fmt == Q4_FMT_1) eb = _mm256_loadu_ps((const float *)(b + Q4_A_EXT(Kp)) + 8 * s);
+        }
+        for (int k = 0; k < 4; k++) {
+            _mm256_storeu_si256((__m256i *)(o + 32 * k), X[k]);
+            _mm256_storeu_si256((__m256i *)(o + 128 + 32 * k), Y[k]);
+        }
+        _mm256_storeu_ps((float *)(o + 256), q4_pairps_avx2(sa, sb));
+        if (fmt == Q4_FMT_1) _mm256_storeu_ps((float *)(o + 288), q4_pairps_avx2(_mm256_add_ps(ea, ea), _mm256_add_ps(eb, eb)));
+    }
+}
+
+/* steps [s0, s1) of rows i..i+NR-1 against token pairs 0..NP-1 (at xb, pair stride xstride),
+ * accumulators in accb[r][j] (8 floats each, kept across chunks) */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline void q4_tile16_avx2(int fmt, int sf, const uint8_t *w, const uint16_t *sc, long K,
+                                  long G, const uint8_t *xb, long xstride, float *accb, long i,
+                                  long s0, long s1, int NR, int NP) {
+    long nb = K / Q4_QK, bpg = fmt == Q4_FMT_G ? nb / G : 1;
+    long bb = q4_block_bytes(fmt), rb = nb * bb, xp = Q4_XP(fmt);
+    const __m256i m4 = _mm256_set1_epi16(15);
+    __m256 acc[Q4_AVX2_RM][Q4_AVX2_TP];
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < NP; j++) acc[r][j] = _mm256_loadu_ps(accb + 8 * (Q4_AVX2_TP * r + j));
+    long g = s0 * 2 / bpg, k = s0 * 2 % bpg, ga = 0, gb = 0;
+    for (long s = s0; s < s1; s++) {
+        const int two = 2 * s + 1 < nb;
+        if (fmt == Q4_FMT_G) q8_groups_next(bpg, &g, &k, &ga, &gb);
+        for (int r = 0; r < NR; r++) {
+            __m256 sw, sm = _mm256_setzero_ps();
+            __m256i v = q4_wstep_avx2(fmt, sf, w + (i + r) * rb + 2 * bb * s,
+                                      fmt == Q4_FMT_G ? sc + (i + r) * G : NULL, ga, gb, two, &sw, &sm);
+            __m256i c[4];
+            c[0] = _mm256_and_si256(v, m4);
+            c[1] = _mm256_and_si256(_mm256_srli_epi16(v, 8), m4);
+            c[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            c[3] = _mm256_srli_epi16(v, 12);
+            if (fmt == Q4_FMT_0) {
+                const __m256i c8 = _mm256_set1_epi16(8);
+                for (int q = 0; q < 4; q++) c[q] = _mm256_sub_epi16(c[q], c8);
+            }
+            for (int j = 0; j < NP; j++) {
+                const __m256i *X = (const __m256i *)(xb + j * xstride + xp * s);
+                __m256i ia = _mm256_add_epi32(
+                    _mm256_add_epi32(_mm256_madd_epi16(c[0], _mm256_loadu_si256(X)), _mm256_madd_epi16(c[1], _mm256_loadu_si256(X + 1))),
+                    _mm256_add_epi32(_mm256_madd_epi16(c[2], _mm256_loadu_si256(X + 2)), _mm256_madd_epi16(c[3], _mm256_loadu_si256(X + 3))));
+                __m256i ib = _mm256_add_epi32(
+                    _mm256_add_epi32(_mm256_madd_epi16(c[0], _mm256_loadu_si256(X + 4)), _mm256_madd_epi16(c[1], _mm256_loadu_si256(X + 5))),
+                    _mm256_add_epi32(_mm256_madd_epi16(c[2], _mm256_loadu_si256(X + 6)), _mm256_madd_epi16(c[3], _mm256_loadu_si256(X + 7))));
+                __m256 f = _mm256_cvtepi32_ps(q4_pair_avx2(ia, ib));
+                acc[r][j] = _mm256_fmadd_ps(f, _mm256_mul_ps(sw, _mm256_loadu_ps((const float *)(X + 8))), acc[r][j]);
+                if (fmt == Q4_FMT_1)
+                    acc[r][j] = _mm256_fmadd_ps(sm, _mm256_loadu_ps((const float *)(X + 9)), acc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < NP; j++) _mm256_storeu_ps(accb + 8 * (Q4_AVX2_TP * r + j), acc[r][j]);
+}
+
+/* T = 1 (matvec), or T > 1 when the prepared tokens cannot be allocated: q4_mv_avx2 token by
+ * token (the same bits); else tiles of Q4_AVX2_RM rows x Q4_AVX2_TP pairs of tokens over chunks
+ * of Q4_AVX2_KC steps (that x stays in L1 while the panel's rows pass) and panels of
+ * Q4_AVX2_PANEL rows (in L2 while every group of tokens passes). */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
+                                const int8_t *zp, long K, long G, const uint8_t *act, long ab,
+                                long T, float *out, long ldo, long r0, long r1) {
+    long nb = K / Q4_QK, Kp = q4_padded(K), ns = (nb + 1) / 2, xstride = ns * Q4_XP(fmt);
+    long npairs = (T + 1) / 2;
+    uint8_t *xb = T > 1 ? (uint8_t *)malloc((size_t)(npairs * xstride)) : NULL;
+    if (xb == NULL) {
+        for (long t = 0; t < T; t++) {
+            long i = r0;
+            for (; i + 4 <= r1; i += 4)
+                q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 4, i + 8 <= r1);
+            for (; i + 2 <= r1; i += 2) q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 2, 0);
+            for (; i < r1; i++) q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 1, 0);
+        }
+        return;
+    }
+    for (long p = 0; p < npairs; p++)
+        q4_prep_pair_avx2(fmt, act + 2 * p * ab, 2 * p + 1 < T ? act + (2 * p + 1) * ab : NULL, nb, Kp, xb + p * xstride);
+    float accb[Q4_AVX2_PANEL / Q4_AVX2_RM + 1][Q4_AVX2_RM * Q4_AVX2_TP * 8];
+    for (long p0 = r0; p0 < r1; p0 += Q4_AVX2_PANEL) {
+        long p1 = p0 + Q4_AVX2_PANEL < r1 ? p0 + Q4_AVX2_PANEL : r1;
+        for (long j0 = 0; j0 < npairs; j0 += Q4_AVX2_TP) {
+            int NP = (int)(npairs - j0 < Q4_AVX2_TP ? npairs - j0 : Q4_AVX2_TP);
+            memset(accb, 0, sizeof accb);
+            const uint8_t *xt = xb + j0 * xstride;
+            for (long c0 = 0; c0 < ns; c0 += Q4_AVX2_KC) {
+                long c1 = c0 + Q4_AVX2_KC < ns ? c0 + Q4_AVX2_KC : ns;
+                long i = p0, q = 0;
+#define Q4_TILE(NR, N) q4_tile16_avx2(fmt, sf, w, sc, K, G, xt, xstride, accb[q], i, c0, c1, NR, N)
+                for (; i + Q4_AVX2_RM <= p1; i += Q4_AVX2_RM, q++) {
+                    if (NP == Q4_AVX2_TP) Q4_TILE(Q4_AVX2_RM, Q4_AVX2_TP);
+                    else if (NP == 3) Q4_TILE(Q4_AVX2_RM, 3);
+                    else if (NP == 2) Q4_TILE(Q4_AVX2_RM, 2);
+                    else Q4_TILE(Q4_AVX2_RM, 1);
+                }
+                for (; i < p1; i++, q++) {
+                    if (NP == Q4_AVX2_TP) Q4_TILE(1, Q4_AVX2_TP);
+                    else if (NP == 3) Q4_TILE(1, 3);
+                    else if (NP == 2) Q4_TILE(1, 2);
+                    else Q4_TILE(1, 1);
+                }
+#undef Q4_TILE
+            }
+            /* results: row i + r of tile q, pair j: tokens 2 (j0 + j) and 2 (j0 + j) + 1 */
+            long i = p0, q = 0;
+            while (i < p1) {
+                int NR = i + Q4_AVX2_RM <= p1 ? Q4_AVX2_RM : 1;
+                for (int r = 0; r < NR; r++)
+                    for (int j = 0; j < NP; j++) {
+                        float v[2];
+                        long t = 2 * (j0 + j);
+                        q4_pairsum_avx2(_mm256_loadu_ps(accb[q] + 8 * (Q4_AVX2_TP * r + j)), &v[0], &v[1]);
+                        for (int e = 0; e < 2 && t + e < T; e++) {
+                            float z = fmt == Q4_FMT_G
+                                ? q4g_zsum_avx2(sc + (i + r) * G, zp + (i + r) * G,
+                                                (const float *)(act + (t + e) * ab + Q4_A_XG(Kp)), G) : 0.0f;
+                            out[(t + e) * ldo + i + r] = fmt == Q4_FMT_G ? v[e] - z : v[e];
+                        }
+                    }
+                i += NR;
+                q++;
+            }
+        }
+    }
+    free(xb);
+}
+
+__attribute__((target(PECCA_Q4_AVX2)))
+static void q4_int8_rows_avx2(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
+                              long K, long G, const uint8_t *act, long ab, long T, float *out,
+                              long ldo, long r0, long r1) {
+    if (fmt == Q4_FMT_0) q4_gemm_avx2(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+    else if (fmt == Q4_FMT_1) q4_gemm_avx2(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+    else if ((K / Q4_QK / G) % 2 == 0) q4_gemm_avx2(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+    else q4_gemm_avx2(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+}
+
+/* float path, q4g row: acc - s_g z_g X_g for the groups g < G rounded down to 8 (lane g % 8),
+ * then the sum of the lanes minus the remaining groups' terms */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
 static inline float q4g_finish_avx2(__m256 acc, const uint16_t *sr, const int8_t *zr,
                                     const float *xg, long G) {
@@ -578,111 +916,6 @@ static inline float q4g_finish_avx2(__m256 acc, const uint16_t *sr, const int8_t
     float t = hsum256(acc);
     for (; g < G; g++) t -= _cvtsh_ss(sr[g]) * (float)zr[g] * xg[g];
     return t;
-}
-
-/* Rows i..i+NR-1 (NR = 4 or 1) against one prepared token, 2 blocks per step. */
-__attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline void q4_block_avx2(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
-                                 const int8_t *zp, long K, long G, const uint8_t *act, float *out,
-                                 long i, int NR, int pf) {
-    long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
-    long bb = q4_block_bytes(fmt), off = q4_code_offset(fmt), rb = nb * bb;
-    const int8_t *qa = (const int8_t *)act;
-    const float *sx4 = (const float *)(act + Q4_A_SX(Kp));
-    const uint8_t *ext = act + Q4_A_EXT(Kp);
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const __m256i c256 = _mm256_set1_epi16(256);
-    const uint8_t *wr[4];
-    __m256 acc[4], sw[4];
-    for (int r = 0; r < NR; r++) {
-        wr[r] = w + (i + r) * rb;
-        acc[r] = _mm256_setzero_ps();
-        sw[r] = _mm256_setzero_ps();
-    }
-    const char *next = (const char *)(w + (i + NR) * rb);
-    long g = 0, k = 0;  /* group of the next block, its place in the group */
-    for (long s = 0; 2 * s < nb; s++) {
-        const int two = 2 * s + 1 < nb;
-        if (pf) prefetch_lines(next + NR * 2 * bb * s, (NR * 2 * (int)bb + 63) / 64);
-        const int8_t *xp = qa + Q4_ASTEP * (s >> 1) + 32 * (s & 1);
-        __m256i xh0 = _mm256_loadu_si256((const __m256i *)xp);  /* hi, low nibbles' inputs */
-        __m256i xh1 = _mm256_loadu_si256((const __m256i *)(xp + 64));
-        __m256i xl0 = _mm256_loadu_si256((const __m256i *)(xp + 128));  /* lo */
-        __m256i xl1 = _mm256_loadu_si256((const __m256i *)(xp + 192));
-        __m256 sx = _mm256_loadu_ps(sx4 + 8 * s);
-        __m256i nc = _mm256_setzero_si256();
-        __m256 xs = _mm256_setzero_ps();
-        if (fmt == Q4_FMT_0) nc = _mm256_loadu_si256((const __m256i *)(ext + 32 * s));
-        if (fmt == Q4_FMT_1) xs = _mm256_loadu_ps((const float *)ext + 8 * s);
-        long ga = g, kstart = k, gb = g;
-        if (fmt == Q4_FMT_G && sf == Q4_SF_W) {  /* whole steps per group */
-            k += 2;
-            if (k == bpg) { k = 0; g++; }
-        } else if (fmt == Q4_FMT_G) {
-            if (++k == bpg) { k = 0; g++; }
-            gb = g;
-            if (two && ++k == bpg) { k = 0; g++; }
-        }
-        for (int r = 0; r < NR; r++) {
-            const uint8_t *p = wr[r] + 2 * bb * s;
-            __m256i v;
-            if (fmt == Q4_FMT_G && two) {
-                v = _mm256_loadu_si256((const __m256i *)p);
-            } else {
-                __m128i hi = two ? _mm_loadu_si128((const __m128i *)(p + bb + off)) : _mm_setzero_si128();
-                v = _mm256_set_m128i(hi, _mm_loadu_si128((const __m128i *)(p + off)));
-            }
-            __m256i lo4 = _mm256_and_si256(v, m4), hi4 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(lo4, xh0), _mm256_maddubs_epi16(hi4, xh1));
-            __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo4, xl0), _mm256_maddubs_epi16(hi4, xl1));
-            __m256i is = _mm256_add_epi32(_mm256_madd_epi16(ph, c256), _mm256_madd_epi16(pl, ones));
-            __m256 sm = _mm256_setzero_ps();
-            if (fmt == Q4_FMT_0) {
-                is = _mm256_add_epi32(is, nc);
-                sw[r] = q4_halves2_avx2(q4_u16(p), two ? q4_u16(p + bb) : 0);
-            } else if (fmt == Q4_FMT_1) {
-                __m128 f = _mm_cvtph_ps(_mm_set_epi32(0, 0, two ? (int)q4_u32(p + bb) : 0, (int)q4_u32(p)));
-                __m256 f8 = _mm256_castps128_ps256(f);
-                sw[r] = _mm256_permutevar8x32_ps(f8, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
-                sm = _mm256_permutevar8x32_ps(f8, _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3));
-            } else if (sf == Q4_SF_W) {
-                if (kstart == 0) sw[r] = _mm256_cvtph_ps(_mm_set1_epi16((short)sc[(i + r) * G + ga]));
-            } else {
-                const uint16_t *sr = sc + (i + r) * G;
-                sw[r] = q4_halves2_avx2(sr[ga], two ? sr[gb] : 0);
-            }
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(sw[r], sx), acc[r]);
-            if (fmt == Q4_FMT_1) acc[r] = _mm256_fmadd_ps(sm, xs, acc[r]);
-        }
-    }
-    const float *xg = (const float *)(act + Q4_A_XG(Kp));
-    for (int r = 0; r < NR; r++)
-        out[i + r] = fmt == Q4_FMT_G ? q4g_finish_avx2(acc[r], sc + (i + r) * G, zp + (i + r) * G, xg, G)
-                                     : hsum256(acc[r]);
-}
-
-__attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
-                                const int8_t *zp, long K, long G, const uint8_t *act, long ab,
-                                long T, float *out, long ldo, long r0, long r1) {
-    long i = r0;
-    for (; i + 4 <= r1; i += 4)
-        for (long t = 0; t < T; t++)
-            q4_block_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 4,
-                          t == 0 && i + 8 <= r1);
-    for (; i < r1; i++)
-        for (long t = 0; t < T; t++)
-            q4_block_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 1, 0);
-}
-
-__attribute__((target(PECCA_Q4_AVX2)))
-static void q4_int8_rows_avx2(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
-                              long K, long G, const uint8_t *act, long ab, long T, float *out,
-                              long ldo, long r0, long r1) {
-    if (fmt == Q4_FMT_0) q4_gemm_avx2(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else if (fmt == Q4_FMT_1) q4_gemm_avx2(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else if ((K / Q4_QK / G) % 2 == 0) q4_gemm_avx2(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else q4_gemm_avx2(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
 }
 
 /* float path: 32 codes of a block as 4 x 8 floats (Q4_0: q - 8) */
