@@ -722,8 +722,9 @@ static inline void q4_mv_avx2(int fmt, int sf, const uint8_t *w, const uint16_t 
  * and for Q4_1 the same pairing of xs / 2 per lane */
 #define Q4_XP(fmt) ((fmt) == Q4_FMT_1 ? 320 : 288)
 #ifndef Q4_AVX2_TP
-#define Q4_AVX2_TP 4      /* matmul tile: pairs of tokens */
+#define Q4_AVX2_TP 8      /* matmul tile: pairs of tokens (at most 8) */
 #endif
+#define Q4_MIN_TP(n) ((n) < Q4_AVX2_TP ? (n) : Q4_AVX2_TP)
 #ifndef Q4_AVX2_RM
 #define Q4_AVX2_RM 1      /* matmul tile: rows */
 #endif
@@ -830,7 +831,9 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
                                 long T, float *out, long ldo, long r0, long r1) {
     long nb = K / Q4_QK, Kp = q4_padded(K), ns = (nb + 1) / 2, xstride = ns * Q4_XP(fmt);
     long npairs = (T + 1) / 2;
-    uint8_t *xb = T > 1 ? (uint8_t *)malloc((size_t)(npairs * xstride)) : NULL;
+    /* 64-byte aligned: no load of the tiles straddles two cache lines */
+    uint8_t *heap = T > 1 ? (uint8_t *)malloc((size_t)(npairs * xstride) + 63) : NULL;
+    uint8_t *xb = heap ? heap + ((64 - (uintptr_t)heap % 64) % 64) : NULL;
     if (xb == NULL) {
         for (long t = 0; t < T; t++) {
             long i = r0;
@@ -854,18 +857,14 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
                 long c1 = c0 + Q4_AVX2_KC < ns ? c0 + Q4_AVX2_KC : ns;
                 long i = p0, q = 0;
 #define Q4_TILE(NR, N) q4_tile16_avx2(fmt, sf, w, sc, K, G, xt, xstride, accb[q], i, c0, c1, NR, N)
-                for (; i + Q4_AVX2_RM <= p1; i += Q4_AVX2_RM, q++) {
-                    if (NP == Q4_AVX2_TP) Q4_TILE(Q4_AVX2_RM, Q4_AVX2_TP);
-                    else if (NP == 3) Q4_TILE(Q4_AVX2_RM, 3);
-                    else if (NP == 2) Q4_TILE(Q4_AVX2_RM, 2);
-                    else Q4_TILE(Q4_AVX2_RM, 1);
-                }
-                for (; i < p1; i++, q++) {
-                    if (NP == Q4_AVX2_TP) Q4_TILE(1, Q4_AVX2_TP);
-                    else if (NP == 3) Q4_TILE(1, 3);
-                    else if (NP == 2) Q4_TILE(1, 2);
-                    else Q4_TILE(1, 1);
-                }
+#define Q4_TILES(NR) switch (NP) { \
+                    case 8: Q4_TILE(NR, Q4_MIN_TP(8)); break; case 7: Q4_TILE(NR, Q4_MIN_TP(7)); break; \
+                    case 6: Q4_TILE(NR, Q4_MIN_TP(6)); break; case 5: Q4_TILE(NR, Q4_MIN_TP(5)); break; \
+                    case 4: Q4_TILE(NR, Q4_MIN_TP(4)); break; case 3: Q4_TILE(NR, 3); break; \
+                    case 2: Q4_TILE(NR, 2); break; default: Q4_TILE(NR, 1); }
+                for (; i + Q4_AVX2_RM <= p1; i += Q4_AVX2_RM, q++) Q4_TILES(Q4_AVX2_RM)
+                for (; i < p1; i++, q++) Q4_TILES(1)
+#undef Q4_TILES
 #undef Q4_TILE
             }
             /* results: row i + r of tile q, pair j: tokens 2 (j0 + j) and 2 (j0 + j) + 1 */
@@ -889,7 +888,7 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
             }
         }
     }
-    free(xb);
+    free(heap);
 }
 
 __attribute__((target(PECCA_Q4_AVX2)))
