@@ -321,6 +321,47 @@ def test_q4_blocks(simd, kind, n, k):
         run_both(mv, mm, n, random_x(k, rng), xs, check)
 
 
+@pytest.mark.parametrize("kind", ["q4g32", "q4g64", "q4_0", "q4_1"])
+@pytest.mark.parametrize("k", [288, 2080])
+def test_matmul_rows_equal_matvec_every_batch_size(simd, kind, k):
+    """Every batch size 1..20 (the matmul tiles take tokens in pairs and groups of pairs, the
+    last ones partial; K = 2080 spans several chunks of K, 288 ends in half a step): each row of
+    matmul is matvec's bit for bit, at 1 and 2 threads."""
+    rng = np.random.default_rng(k + len(kind))
+    n = 37
+    if kind.startswith("q4g"):
+        gs = int(kind[3:]) if k % int(kind[3:]) == 0 else 32
+        qs, scales, zeros, perm, _, _ = random_q4g(n, k, gs, rng, False, True)
+        sb = scales.view(np.uint16)
+
+        def mv(x, out):
+            q4.matvec_q4g(qs, sb, zeros, perm, x, out, 1)
+
+        def mm(x, out, nt):
+            q4.matmul_q4g(qs, sb, zeros, perm, x, out, nt)
+    else:
+        blocks, _, _ = random_blocks(kind, n, k, rng)
+        mv_f = q4.matvec_q4_0 if kind == "q4_0" else q4.matvec_q4_1
+        mm_f = q4.matmul_q4_0 if kind == "q4_0" else q4.matmul_q4_1
+
+        def mv(x, out):
+            mv_f(blocks, x, out, 1)
+
+        def mm(x, out, nt):
+            mm_f(blocks, x, out, nt)
+    xs = np.stack([random_x(k, rng) for _ in range(20)])
+    one = np.zeros(n, np.float32)
+    ref = np.zeros((20, n), np.float32)
+    for i in range(20):
+        mv(xs[i], one)
+        ref[i] = one
+    for t in range(1, 21):
+        for nt in (1, 2):
+            out = np.full((t, n), np.nan, np.float32)
+            mm(xs[:t], out, nt)
+            np.testing.assert_array_equal(out, ref[:t])
+
+
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
 def test_q4_blocks_from_gguf_quantize(simd, kind):
     """gguf's own quantizer's blocks run through the kernels like any other."""

@@ -341,6 +341,44 @@ def test_matmul_q8_0(simd, rows, n, T, threads):
     assert not out[T // 2].any()
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q8g32", "q8g64", "q8g96"])
+@pytest.mark.parametrize("n", [288, 2112])  # 2112 = 22 * 96
+def test_matmul_rows_equal_matvec_every_batch_size(simd, kind, n):
+    """Every batch size 1..20 (the matmul tiles take tokens in groups, the last ones partial; n =
+    288 ends in half a step of two blocks): each row of matmul is matvec's bit for bit, at 1 and 2
+    threads."""
+    rng = np.random.default_rng(n + len(kind))
+    rows = 37
+    if kind == "q8_0":
+        blocks, _, _ = random_q8_0(rows, n, rng)
+
+        def mv(x, out):
+            q8.matvec_q8_0(blocks, x, out, 1)
+
+        def mm(x, out, nt):
+            q8.matmul_q8_0(blocks, x, out, nt)
+    else:
+        gs = int(kind[3:]) if n % int(kind[3:]) == 0 else 32
+        wq, ws = random_q8g(rows, n, gs, rng)
+
+        def mv(x, out):
+            q8.matvec_q8g(wq, ws, gs, x, out, 1)
+
+        def mm(x, out, nt):
+            q8.matmul_q8g(wq, ws, gs, x, out, nt)
+    xs = np.stack([random_x(n, rng) for _ in range(20)])
+    one = np.zeros(rows, np.float32)
+    ref = np.zeros((20, rows), np.float32)
+    for i in range(20):
+        mv(xs[i], one)
+        ref[i] = one
+    for t in range(1, 21):
+        for nt in (1, 2):
+            out = np.full((t, rows), np.nan, np.float32)
+            mm(xs[:t], out, nt)
+            np.testing.assert_array_equal(out, ref[:t])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_large_parallel_split(simd, threads):
     """Enough rows for the threaded split (rows not a multiple of 4 or of the team)."""
