@@ -266,18 +266,30 @@ static inline uint16_t q8_u16(const uint8_t *p) {
 
 /* AVX2 products. Every step takes two blocks b = 2s, b+1 (64 inputs) as two vectors, each
  * [16 bytes of block b | the same 16 of block b+1] (bytes 0..15, then 16..31), so that the int32
- * lanes of the low 128 bits belong to block b and the high ones to b+1: one conversion and one
- * FMA per step, with the scale vector [sw_b sx_b x4 | sw_b+1 sx_b+1 x4]. A missing block b+1
- * (n/32 odd) is zeros. Each token's x is laid out like this once per product (q8_prep_avx2):
- * per step Q8_AX bytes, the two vectors and [sx_b x4 | sx_b+1 x4] (q8g: the scales of the
- * blocks' groups). */
-#define Q8_AX 96
-#define Q8_AVX2_STACK 49152  /* prepared x up to this size lives on the stack */
+ * lanes of the low 128 bits belong to block b and the high ones to b+1; a missing block b+1 (n/32
+ * odd) is zeros. Per (row, token): the sign trick maddubs(|w|, sign(x, w)) (|w| <= 128 as
+ * unsigned, |x| <= 127: no saturation) on both vectors, madd with ones, add: lane l of each half
+ * sums the block's elements 4l..4l+3 and 16+4l..16+4l+3. The float work is shared by two (row,
+ * token) pairs: lanes l and l + 2 of both are added in integers (unpacklo/hi_epi64, exact) into
+ * one vector [p p q q | p p q q], converted and multiplied by [sw sx of p x2, of q x2 | the same
+ * for b+1] in one FMA (q8g: the scales of the blocks' groups). matvec pairs two rows against its
+ * token, matmul one row against two tokens; a (row, token)'s lanes get the same values and
+ * operations either way, and its result is (lane 0 + lane 4) + (lane 1 + lane 5) of its pair, so
+ * matmul rows equal matvec bit for bit. */
 
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
 static inline __m128i q8_ld128(const void *p) { return _mm_loadu_si128((const __m128i *)p); }
 
-/* step s of one token: its two vectors and scales, from xq (xs: scales per group of bpg blocks) */
+/* the groups of blocks 2s and 2s+1 as the steps go: g, k: group and place in it of block 2s */
+static inline void q8_groups_next(long bpg, long *g, long *k, long *ga, long *gb) {
+    *ga = *g;
+    if (++*k == bpg) { *k = 0; ++*g; }
+    *gb = *g;
+    if (++*k == bpg) { *k = 0; ++*g; }
+}
+
+/* step s of one token: its two vectors and scales [sx_b x4 | sx_b+1 x4] from xq, xs (scales per
+ * group; ga, gb: the groups of blocks 2s, 2s+1) */
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
 static inline void q8_xstep_avx2(const int8_t *xq, const float *xs, long ga, long gb, long s,
                                  int two, __m256i *x0, __m256i *x1, __m256 *sx) {
@@ -294,163 +306,222 @@ static inline void q8_xstep_avx2(const int8_t *xq, const float *xs, long ga, lon
     *sx = _mm256_set_m128(s1, _mm_broadcast_ss(xs + ga));
 }
 
-/* the groups of blocks 2s and 2s+1 as the steps go: g, k: group and place in it of block 2s */
-static inline void q8_groups_next(long bpg, long *g, long *k, long *ga, long *gb) {
-    *ga = *g;
-    if (++*k == bpg) { *k = 0; ++*g; }
-    *gb = *g;
-    if (++*k == bpg) { *k = 0; ++*g; }
-}
-
-__attribute__((target(PECCA_Q8_AVX2)))
-static void q8_prep_avx2(const int8_t *xq, const float *xs, long n, long bpg, uint8_t *xb) {
-    long nb = n / Q8_0_BLOCK, g = 0, k = 0, ga, gb;
-    for (long s = 0; 2 * s < nb; s++) {
-        __m256i x0, x1;
-        __m256 sx;
-        q8_groups_next(bpg, &g, &k, &ga, &gb);
-        q8_xstep_avx2(xq, xs, ga, gb, s, 2 * s + 1 < nb, &x0, &x1, &sx);
-        _mm256_storeu_si256((__m256i *)(xb + Q8_AX * s), x0);
-        _mm256_storeu_si256((__m256i *)(xb + Q8_AX * s + 32), x1);
-        _mm256_storeu_ps((float *)(xb + Q8_AX * s + 64), sx);
-    }
-}
-
-/* One step of rows wr[0..NR) against tokens 0..NT-1 into acc[r][t]. Per row: its two weight
- * vectors w, |w| and the scales [sw_b x4 | sw_b+1 x4]; per (row, token): the sign trick
- * maddubs(|w|, sign(x, w)) (|w| <= 128 as unsigned, |x| <= 127: no saturation) on both vectors,
- * madd with ones, add, convert, times sw * sx, FMA. x from the prepared buffers xb[t] or
- * (direct) from xq[t], xs[t]. */
+/* step s of a row (row: its start; wsr: its q8g scales): the two weight vectors, their absolute
+ * values and the scales [sw_b x4 | sw_b+1 x4] */
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
-static inline void q8_step_avx2(__m256 acc[4][4], const uint8_t *const wr[4],
-                                const float *const wsr[4], const uint8_t *const xb[4],
-                                const int8_t *const xq[4], const float *const xs[4], long s,
-                                long ga, long gb, int NR, int NT, int q80, int two, int direct) {
-    const __m256i ones = _mm256_set1_epi16(1);
+static inline void q8_wstep_avx2(const uint8_t *row, const float *wsr, long s, long ga, long gb,
+                                 int q80, int two, __m256i w[2], __m256i a[2], __m256 *sw) {
     const long bb = q80 ? Q8_0_BYTES : Q8_0_BLOCK;
-    for (int r = 0; r < NR; r++) {
-        const uint8_t *p = wr[r] + 2 * bb * s, *q = p + (q80 ? 2 : 0);
-        __m128i c0 = _mm_setzero_si128(), c1 = _mm_setzero_si128();
-        if (two) {
-            c0 = q8_ld128(q + bb);
-            c1 = q8_ld128(q + bb + 16);
-        }
-        __m256i w0 = _mm256_set_m128i(c0, q8_ld128(q)), w1 = _mm256_set_m128i(c1, q8_ld128(q + 16));
-        __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
-        __m256 sw;
-        if (q80) {
-            __m128i h = _mm_set1_epi16((short)q8_u16(p));
-            h = _mm_blend_epi16(h, two ? _mm_set1_epi16((short)q8_u16(p + bb)) : _mm_setzero_si128(), 0xF0);
-            sw = _mm256_cvtph_ps(h);
-        } else {
-            sw = _mm256_set_m128(two ? _mm_broadcast_ss(wsr[r] + gb) : _mm_setzero_ps(),
-                                 _mm_broadcast_ss(wsr[r] + ga));
-        }
-        for (int t = 0; t < NT; t++) {
-            __m256i x0, x1;
-            __m256 sx;
-            if (direct) {
-                q8_xstep_avx2(xq[t], xs[t], ga, gb, s, two, &x0, &x1, &sx);
-            } else {
-                const uint8_t *xp = xb[t] + Q8_AX * s;
-                x0 = _mm256_loadu_si256((const __m256i *)xp);
-                x1 = _mm256_loadu_si256((const __m256i *)(xp + 32));
-                sx = _mm256_loadu_ps((const float *)(xp + 64));
-            }
-            __m256i d0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, w0));
-            __m256i d1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, w1));
-            __m256i is = _mm256_add_epi32(_mm256_madd_epi16(d0, ones), _mm256_madd_epi16(d1, ones));
-            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(sw, sx), acc[r][t]);
-        }
+    const uint8_t *p = row + 2 * bb * s, *q = p + (q80 ? 2 : 0);
+    __m128i c0 = _mm_setzero_si128(), c1 = _mm_setzero_si128();
+    if (two) {
+        c0 = q8_ld128(q + bb);
+        c1 = q8_ld128(q + bb + 16);
+    }
+    w[0] = _mm256_set_m128i(c0, q8_ld128(q));
+    w[1] = _mm256_set_m128i(c1, q8_ld128(q + 16));
+    a[0] = _mm256_abs_epi8(w[0]);
+    a[1] = _mm256_abs_epi8(w[1]);
+    if (q80) {
+        uint32_t h = (uint32_t)q8_u16(p) | (two ? (uint32_t)q8_u16(p + bb) << 16 : 0);
+        __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128((int)h));
+        *sw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(f), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    } else {
+        *sw = _mm256_set_m128(two ? _mm_broadcast_ss(wsr + gb) : _mm_setzero_ps(), _mm_broadcast_ss(wsr + ga));
     }
 }
 
-/* out[(t0 + t) * ldo + i + r] for r < NR, t < NT: rows i.. against tokens t0.. (prepared at
- * xb + t * xstride, or direct from xq + t * n, xs + t * G). pf: prefetch the next NR rows. */
+/* the int32 lanes of one (row, token) step */
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
-static inline void q8_tile_avx2(const uint8_t *w, const float *ws, const uint8_t *xb, long xstride,
-                                const int8_t *xq, const float *xs, float *out, long n, long bpg,
-                                long ldo, long i, long t0, int NR, int NT, int q80, int pf,
-                                int direct) {
-    long nb = n / Q8_0_BLOCK, G = nb / bpg;
-    long bb = q80 ? Q8_0_BYTES : Q8_0_BLOCK, rb = nb * bb;
-    const uint8_t *wr[4], *xr[4];
-    const float *wsr[4], *sr[4];
-    const int8_t *qr[4];
-    __m256 acc[4][4];
-    for (int r = 0; r < NR; r++) {
-        wr[r] = w + (i + r) * rb;
-        wsr[r] = ws ? ws + (i + r) * G : NULL;
-    }
-    for (int t = 0; t < NT; t++) {
-        xr[t] = direct ? NULL : xb + (t0 + t) * xstride;
-        qr[t] = direct ? xq + (t0 + t) * n : NULL;
-        sr[t] = direct ? xs + (t0 + t) * G : NULL;
-        for (int r = 0; r < NR; r++) acc[r][t] = _mm256_setzero_ps();
-    }
+static inline __m256i q8_dot_avx2(const __m256i w[2], const __m256i a[2], __m256i x0, __m256i x1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i d0 = _mm256_maddubs_epi16(a[0], _mm256_sign_epi8(x0, w[0]));
+    __m256i d1 = _mm256_maddubs_epi16(a[1], _mm256_sign_epi8(x1, w[1]));
+    return _mm256_add_epi32(_mm256_madd_epi16(d0, ones), _mm256_madd_epi16(d1, ones));
+}
+
+/* (row, token) pairs: the integer lanes of p and q -> [p p q q | p p q q] */
+__attribute__((target(PECCA_Q8_AVX2), always_inline))
+static inline __m256i q8_pair_avx2(__m256i p, __m256i q) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(p, q), _mm256_unpackhi_epi64(p, q));
+}
+
+/* [lanes 0..1 of a | lanes 0..1 of b] in each half */
+__attribute__((target(PECCA_Q8_AVX2), always_inline))
+static inline __m256 q8_pairps_avx2(__m256 a, __m256 b) {
+    return _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
+}
+
+/* the two results of a pair accumulator: (l0 + l4) + (l1 + l5) and (l2 + l6) + (l3 + l7) */
+__attribute__((target(PECCA_Q8_AVX2), always_inline))
+static inline void q8_pairsum_avx2(__m256 acc, float *p, float *q) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    *p = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    __m128 g = _mm_movehl_ps(h, h);
+    *q = _mm_cvtss_f32(_mm_add_ss(g, _mm_movehdup_ps(g)));
+}
+
+/* matvec: rows i..i+NR-1 (NR = 4, 2 or 1; a lone row is paired with nothing) in pairs, against one
+ * token; prefetching the next NR rows when pf */
+__attribute__((target(PECCA_Q8_AVX2), always_inline))
+static inline void q8_mv_avx2(const uint8_t *w, const float *ws, const int8_t *xq, const float *xs,
+                              float *out, long n, long bpg, long i, int NR, int q80, int pf) {
+    long nb = n / Q8_0_BLOCK, G = nb / bpg, bb = q80 ? Q8_0_BYTES : Q8_0_BLOCK, rb = nb * bb;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     const char *next = (const char *)(w + (i + NR) * rb);
     const int lines = (int)((NR * 2 * bb + 63) / 64);
-    long g = 0, k = 0, ga, gb, s = 0;
-    for (; 2 * s + 1 < nb; s++) {
+    long g = 0, k = 0, ga, gb;
+    for (long s = 0; 2 * s < nb; s++) {
+        const int two = 2 * s + 1 < nb;
         if (pf) prefetch_lines(next + NR * 2 * bb * s, lines);
         q8_groups_next(bpg, &g, &k, &ga, &gb);
-        q8_step_avx2(acc, wr, wsr, xr, qr, sr, s, ga, gb, NR, NT, q80, 1, direct);
+        __m256i x0, x1, wv[2], av[2];
+        __m256 sx, swa, swb = _mm256_setzero_ps();
+        q8_xstep_avx2(xq, xs, ga, gb, s, two, &x0, &x1, &sx);
+        for (int j = 0; j < (NR + 1) / 2; j++) {
+            long ra = i + 2 * j;
+            q8_wstep_avx2(w + ra * rb, ws ? ws + ra * G : NULL, s, ga, gb, q80, two, wv, av, &swa);
+            __m256i ia = q8_dot_avx2(wv, av, x0, x1), ib = _mm256_setzero_si256();
+            if (NR >= 2) {
+                q8_wstep_avx2(w + (ra + 1) * rb, ws ? ws + (ra + 1) * G : NULL, s, ga, gb, q80, two, wv, av, &swb);
+                ib = q8_dot_avx2(wv, av, x0, x1);
+            }
+            __m256 f = _mm256_cvtepi32_ps(q8_pair_avx2(ia, ib));
+            __m256 sc = _mm256_mul_ps(q8_pairps_avx2(swa, swb), sx);
+            if (j == 0) acc0 = _mm256_fmadd_ps(f, sc, acc0);
+            else acc1 = _mm256_fmadd_ps(f, sc, acc1);
+        }
     }
-    if (2 * s < nb) {
-        q8_groups_next(bpg, &g, &k, &ga, &gb);
-        q8_step_avx2(acc, wr, wsr, xr, qr, sr, s, ga, gb, NR, NT, q80, 0, direct);
-    }
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[(t0 + t) * ldo + i + r] = hsum256(acc[r][t]);
+    float v[4];
+    q8_pairsum_avx2(acc0, &v[0], &v[1]);
+    if (NR == 4) q8_pairsum_avx2(acc1, &v[2], &v[3]);
+    for (int r = 0; r < NR; r++) out[i + r] = v[r];
 }
 
+/* matmul: prepared tokens, per pair of tokens (the second zeros when T is odd) per step Q8_XP
+ * bytes: both vectors of the first, of the second, [sx of the first x2, of the second x2 | b+1] */
+#define Q8_XP 160
+#ifndef Q8_AVX2_TP
+#define Q8_AVX2_TP 8      /* matmul tile: pairs of tokens (at most 8) against one row */
+#endif
+#define Q8_MIN_TP(n) ((n) < Q8_AVX2_TP ? (n) : Q8_AVX2_TP)
+#ifndef Q8_AVX2_KC
+#define Q8_AVX2_KC 16     /* matmul: steps per chunk of n (the tile's x stays in L1) */
+#endif
 #ifndef Q8_AVX2_PANEL
-#define Q8_AVX2_PANEL 16  /* matmul: rows kept in L2 while every group of tokens passes */
+#define Q8_AVX2_PANEL 32  /* matmul: rows kept in L2 while every group of tokens passes */
 #endif
 
-/* T tokens (T = 1: matvec) of rows [r0, r1): tiles of 2 rows x 4 tokens (the rest of the tokens
- * 2 rows x 1-3) over panels of Q8_AVX2_PANEL rows; matvec: 4 rows x 1 token, prefetching the
- * next 4 rows. A (row, token) gets the same operations in every tile. */
+__attribute__((target(PECCA_Q8_AVX2)))
+static void q8_prep_pair_avx2(const int8_t *xa, const float *sa, const int8_t *xb, const float *sb,
+                              long n, long bpg, uint8_t *o) {
+    long nb = n / Q8_0_BLOCK, g = 0, k = 0, ga, gb;
+    for (long s = 0; 2 * s < nb; s++, o += Q8_XP) {
+        const int two = 2 * s + 1 < nb;
+        __m256i a0, a1, b0 = _mm256_setzero_si256(), b1 = _mm256_setzero_si256();
+        __m256 fa, fb = _mm256_setzero_ps();
+        q8_groups_next(bpg, &g, &k, &ga, &gb);
+        q8_xstep_avx2(xa, sa, ga, gb, s, two, &a0, &a1, &fa);
+        if (xb) q8_xstep_avx2(xb, sb, ga, gb, s, two, &b0, &b1, &fb);
+        _mm256_storeu_si256((__m256i *)o, a0);
+        _mm256_storeu_si256((__m256i *)(o + 32), a1);
+        _mm256_storeu_si256((__m256i *)(o + 64), b0);
+        _mm256_storeu_si256((__m256i *)(o + 96), b1);
+        _mm256_storeu_ps((float *)(o + 128), q8_pairps_avx2(fa, fb));
+    }
+}
+
+/* steps [s0, s1) of row i against token pairs 0..NP-1 (at xb, pair stride xstride), the
+ * accumulators in accb (8 floats per pair, kept across chunks) */
+__attribute__((target(PECCA_Q8_AVX2), always_inline))
+static inline void q8_tile_avx2(const uint8_t *w, const float *ws, const uint8_t *xb, long xstride,
+                                float *accb, long n, long bpg, long i, long s0, long s1, int NP,
+                                int q80) {
+    long nb = n / Q8_0_BLOCK, G = nb / bpg, bb = q80 ? Q8_0_BYTES : Q8_0_BLOCK, rb = nb * bb;
+    const uint8_t *row = w + i * rb;
+    const float *wsr = ws ? ws + i * G : NULL;
+    __m256 acc[Q8_AVX2_TP];
+    for (int j = 0; j < NP; j++) acc[j] = _mm256_loadu_ps(accb + 8 * j);
+    long g = s0 * 2 / bpg, k = s0 * 2 % bpg, ga, gb;
+    for (long s = s0; s < s1; s++) {
+        const int two = 2 * s + 1 < nb;
+        __m256i wv[2], av[2];
+        __m256 sw;
+        q8_groups_next(bpg, &g, &k, &ga, &gb);
+        q8_wstep_avx2(row, wsr, s, ga, gb, q80, two, wv, av, &sw);
+        for (int j = 0; j < NP; j++) {
+            const uint8_t *xp = xb + j * xstride + Q8_XP * s;
+            __m256i ia = q8_dot_avx2(wv, av, _mm256_loadu_si256((const __m256i *)xp), _mm256_loadu_si256((const __m256i *)(xp + 32)));
+            __m256i ib = q8_dot_avx2(wv, av, _mm256_loadu_si256((const __m256i *)(xp + 64)), _mm256_loadu_si256((const __m256i *)(xp + 96)));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_pair_avx2(ia, ib)),
+                                     _mm256_mul_ps(sw, _mm256_loadu_ps((const float *)(xp + 128))), acc[j]);
+        }
+    }
+    for (int j = 0; j < NP; j++) _mm256_storeu_ps(accb + 8 * j, acc[j]);
+}
+
+/* T tokens (T = 1: matvec) of rows [r0, r1). matvec, and matmul when its prepared tokens cannot
+ * be allocated: q8_mv_avx2 token by token (the same bits); matmul: tiles of 1 row x Q8_AVX2_TP
+ * pairs of tokens over chunks of Q8_AVX2_KC steps (that x stays in L1 while the panel's rows pass)
+ * and panels of Q8_AVX2_PANEL rows (in L2 while every group of tokens passes). */
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
 static inline void q8_gemm_avx2(const uint8_t *w, const float *ws, const int8_t *xq,
                                 const float *xs, float *out, long n, long bpg, long T, long ldo,
                                 long r0, long r1, int q80) {
-    long nb = n / Q8_0_BLOCK, G = nb / bpg, xstride = (nb + 1) / 2 * Q8_AX;
-    uint8_t stackbuf[Q8_AVX2_STACK];
-    uint8_t *xb = stackbuf, *heap = NULL;
-    int direct = 0;
-    if (T * xstride > Q8_AVX2_STACK) {
-        heap = (uint8_t *)malloc((size_t)(T * xstride));
-        xb = heap;
-        direct = heap == NULL;  /* same arithmetic, x laid out on the fly */
+    long nb = n / Q8_0_BLOCK, G = nb / bpg, ns = (nb + 1) / 2, xstride = ns * Q8_XP;
+    long npairs = (T + 1) / 2;
+    /* 64-byte aligned: no load of the tiles straddles two cache lines */
+    uint8_t *heap = T > 1 ? (uint8_t *)malloc((size_t)(npairs * xstride) + 63) : NULL;
+    uint8_t *xb = heap ? heap + ((64 - (uintptr_t)heap % 64) % 64) : NULL;
+    if (xb == NULL) {
+        for (long t = 0; t < T; t++) {
+            long i = r0;
+            for (; i + 4 <= r1; i += 4)
+                q8_mv_avx2(w, ws, xq + t * n, xs + t * G, out + t * ldo, n, bpg, i, 4, q80, i + 8 <= r1);
+            for (; i + 2 <= r1; i += 2) q8_mv_avx2(w, ws, xq + t * n, xs + t * G, out + t * ldo, n, bpg, i, 2, q80, 0);
+            for (; i < r1; i++) q8_mv_avx2(w, ws, xq + t * n, xs + t * G, out + t * ldo, n, bpg, i, 1, q80, 0);
+        }
+        return;
     }
-    if (!direct)
-        for (long t = 0; t < T; t++) q8_prep_avx2(xq + t * n, xs + t * G, n, bpg, xb + t * xstride);
-#define Q8_TILE(i, t, NR, NT, pf) do { \
-        if (direct) q8_tile_avx2(w, ws, NULL, 0, xq, xs, out, n, bpg, ldo, i, t, NR, NT, q80, pf, 1); \
-        else q8_tile_avx2(w, ws, xb, xstride, NULL, NULL, out, n, bpg, ldo, i, t, NR, NT, q80, pf, 0); \
-    } while (0)
-    if (T == 1) {
-        long i = r0;
-        for (; i + 4 <= r1; i += 4) Q8_TILE(i, 0, 4, 1, i + 8 <= r1);
-        for (; i < r1; i++) Q8_TILE(i, 0, 1, 1, 0);
-    } else {
-        for (long p0 = r0; p0 < r1; p0 += Q8_AVX2_PANEL) {
-            long p1 = p0 + Q8_AVX2_PANEL < r1 ? p0 + Q8_AVX2_PANEL : r1;
-            long t = 0;
-            for (; t + 4 <= T; t += 4) {
-                long i = p0;
-                for (; i + 2 <= p1; i += 2) Q8_TILE(i, t, 2, 4, 0);
-                for (; i < p1; i++) Q8_TILE(i, t, 1, 4, 0);
+    for (long p = 0; p < npairs; p++) {
+        long ta = 2 * p, tb = 2 * p + 1;
+        q8_prep_pair_avx2(xq + ta * n, xs + ta * G, tb < T ? xq + tb * n : NULL, tb < T ? xs + tb * G : NULL,
+                          n, bpg, xb + p * xstride);
+    }
+    float accb[Q8_AVX2_PANEL][Q8_AVX2_TP * 8];
+    for (long p0 = r0; p0 < r1; p0 += Q8_AVX2_PANEL) {
+        long p1 = p0 + Q8_AVX2_PANEL < r1 ? p0 + Q8_AVX2_PANEL : r1;
+        for (long j0 = 0; j0 < npairs; j0 += Q8_AVX2_TP) {
+            int NP = (int)(npairs - j0 < Q8_AVX2_TP ? npairs - j0 : Q8_AVX2_TP);
+            memset(accb, 0, sizeof accb);
+            const uint8_t *xt = xb + j0 * xstride;
+            for (long c0 = 0; c0 < ns; c0 += Q8_AVX2_KC) {
+                long c1 = c0 + Q8_AVX2_KC < ns ? c0 + Q8_AVX2_KC : ns;
+                for (long i = p0; i < p1; i++) {
+#define Q8_TILE(N) q8_tile_avx2(w, ws, xt, xstride, accb[i - p0], n, bpg, i, c0, c1, N, q80)
+                    switch (NP) {
+                    case 8: Q8_TILE(Q8_MIN_TP(8)); break;
+                    case 7: Q8_TILE(Q8_MIN_TP(7)); break;
+                    case 6: Q8_TILE(Q8_MIN_TP(6)); break;
+                    case 5: Q8_TILE(Q8_MIN_TP(5)); break;
+                    case 4: Q8_TILE(Q8_MIN_TP(4)); break;
+                    case 3: Q8_TILE(3); break;
+                    case 2: Q8_TILE(2); break;
+                    default: Q8_TILE(1);
+                    }
+#undef Q8_TILE
+                }
             }
-            for (; t < T; t++) {
-                long i = p0;
-                for (; i + 2 <= p1; i += 2) Q8_TILE(i, t, 2, 1, 0);
-                for (; i < p1; i++) Q8_TILE(i, t, 1, 1, 0);
-            }
+            for (long i = p0; i < p1; i++)
+                for (int j = 0; j < NP; j++) {
+                    float v[2];
+                    long t = 2 * (j0 + j);
+                    q8_pairsum_avx2(_mm256_loadu_ps(accb[i - p0] + 8 * j), &v[0], &v[1]);
+                    out[t * ldo + i] = v[0];
+                    if (t + 1 < T) out[(t + 1) * ldo + i] = v[1];
+                }
         }
     }
-#undef Q8_TILE
     free(heap);
 }
 
