@@ -249,12 +249,53 @@ static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, i
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
+/* dot_half_avx512 of row w while the row at `next` is prefetched (1 line per 32 weights, 2
+ * issued: a little further ahead each step) */
+__attribute__((target(PECCA_F16_AVX512), always_inline))
+static inline float dot_half_pf_avx512(const uint16_t *w, const float *x, long n, int bf16,
+                                       const char *next) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    long j = 0;
+    for (; j + 32 <= n; j += 32) {
+        prefetch_lines(next + 2 * j, 2);
+        s0 = _mm512_fmadd_ps(load16_half_avx512(w + j, bf16), _mm512_loadu_ps(x + j), s0);
+        s1 = _mm512_fmadd_ps(load16_half_avx512(w + j + 16, bf16), _mm512_loadu_ps(x + j + 16), s1);
+    }
+    for (; j + 16 <= n; j += 16)
+        s0 = _mm512_fmadd_ps(load16_half_avx512(w + j, bf16), _mm512_loadu_ps(x + j), s0);
+    if (j < n) {
+        __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+        s1 = _mm512_fmadd_ps(load16m_half_avx512(m, w + j, bf16), _mm512_maskz_loadu_ps(m, x + j), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+/* Rows that come from memory (a thread's share of HALF_STREAM_BYTES or more) are read one at
+ * a time, the next row prefetched: one stream per thread, as q8_kernels.h explains (4-row
+ * blocks: 4 interleaved streams). 8192 x 4096 f16 at 1 thread: 78% of the read bandwidth in
+ * 4-row blocks, 100% row by row. Only while x stays in L1 (n <= HALF_STREAM_MAX_N): a row
+ * reads all of x, which at n = 11008 (44 KB) comes from L2 for every row and cost more than
+ * the single stream gained (65% against the blocks' 76%). Each row's arithmetic is the same
+ * in both forms. */
+#ifndef HALF_STREAM_BYTES
+#define HALF_STREAM_BYTES (2L << 20)
+#endif
+#ifndef HALF_STREAM_MAX_N
+#define HALF_STREAM_MAX_N 4096
+#endif
+
 /* As matvec_rows_avx512; a step of 32 weights is 64 bytes per row, 4 lines per block, so 4
  * lines of the next block are prefetched per step. */
 __attribute__((target(PECCA_F16_AVX512), always_inline))
 static inline void matvec_half_rows_avx512(const uint16_t *w, const float *x, float *out,
                                            long n, long r0, long r1, int bf16) {
     long i = r0;
+    if (n <= HALF_STREAM_MAX_N && (r1 - r0) * n * 2 >= HALF_STREAM_BYTES) {
+        for (; i + 1 < r1; i++)
+            out[i] = dot_half_pf_avx512(w + i * n, x, n, bf16, (const char *)(w + (i + 1) * n));
+        out[i] = dot_half_avx512(w + i * n, x, n, bf16);
+        return;
+    }
     long n32 = n & ~31L, n16 = n & ~15L;
     __mmask16 m = (__mmask16)((1u << (n - n16)) - 1u);
     for (; i + 4 <= r1; i += 4) {

@@ -66,6 +66,22 @@ def test_matvec_matches_float64(simd, fmt, rows, n, threads):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n", [4096, 4064 + 17])
+def test_matvec_of_large_shares_streams_rows_with_the_same_bits(simd, fmt, n):
+    """A thread's share of 2 MiB or more (n <= 4096) is read one row at a time: each row equals
+    the 4-row blocks' result (2 threads: shares under 2 MiB), bit for bit, and float64."""
+    rng = np.random.default_rng(n)
+    rows = 2 * 2**20 // (2 * n) + 7
+    w, w64 = random_weights(fmt, (rows, n), rng)
+    x = rng.standard_normal(n).astype(np.float32)
+    one, two = np.full(rows, np.nan, np.float32), np.full(rows, np.nan, np.float32)
+    MATVEC[fmt](w, x, one, 1)
+    MATVEC[fmt](w, x, two, 2)
+    np.testing.assert_array_equal(one, two)
+    assert within_bound(one, w64 @ x.astype(np.float64), w64, x, n)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows,n", SIZES)
 @pytest.mark.parametrize("T", [1, 3, 4, 9, 17, 40])
 @pytest.mark.parametrize("threads", [1, 2])
