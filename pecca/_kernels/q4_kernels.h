@@ -27,8 +27,8 @@
  * 2-core AVX-512 VNNI machine against the one-level kernels (7B shapes 11008x4096, 4096x11008;
  * q4g gs 128 act-order and Q4_0): matvec from DRAM as fast at 2 threads (bandwidth-bound,
  * -2..+4%), at 1 thread 15-30% faster except q4g with K = 11008 (8-10% slower); with the matrix
- * in L2 (compute) 1-9% slower; matmul T=64 -11..+5%. The AVX2 path (not tuned further) is 7-22%
- * slower at 1 thread.
+ * in L2 (compute) 1-9% slower; matmul T=64 -11..+5%. (The AVX2 matvec, measured then, 7-22%
+ * slower at 1 thread.)
  * Each token is prepared once per product (q4_prepare_int8, vectorised: 4 blocks' scales from
  * one division): hi and lo, each rearranged per step of 4 blocks (128 inputs) as [elements 0..15
  * of blocks 0,1,2,3 | elements 16..31 of blocks 0,1,2,3], so that the low nibbles of 64
@@ -44,8 +44,19 @@
  *         token, 16 groups per vector)
  *   Q4_0: sum_b (d_b d_w) * (dot_b - 8 sum q_b)                (integer, exact)
  *   Q4_1: sum_b (d_b d_w) * dot_b + m_b xs_b
- *  AVX2: 2 blocks (64 inputs) per step on ymm, per row 4 maddubs, then madd by 256 (hi) and by 1
- *  (lo), float per lane. AVX-512 + VNNI: 4 blocks per step on zmm, 4 vpdpbusd per (row, token)
+ *  AVX2: 2 blocks (64 inputs) per step on ymm (low 128 bits block b, high b+1). matvec: per
+ *  row 4 maddubs, then madd by 256 (hi) and by 1 (lo). matmul: the activations put back
+ *  together as int16 q = 256 hi + lo once per product, the codes widened to int16 in place (per
+ *  16-bit word: & 15, >> 8 & 15, >> 4 & 15, >> 12; Q4_0 minus 8) against the same selections of
+ *  q: 4 madds per (row, token) step instead of 4 maddubs + 2 madds (the AVX2 bottleneck: madd,
+ *  maddubs and FMA share two pipes), the same int32 lanes as the matvec's (Q4_0: with its -8
+ *  sum q lane terms). Two (row, token) products share the float work: lanes l and l + 2 of both
+ *  are added in integers (unpacklo/hi_epi64) into [p p q q | p p q q], converted, scaled by the
+ *  matching d_b d_w halves in one FMA (Q4_1: plus m * xs / 2 per lane); matvec pairs two rows,
+ *  matmul one row with two tokens, in tiles of 1 row x 8 token pairs (each row's codes widened
+ *  once for 16 tokens) over chunks of 16 steps (that x in L1) and panels of 32 rows (in L2);
+ *  a (row, token)'s result is (lane 0 + lane 4) + (lane 1 + lane 5) of its pair (q4g: minus
+ *  sum_g s_g z_g X_g, 8 groups per vector). AVX-512 + VNNI: 4 blocks per step on zmm, 4 vpdpbusd per (row, token)
  *  (hi's two, shifted left 8, start lo's two); the 4 lane sums of a block are added in integers
  *  across 4 rows (a "quad": lane 4 blk + j = row j's block blk, 6 unpacks + 3 adds), so the
  *  float work (convert, scale d_b d_w, fma; Q4_1 also m xs) is one vector per 4 rows; Q4_0 /

@@ -26,12 +26,20 @@
  *  portable: q8g is runq.c's matmul exactly: val = 0.0f; per group val += ((float)ival * ws) *
  *    xs, in order, so pecca reproduces runq.c's tokens (given the same x). Q8_0 is llama.cpp's
  *    scalar vec_dot: val += (float)ival * (dw * dx). Used for q8g when gs % 32 != 0 on every path.
- *  AVX2 (also the AVX-512 path when the CPU lacks AVX512-VNNI): 32 int8 pairs per step, the sign
- *    trick on the weights: maddubs(|w| as unsigned, x with w's sign). |w| <= 128 (int8 -128 as
- *    unsigned 128, so any int8 weight works), |x| <= 127, so each int16 pair sum is at most
- *    2 * 128 * 127 = 32512 < 32767: maddubs never saturates. madd with ones widens to int32 (each
- *    lane: four consecutive products); q8g sums the lanes of a group as integers, then one
- *    int -> float conversion and FMA with (w_scale * x_scale) per group into 8 float lanes.
+ *  AVX2 (also the AVX-512 path when the CPU lacks AVX512-VNNI): steps of two 32-blocks b, b+1
+ *    as two vectors [16 bytes of b | the same 16 of b+1], the sign trick on the weights:
+ *    maddubs(|w| as unsigned, x with w's sign). |w| <= 128 (int8 -128 as unsigned 128, so any
+ *    int8 weight works), |x| <= 127, so each int16 pair sum is at most 2 * 128 * 127 = 32512 <
+ *    32767: maddubs never saturates. madd with ones widens to int32: the low 128 bits hold block
+ *    b's lanes, the high ones b+1's. Two (row, token) products share the float work: lanes l and
+ *    l + 2 of both are added in integers (unpacklo/hi_epi64) into [p p q q | p p q q], converted
+ *    and multiplied by the matching [w_scale * x_scale] halves in one FMA (q8g: the scales of the
+ *    blocks' groups, per step). matvec pairs two rows of its token (x laid out on the fly);
+ *    matmul lays every pair of tokens out once per product and runs tiles of 1 row x 8 token
+ *    pairs (each weight vector loaded and made absolute once for 16 tokens) over chunks of 16
+ *    steps (that x stays in L1) and panels of 32 rows (in L2 while every group of tokens passes).
+ *    A (row, token) gets the same lanes and float operations either way; its result is
+ *    (lane 0 + lane 4) + (lane 1 + lane 5) of its pair.
  *  AVX-512 + VNNI: 64 pairs (two 32-blocks) per vpdpbusd on zmm. vpdpbusd wants unsigned x
  *    signed; x + 128 (x ^ 0x80) is unsigned, and the surplus 128 * sum(w) is taken off by starting
  *    the accumulator at -vpdpbusd(128, w), computed once per row and chunk and shared by every
@@ -42,9 +50,9 @@
  * matvec and matmul of one path run the same per-(row, token) operations in the same order, so
  * matmul's rows equal matvec's bit for bit.
  *
- * Rows are processed 4 at a time sharing each load of the quantized x (matmul: VNNI tiles of
- * 4 rows x 4 tokens; AVX2 runs the 4-row block against every token while it is in L1/L2), and
- * the next 4-row block is prefetched linearly, as in f32_kernels.h.
+ * matvec processes rows 4 at a time sharing each load of the quantized x (matmul: VNNI tiles of
+ * 4 rows x 4 tokens; AVX2 tiles as above), and the next 4-row block is prefetched linearly, as in
+ * f32_kernels.h.
  */
 #ifndef PECCA_Q8_KERNELS_H
 #define PECCA_Q8_KERNELS_H
