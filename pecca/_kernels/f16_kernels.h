@@ -232,11 +232,16 @@ static inline __m512 load16m_half_avx512(__mmask16 m, const uint16_t *p, int bf1
     return widen16_avx512(_mm256_maskz_loadu_epi16(m, p), bf16);
 }
 
+/* one row's dot product (2 accumulators, as matvec_half_rows_avx512 keeps per row); when
+ * `next` is given, the row there is prefetched meanwhile (1 line per 32 weights, 2 issued: a
+ * little further ahead each step) */
 __attribute__((target(PECCA_F16_AVX512), always_inline))
-static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, int bf16) {
+static inline float dot_half_pf_avx512(const uint16_t *w, const float *x, long n, int bf16,
+                                       const char *next) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     long j = 0;
     for (; j + 32 <= n; j += 32) {
+        if (next) prefetch_lines(next + 2 * j, 2);
         s0 = _mm512_fmadd_ps(load16_half_avx512(w + j, bf16), _mm512_loadu_ps(x + j), s0);
         s1 = _mm512_fmadd_ps(load16_half_avx512(w + j + 16, bf16), _mm512_loadu_ps(x + j + 16), s1);
     }
@@ -249,25 +254,9 @@ static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, i
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
-/* dot_half_avx512 of row w while the row at `next` is prefetched (1 line per 32 weights, 2
- * issued: a little further ahead each step) */
 __attribute__((target(PECCA_F16_AVX512), always_inline))
-static inline float dot_half_pf_avx512(const uint16_t *w, const float *x, long n, int bf16,
-                                       const char *next) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    long j = 0;
-    for (; j + 32 <= n; j += 32) {
-        prefetch_lines(next + 2 * j, 2);
-        s0 = _mm512_fmadd_ps(load16_half_avx512(w + j, bf16), _mm512_loadu_ps(x + j), s0);
-        s1 = _mm512_fmadd_ps(load16_half_avx512(w + j + 16, bf16), _mm512_loadu_ps(x + j + 16), s1);
-    }
-    for (; j + 16 <= n; j += 16)
-        s0 = _mm512_fmadd_ps(load16_half_avx512(w + j, bf16), _mm512_loadu_ps(x + j), s0);
-    if (j < n) {
-        __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
-        s1 = _mm512_fmadd_ps(load16m_half_avx512(m, w + j, bf16), _mm512_maskz_loadu_ps(m, x + j), s1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, int bf16) {
+    return dot_half_pf_avx512(w, x, n, bf16, NULL);
 }
 
 /* Rows that come from memory (a thread's share of HALF_STREAM_BYTES or more) are read one at
