@@ -656,7 +656,8 @@ static inline __m256i q4_wstep_avx2(int fmt, int sf, const uint8_t *p, const uin
 
 /* a row's int32 lanes of step s against the prepared token (qa: its codes, ext: Q4_0's -8 sums) */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline __m256i q4_dot_avx2(int fmt, __m256i v, const int8_t *qa, const uint8_t *ext, long s) {
+static inline __m256i q4_dot_avx2(int fmt, __m256i v, const int8_t *qa, const uint8_t *ext, long s,
+                                  int withnc) {
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
     const int8_t *xp = qa + Q4_ASTEP * (s >> 1) + 32 * (s & 1);
     __m256i lo4 = _mm256_and_si256(v, m4), hi4 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -665,24 +666,37 @@ static inline __m256i q4_dot_avx2(int fmt, __m256i v, const int8_t *qa, const ui
     __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo4, _mm256_loadu_si256((const __m256i *)(xp + 128))),
                                   _mm256_maddubs_epi16(hi4, _mm256_loadu_si256((const __m256i *)(xp + 192))));
     __m256i is = _mm256_add_epi32(_mm256_madd_epi16(ph, c256), _mm256_madd_epi16(pl, ones));
-    if (fmt == Q4_FMT_0) is = _mm256_add_epi32(is, _mm256_loadu_si256((const __m256i *)(ext + 32 * s)));
+    if (fmt == Q4_FMT_0 && withnc) is = _mm256_add_epi32(is, _mm256_loadu_si256((const __m256i *)(ext + 32 * s)));
     return is;
 }
 
-/* step s of rows a and b (b absent: !hasb) against one prepared token into the pair accumulator */
+/* step s of rows a and b (b absent: !hasb) against one prepared token into the pair accumulator;
+ * q4g with whole steps per group (SF_W) takes the pair's scales from swp (set once per group) */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
 static inline __m256 q4_mv_pair_avx2(__m256 acc, int fmt, int sf, const uint8_t *pa, const uint8_t *pb,
                                      const uint16_t *sa, const uint16_t *sb, const int8_t *qa,
-                                     const uint8_t *ext, __m256 sx, __m256 xs2, long s, long ga,
-                                     long gb, int two, int hasb) {
+                                     const uint8_t *ext, __m256 sx, __m256 xs2, __m256 swp,
+                                     __m256i ncp, __m256i ncp1, long s, long ga, long gb, int two,
+                                     int hasb) {
     __m256 swa, swb = _mm256_setzero_ps(), sma = _mm256_setzero_ps(), smb = _mm256_setzero_ps();
-    __m256i ia = q4_dot_avx2(fmt, q4_wstep_avx2(fmt, sf, pa, sa, ga, gb, two, &swa, &sma), qa, ext, s);
+    __m256i ia = q4_dot_avx2(fmt, q4_wstep_avx2(fmt, sf, pa, sa, ga, gb, two, &swa, &sma), qa, ext, s, 0);
     __m256i ib = _mm256_setzero_si256();
-    if (hasb) ib = q4_dot_avx2(fmt, q4_wstep_avx2(fmt, sf, pb, sb, ga, gb, two, &swb, &smb), qa, ext, s);
-    __m256 f = _mm256_cvtepi32_ps(q4_pair_avx2(ia, ib));
-    acc = _mm256_fmadd_ps(f, _mm256_mul_ps(q4_pairps_avx2(swa, swb), sx), acc);
+    if (hasb) ib = q4_dot_avx2(fmt, q4_wstep_avx2(fmt, sf, pb, sb, ga, gb, two, &swb, &smb), qa, ext, s, 0);
+    if (!(fmt == Q4_FMT_G && sf == Q4_SF_W)) swp = q4_pairps_avx2(swa, swb);
+    __m256i u = q4_pair_avx2(ia, ib);
+    /* Q4_0: the -8 sum q lane terms of both rows, paired once per step (the same integers) */
+    if (fmt == Q4_FMT_0) u = _mm256_add_epi32(u, hasb ? ncp : ncp1);
+    __m256 f = _mm256_cvtepi32_ps(u);
+    acc = _mm256_fmadd_ps(f, _mm256_mul_ps(swp, sx), acc);
     if (fmt == Q4_FMT_1) acc = _mm256_fmadd_ps(q4_pairps_avx2(sma, smb), xs2, acc);
     return acc;
+}
+
+/* [f16 a x2, f16 b x2 | the same] as floats (b absent: zeros) */
+__attribute__((target(PECCA_Q4_AVX2), always_inline))
+static inline __m256 q4_pairh_avx2(uint16_t a, uint16_t b) {
+    uint64_t h = (uint64_t)a * 0x10001u | ((uint64_t)b * 0x10001u) << 32;
+    return _mm256_cvtph_ps(_mm_set1_epi64x((long long)h));
 }
 
 /* rows i..i+NR-1 (NR = 4, 2 or 1; a lone row is paired with nothing) against one prepared token,
@@ -707,7 +721,8 @@ static inline void q4_mv_avx2(int fmt, int sf, const uint8_t *w, const uint16_t 
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     const char *next = (const char *)(w + (i + NR) * rb);
     const int lines = (int)((NR * 2 * bb + 63) / 64);
-    long g = 0, k = 0, ga = 0, gb = 0;
+    long g = 0, k = 0, ga = 0, gb = 0, gl = -1;
+    __m256 swp0 = _mm256_setzero_ps(), swp1 = _mm256_setzero_ps();
     for (long s = 0; 2 * s < nb; s++) {
         const int two = 2 * s + 1 < nb;
         const long o = 2 * bb * s;
@@ -715,8 +730,19 @@ static inline void q4_mv_avx2(int fmt, int sf, const uint8_t *w, const uint16_t 
         if (fmt == Q4_FMT_G) q8_groups_next(bpg, &g, &k, &ga, &gb);
         __m256 sx = _mm256_loadu_ps(sx4 + 8 * s), xs2 = _mm256_setzero_ps();
         if (fmt == Q4_FMT_1) xs2 = _mm256_add_ps(_mm256_loadu_ps(xs4 + 8 * s), _mm256_loadu_ps(xs4 + 8 * s));
-        acc0 = q4_mv_pair_avx2(acc0, fmt, sf, w0 + o, w1 + o, s0, s1, qa, ext, sx, xs2, s, ga, gb, two, NR >= 2);
-        if (NR == 4) acc1 = q4_mv_pair_avx2(acc1, fmt, sf, w2 + o, w3 + o, s2, s3, qa, ext, sx, xs2, s, ga, gb, two, 1);
+        if (fmt == Q4_FMT_G && sf == Q4_SF_W && ga != gl) {  /* a new group: the pairs' scales */
+            gl = ga;
+            swp0 = q4_pairh_avx2(s0[ga], NR >= 2 ? s1[ga] : 0);
+            if (NR == 4) swp1 = q4_pairh_avx2(s2[ga], s3[ga]);
+        }
+        __m256i ncp = _mm256_setzero_si256(), ncp1 = _mm256_setzero_si256();
+        if (fmt == Q4_FMT_0) {
+            __m256i nc = _mm256_loadu_si256((const __m256i *)(ext + 32 * s));
+            ncp = q4_pair_avx2(nc, nc);
+            ncp1 = q4_pair_avx2(nc, _mm256_setzero_si256());
+        }
+        acc0 = q4_mv_pair_avx2(acc0, fmt, sf, w0 + o, w1 + o, s0, s1, qa, ext, sx, xs2, swp0, ncp, ncp1, s, ga, gb, two, NR >= 2);
+        if (NR == 4) acc1 = q4_mv_pair_avx2(acc1, fmt, sf, w2 + o, w3 + o, s2, s3, qa, ext, sx, xs2, swp1, ncp, ncp1, s, ga, gb, two, 1);
     }
     const float *xg = (const float *)(act + Q4_A_XG(Kp));
     float v[4];
