@@ -586,26 +586,7 @@ static void gptq_cols_portable(const uint32_t *qw, const uint32_t *qz, uint32_t 
  * is (lane 0 + lane 4) + (lane 1 + lane 5) of its pair (q4g: minus sum_g s_g z_g X_g, 8 groups
  * per vector), so matmul rows equal matvec bit for bit. */
 
-/* pairs of (row, token) products: the integer lanes of p and q -> [p p q q | p p q q] */
-__attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline __m256i q4_pair_avx2(__m256i p, __m256i q) {
-    return _mm256_add_epi32(_mm256_unpacklo_epi64(p, q), _mm256_unpackhi_epi64(p, q));
-}
-
-/* [lanes 0..1 of a | lanes 0..1 of b] in each half: scales of a (row or token) and b paired */
-__attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline __m256 q4_pairps_avx2(__m256 a, __m256 b) {
-    return _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
-}
-
-/* the two results of a pair accumulator: (l0 + l4) + (l1 + l5) and (l2 + l6) + (l3 + l7) */
-__attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline void q4_pairsum_avx2(__m256 acc, float *p, float *q) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    *p = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-    __m128 g = _mm_movehl_ps(h, h);
-    *q = _mm_cvtss_f32(_mm_add_ss(g, _mm_movehdup_ps(g)));
-}
+/* (row, token) pairs: q8_pair_avx2, q8_pairps_avx2 and q8_pairsum_avx2 (q8_kernels.h) */
 
 /* q4g: sum_g s_g z_g X_g of one row and token (groups 8 to a vector, then the rest) */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
@@ -682,13 +663,13 @@ static inline __m256 q4_mv_pair_avx2(__m256 acc, int fmt, int sf, const uint8_t 
     __m256i ia = q4_dot_avx2(fmt, q4_wstep_avx2(fmt, sf, pa, sa, ga, gb, two, &swa, &sma), qa, ext, s, 0);
     __m256i ib = _mm256_setzero_si256();
     if (hasb) ib = q4_dot_avx2(fmt, q4_wstep_avx2(fmt, sf, pb, sb, ga, gb, two, &swb, &smb), qa, ext, s, 0);
-    if (!(fmt == Q4_FMT_G && sf == Q4_SF_W)) swp = q4_pairps_avx2(swa, swb);
-    __m256i u = q4_pair_avx2(ia, ib);
+    if (!(fmt == Q4_FMT_G && sf == Q4_SF_W)) swp = q8_pairps_avx2(swa, swb);
+    __m256i u = q8_pair_avx2(ia, ib);
     /* Q4_0: the -8 sum q lane terms of both rows, paired once per step (the same integers) */
     if (fmt == Q4_FMT_0) u = _mm256_add_epi32(u, hasb ? ncp : ncp1);
     __m256 f = _mm256_cvtepi32_ps(u);
     acc = _mm256_fmadd_ps(f, _mm256_mul_ps(swp, sx), acc);
-    if (fmt == Q4_FMT_1) acc = _mm256_fmadd_ps(q4_pairps_avx2(sma, smb), xs2, acc);
+    if (fmt == Q4_FMT_1) acc = _mm256_fmadd_ps(q8_pairps_avx2(sma, smb), xs2, acc);
     return acc;
 }
 
@@ -738,16 +719,16 @@ static inline void q4_mv_avx2(int fmt, int sf, const uint8_t *w, const uint16_t 
         __m256i ncp = _mm256_setzero_si256(), ncp1 = _mm256_setzero_si256();
         if (fmt == Q4_FMT_0) {
             __m256i nc = _mm256_loadu_si256((const __m256i *)(ext + 32 * s));
-            ncp = q4_pair_avx2(nc, nc);
-            ncp1 = q4_pair_avx2(nc, _mm256_setzero_si256());
+            ncp = q8_pair_avx2(nc, nc);
+            ncp1 = q8_pair_avx2(nc, _mm256_setzero_si256());
         }
         acc0 = q4_mv_pair_avx2(acc0, fmt, sf, w0 + o, w1 + o, s0, s1, qa, ext, sx, xs2, swp0, ncp, ncp1, s, ga, gb, two, NR >= 2);
         if (NR == 4) acc1 = q4_mv_pair_avx2(acc1, fmt, sf, w2 + o, w3 + o, s2, s3, qa, ext, sx, xs2, swp1, ncp, ncp1, s, ga, gb, two, 1);
     }
     const float *xg = (const float *)(act + Q4_A_XG(Kp));
     float v[4];
-    q4_pairsum_avx2(acc0, &v[0], &v[1]);
-    if (NR == 4) q4_pairsum_avx2(acc1, &v[2], &v[3]);
+    q8_pairsum_avx2(acc0, &v[0], &v[1]);
+    if (NR == 4) q8_pairsum_avx2(acc1, &v[2], &v[3]);
     for (int r = 0; r < NR; r++)
         out[i + r] = fmt == Q4_FMT_G ? v[r] - q4g_zsum_avx2(sc + (i + r) * G, zp + (i + r) * G, xg, G) : v[r];
 }
@@ -805,8 +786,8 @@ static void q4_prep_pair_avx2(int fmt, const uint8_t *a, const uint8_t *b, long 
             _mm256_storeu_si256((__m256i *)(o + 32 * k), X[k]);
             _mm256_storeu_si256((__m256i *)(o + 128 + 32 * k), Y[k]);
         }
-        _mm256_storeu_ps((float *)(o + 256), q4_pairps_avx2(sa, sb));
-        if (fmt == Q4_FMT_1) _mm256_storeu_ps((float *)(o + 288), q4_pairps_avx2(_mm256_add_ps(ea, ea), _mm256_add_ps(eb, eb)));
+        _mm256_storeu_ps((float *)(o + 256), q8_pairps_avx2(sa, sb));
+        if (fmt == Q4_FMT_1) _mm256_storeu_ps((float *)(o + 288), q8_pairps_avx2(_mm256_add_ps(ea, ea), _mm256_add_ps(eb, eb)));
     }
 }
 
@@ -847,7 +828,7 @@ static inline void q4_tile16_avx2(int fmt, int sf, const uint8_t *w, const uint1
                 __m256i ib = _mm256_add_epi32(
                     _mm256_add_epi32(_mm256_madd_epi16(c[0], _mm256_loadu_si256(X + 4)), _mm256_madd_epi16(c[1], _mm256_loadu_si256(X + 5))),
                     _mm256_add_epi32(_mm256_madd_epi16(c[2], _mm256_loadu_si256(X + 6)), _mm256_madd_epi16(c[3], _mm256_loadu_si256(X + 7))));
-                __m256 f = _mm256_cvtepi32_ps(q4_pair_avx2(ia, ib));
+                __m256 f = _mm256_cvtepi32_ps(q8_pair_avx2(ia, ib));
                 acc[r][j] = _mm256_fmadd_ps(f, _mm256_mul_ps(sw, _mm256_loadu_ps((const float *)(X + 8))), acc[r][j]);
                 if (fmt == Q4_FMT_1)
                     acc[r][j] = _mm256_fmadd_ps(sm, _mm256_loadu_ps((const float *)(X + 9)), acc[r][j]);
@@ -912,7 +893,7 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
                     for (int j = 0; j < NP; j++) {
                         float v[2];
                         long t = 2 * (j0 + j);
-                        q4_pairsum_avx2(_mm256_loadu_ps(accb[q] + 8 * (Q4_AVX2_TP * r + j)), &v[0], &v[1]);
+                        q8_pairsum_avx2(_mm256_loadu_ps(accb[q] + 8 * (Q4_AVX2_TP * r + j)), &v[0], &v[1]);
                         for (int e = 0; e < 2 && t + e < T; e++) {
                             float z = fmt == Q4_FMT_G
                                 ? q4g_zsum_avx2(sc + (i + r) * G, zp + (i + r) * G,
