@@ -259,16 +259,13 @@ static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, i
     return dot_half_pf_avx512(w, x, n, bf16, NULL);
 }
 
-/* Rows that come from memory (a thread's share of HALF_STREAM_BYTES or more) are read one at
+/* Rows that come from memory (a thread's share of PECCA_STREAM_BYTES or more) are read one at
  * a time, the next row prefetched: one stream per thread, as q8_kernels.h explains (4-row
  * blocks: 4 interleaved streams). 8192 x 4096 f16 at 1 thread: 78% of the read bandwidth in
  * 4-row blocks, 100% row by row. Only while x stays in L1 (n <= HALF_STREAM_MAX_N): a row
  * reads all of x, which at n = 11008 (44 KB) comes from L2 for every row and cost more than
  * the single stream gained (65% against the blocks' 76%). Each row's arithmetic is the same
  * in both forms. */
-#ifndef HALF_STREAM_BYTES
-#define HALF_STREAM_BYTES (2L << 20)
-#endif
 #ifndef HALF_STREAM_MAX_N
 #define HALF_STREAM_MAX_N 4096
 #endif
@@ -279,7 +276,7 @@ __attribute__((target(PECCA_F16_AVX512), always_inline))
 static inline void matvec_half_rows_avx512(const uint16_t *w, const float *x, float *out,
                                            long n, long r0, long r1, int bf16) {
     long i = r0;
-    if (n <= HALF_STREAM_MAX_N && (r1 - r0) * n * 2 >= HALF_STREAM_BYTES) {
+    if (n <= HALF_STREAM_MAX_N && (r1 - r0) * n * 2 >= PECCA_STREAM_BYTES) {
         for (; i + 1 < r1; i++)
             out[i] = dot_half_pf_avx512(w + i * n, x, n, bf16, (const char *)(w + (i + 1) * n));
         out[i] = dot_half_avx512(w + i * n, x, n, bf16);

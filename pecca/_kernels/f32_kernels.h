@@ -43,6 +43,13 @@ static inline void prefetch_lines(const char *p, int lines) {
     for (int k = 0; k < lines; k++) __builtin_prefetch(p + 64 * k, 0, 3);
 }
 
+/* A thread's share of a matrix of at least this many bytes (more than an L2 holds) comes from
+ * memory at every token: the int8 and f16 matvecs then read it one row at a time, as a single
+ * stream, instead of in 4-row blocks (see q8_kernels.h). */
+#ifndef PECCA_STREAM_BYTES
+#define PECCA_STREAM_BYTES (2L << 20)
+#endif
+
 #if PECCA_X86
 /* ---------------- AVX2 + FMA ---------------- */
 

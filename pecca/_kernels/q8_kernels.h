@@ -664,25 +664,21 @@ static inline void q8_tile_vnni(const uint8_t *w, const float *ws, const int8_t 
         for (int r = 0; r < NR; r++) out[(t0 + t) * ldo + i + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-/* matvec. Rows that come from memory (a thread's share of at least Q8_STREAM_BYTES: more than
- * an L2 holds, so the matrix is not in cache between tokens) are taken one at a time, the next
+/* matvec. Rows that come from memory (a thread's share of at least PECCA_STREAM_BYTES: more
+ * than an L2 holds, so the matrix is not in cache between tokens) are taken one at a time, the next
  * row prefetched meanwhile: the thread then reads its rows front to back as a single stream.
  * 4-row tiles share each load of x, but their 4 interleaved streams drew only ~80% of the read
  * bandwidth at 1 thread and at 2 threads in this VM's fast state; single rows drew 97-99% (a
  * 570 MB Q8_0 matrix, Zen 5; 7B-layer Q8_0 decode 29.7 -> 35.5 tok/s at 1 thread, 58 -> 67 at
  * 2). In cache the tiles compute faster (73-81 against 49-55 GB/s on one core), so smaller
  * shares keep them. A row's arithmetic is the same in both forms (and in matmul's tiles). */
-#ifndef Q8_STREAM_BYTES
-#define Q8_STREAM_BYTES (2L << 20)
-#endif
-
 __attribute__((target(PECCA_Q8_VNNI), always_inline))
 static inline void q8_rows_vnni(const uint8_t *w, const float *ws, const int8_t *xq,
                                 const float *xs, float *out, long n, long bpg, long r0, long r1,
                                 int fmt) {
     long rb = (n / Q8_0_BLOCK) * (fmt == Q8_FMT_0 ? Q8_0_BYTES : Q8_0_BLOCK);
     long i = r0;
-    if ((r1 - r0) * rb >= Q8_STREAM_BYTES) {
+    if ((r1 - r0) * rb >= PECCA_STREAM_BYTES) {
         for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, i + 2 <= r1);
         return;
     }
