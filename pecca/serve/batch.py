@@ -118,7 +118,7 @@ class SlotPool:
         if whole_prompt_len == 1:
             return m.forward(tokens[0], pos0)
         m._check_batch(tokens, pos0)
-        m._forward_batch(list(tokens), pos0)
+        m._forward_batch(list(tokens), pos0, logits=pos0 + len(tokens) >= whole_prompt_len)
         return m.state.logits
 
 
