@@ -122,12 +122,15 @@ def test_matches_run_c_logits():
     assert_close(got, logits.astype(np.float64), 1e-5)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_prefill_matches_reference_and_fills_the_same_cache(stories15m_shape, threads, monkeypatch):
+@pytest.mark.parametrize("threads,n_tokens", [(1, 40), (2, 40), (2, 39)])
+def test_prefill_matches_reference_and_fills_the_same_cache(stories15m_shape, threads, n_tokens,
+                                                            monkeypatch):
     """Batched prefill (in batches of 13 here, to cross batch boundaries) gives the reference's
-    last-position logits and the same KV cache as feeding the tokens one at a time."""
+    last-position logits and the same KV cache as feeding the tokens one at a time. The last
+    layer computes only keys and values for the chunks before the last, and all but the last
+    position of the last chunk (40 tokens: a last chunk of 1; 39: of 13)."""
     tok = shared_file("models", "llama2c", "tokenizer.bin")
-    tokens = [1] + np.random.default_rng(1).integers(3, 32000, 39).tolist()
+    tokens = [1] + np.random.default_rng(1).integers(3, 32000, n_tokens - 1).tolist()
     a = pecca.load(str(stories15m_shape), threads=threads, tokenizer=str(tok))
     monkeypatch.setattr(a.model, "PREFILL_BATCH", 13)
     got = a.model.prefill(tokens, 0).copy()
