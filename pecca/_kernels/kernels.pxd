@@ -6,6 +6,7 @@ cdef extern from "simd.h" nogil:
 
 cdef extern from "f32_kernels.h" nogil:
     void swiglu_f32(float *h, const float *g, long n) noexcept
+    long argmax_finite_f32(const float *x, long n) noexcept
     void softmax_portable(float *a, long n) noexcept
     void matvec_f32_rows(const float *w, const float *x, float *out,
                          long n, long r0, long r1) noexcept

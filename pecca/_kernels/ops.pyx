@@ -18,7 +18,7 @@ from libc.stdlib cimport qsort
 
 cdef Py_ssize_t SWIGLU_CHUNK = 16384  # elements a thread takes at least (the vector exp: ~0.3 ns each)
 from pecca._kernels.kernels cimport (pecca_simd_reset, attention_heads_f32, softmax_portable,
-                                     swiglu_f32)
+                                     swiglu_f32, argmax_finite_f32)
 
 
 def rmsnorm(float[::1] out, const float[::1] x, const float[::1] weight, float eps):
@@ -60,21 +60,13 @@ def argmax_finite(const float[::1] x):
 
     x : IN (n,) float32, n >= 1
     """
-    cdef Py_ssize_t n = x.shape[0], i, best = 0
+    cdef Py_ssize_t n = x.shape[0]
+    cdef long best
     if n == 0:
         raise ValueError("argmax of an empty vector")
-    cdef float v, m = x[0]
-    cdef bint bad = False
     with nogil:
-        for i in range(n):
-            v = x[i]
-            if not (v - v == 0):  # NaN or +-inf (v - v is NaN for both)
-                bad = True
-                break
-            if v > m:
-                m = v
-                best = i
-    return -1 if bad else best
+        best = argmax_finite_f32(&x[0], n)
+    return best
 
 
 def sample_mult(const float[::1] probs, float coin):

@@ -325,18 +325,36 @@ def test_sample_mult_is_the_first_index_past_the_coin(n):
         ops.sample_mult(np.zeros(0, np.float32), 0.5)
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 49152])
-def test_argmax_finite(n):
-    """np.argmax's first maximum, -1 as soon as a NaN or an infinity is anywhere."""
-    rng = np.random.default_rng(n)
-    x = np.round(rand(n, n, 3.0))  # ties: the first one wins
-    assert ops.argmax_finite(x) == int(np.argmax(x))
-    x[rng.integers(0, n)] = x.max()
-    assert ops.argmax_finite(x) == int(np.argmax(x))
-    for bad in (np.nan, np.inf, -np.inf):
-        y = x.copy()
-        y[rng.integers(0, n)] = bad
-        assert ops.argmax_finite(y) == -1
-    assert ops.argmax_finite(np.full(n, -np.float32(3e38))) == 0
-    with pytest.raises(ValueError):
-        ops.argmax_finite(np.zeros(0, np.float32))
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 15, 16, 17, 33, 49152, 49155])
+def test_argmax_finite(simd, n):
+    """np.argmax's first maximum, -1 as soon as a NaN or an infinity is anywhere, on every
+    path: the vector part and the tail past the last whole vector, ties within and between
+    them, the maximum in each, signed zeros."""
+    _kernels.set_simd_path(simd)
+    try:
+        rng = np.random.default_rng(n)
+        x = np.round(rand(n, n, 3.0))  # ties: the first one wins
+        assert ops.argmax_finite(x) == int(np.argmax(x))
+        x[rng.integers(0, n)] = x.max()
+        assert ops.argmax_finite(x) == int(np.argmax(x))
+        for i in {0, n // 2, n - 1}:  # the only maximum at the start, middle, end (tail)
+            y = x.copy()
+            y[i] = x.max() + 1
+            assert ops.argmax_finite(y) == i
+            if i > 0:  # a tie with an earlier entry goes to that one
+                y[i - 1] = y[i]
+                assert ops.argmax_finite(y) == i - 1
+        for bad in (np.nan, np.inf, -np.inf):
+            for i in {0, rng.integers(0, n), n - 1}:
+                y = x.copy()
+                y[i] = bad
+                assert ops.argmax_finite(y) == -1
+        assert ops.argmax_finite(np.full(n, -np.float32(3e38))) == 0
+        z = np.zeros(n, np.float32)
+        z[::2] = -0.0
+        assert ops.argmax_finite(z) == 0  # -0.0 == 0.0: the first
+        with pytest.raises(ValueError):
+            ops.argmax_finite(np.zeros(0, np.float32))
+    finally:
+        _kernels.set_simd_path(None)
