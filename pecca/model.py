@@ -126,7 +126,10 @@ class Model:
     matrix is then read once per batch instead of once per token.
     """
 
-    PREFILL_BATCH = 64
+    # 128 rather than 64: the float GEMMs widen each block of f16 weight rows once per batch
+    # (and the int8 ones prepare each panel once), so a longer batch shares that work among more
+    # tokens: 7B-layer prefill of 128 tokens at 1 thread, F16 +13% (AVX2 +8%), Q8_0 / 4-bit +4-6%
+    PREFILL_BATCH = 128
 
     def __init__(self, config: ModelConfig, weights: Weights, threads: int = 1, seq_len=None):
         self.config = config
