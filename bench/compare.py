@@ -182,7 +182,8 @@ def summarize(case, engines, threads, samples, redone, bandwidth):
                      "pp": mean_std(pp), "tg": mean_std(tg), "gb_s": gbs,
                      "of_bandwidth": mean_std([t * e.bytes_per_token / 1e9 / b
                                                for t, b in zip(tg, bandwidth)]),
-                     "bandwidth_gb_s": mean_std(bandwidth), "reps_redone": redone})
+                     "bandwidth_gb_s": mean_std(bandwidth), "reps_redone": redone,
+                     "pecca_kernels": kernel_paths()})
     # paired ratios: each pecca row against llama.cpp on the same file, and against llama.cpp's
     # first row of the case (e.g. GPTQ against llama.cpp's Q4_0)
     cpp = [(e, s) for e, s in zip(engines, samples) if e.kind == "llama.cpp"]
@@ -212,12 +213,18 @@ def format_table(rows, n_p, n_g, reps) -> str:
                "every rep; 'of BW' pairs each rep with the higher of its two): " + ", ".join(
                    f"{c} {t} thr {fmt(*b)} GB/s" for (c, t), b in seen.items()))
     import llama_cpp
+
+    paths = rows[0].get("pecca_kernels", kernel_paths()) if rows else kernel_paths()
+    out.append(f"llama-cpp-python {llama_cpp.__version__} (prebuilt wheel, f16 KV cache); pecca "
+               f"{pecca.__version__}: {paths}, f32 KV cache")
+    return "\n".join(out)
+
+
+def kernel_paths() -> str:
+    """The code pecca's kernels run in this process (PECCA_SIMD may force a lower path)."""
     from pecca._kernels import runtime
 
-    out.append(f"llama-cpp-python {llama_cpp.__version__} (prebuilt wheel, f16 KV cache); pecca "
-               f"{pecca.__version__}: {runtime.simd_path()} f32 kernels, {runtime.int8_path()} "
-               "int8 kernels, f32 KV cache")
-    return "\n".join(out)
+    return f"{runtime.simd_path()} f32 kernels, {runtime.int8_path()} int8 kernels"
 
 
 def parse_args(argv=None):
