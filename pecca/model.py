@@ -74,16 +74,22 @@ def embed(table: np.ndarray, tokens, out: np.ndarray) -> None:
         out[...] = rows
 
 
+def kv_rows(c: ModelConfig, layer, x, xb, k, v, nt: int) -> None:
+    """A block's start over the rows of x: their attention norm in xb, their keys and values
+    (before RoPE) in k and v."""
+    ops.rmsnorm_rows(xb, x, layer.attn_norm, c.norm_eps)
+    layer.wk.batch(xb, k, nt)
+    layer.wv.batch(xb, v, nt)
+
+
 def block_rows(c: ModelConfig, layer, l: int, x, xb, xb2, q, k, v, hb, hb2, nt: int, attend) -> None:
     """One transformer block over the rows of x (T, dim), in place, every linear one
     matrix-matrix product. The rows' q, k, v land in q, k, v; `attend(l, k, v)` then applies
     RoPE, stores k and v in the KV cache and leaves the attention output in xb: the one step
     that differs between a prompt's consecutive positions (Model) and a serving batch's rows,
     each in its own cache slot (pecca.serve.batch)."""
-    ops.rmsnorm_rows(xb, x, layer.attn_norm, c.norm_eps)
+    kv_rows(c, layer, x, xb, k, v, nt)
     layer.wq.batch(xb, q, nt)
-    layer.wk.batch(xb, k, nt)
-    layer.wv.batch(xb, v, nt)
     attend(l, k, v)
     layer.wo.batch(xb, xb2, nt)
     ops.add(x.reshape(-1), xb2.reshape(-1))
@@ -273,29 +279,29 @@ class Model:
             block_rows(c, layer, l, x, xb, xb2, q, s.key_cache[l, p0:p0 + n],
                        s.value_cache[l, p0:p0 + n], hb, hb2, nt, attend)
 
-        last = len(w.layers) - 1 if all_logits is None else len(w.layers)
-        for l, layer in enumerate(w.layers[:last]):
+        # Unless every position's logits are wanted, the last layer feeds only the last
+        # position's: the other positions need just their keys and values in the cache; queries,
+        # attention, output projection and MLP run for the last one alone (none at all for a
+        # chunk that is not the prompt's end), as llama.cpp does. A fifth of the prefill of a
+        # 4-layer 7B-shaped model, 1/L of an L-layer one.
+        every = all_logits is not None or not w.layers
+        full = w.layers if every else w.layers[:-1]
+        for l, layer in enumerate(full):
             block(l, layer, rows, pos0)
         if all_logits is not None:
             ops.rmsnorm_rows(xb, x, w.norm, c.norm_eps)
             w.output.batch(xb, all_logits, nt)
             s.logits[:] = all_logits[T - 1]
             return
-        # The last layer feeds only the logits of the last position: the other positions need
-        # just their keys and values in the cache; queries, attention, output projection and MLP
-        # run for the last one alone (none at all for a chunk that is not the prompt's end), as
-        # llama.cpp does. A fifth of the prefill of a 4-layer 7B-shaped model, 1/L of an L-layer one.
-        n = T - 1 if logits else T
-        if last >= 0 and n:
-            layer = w.layers[last]
-            ops.rmsnorm_rows(xb[:n], x[:n], layer.attn_norm, c.norm_eps)
-            kc, vc = s.key_cache[last, pos0:pos0 + n], s.value_cache[last, pos0:pos0 + n]
-            layer.wk.batch(xb[:n], kc, nt)
-            layer.wv.batch(xb[:n], vc, nt)
-            ops.rope_rows(kc, c.head_size, pos0, s.rope_freqs)
+        if not every:
+            l, n = len(full), (T - 1 if logits else T)
+            if n:
+                kc = s.key_cache[l, pos0:pos0 + n]
+                kv_rows(c, w.layers[l], x[:n], xb[:n], kc, s.value_cache[l, pos0:pos0 + n], nt)
+                ops.rope_rows(kc, c.head_size, pos0, s.rope_freqs)
+            if logits:
+                block(l, w.layers[l], tuple(r[T - 1:] for r in rows), pos0 + T - 1)
         if not logits:
             return
-        if last >= 0:
-            block(last, w.layers[last], tuple(r[T - 1:] for r in rows), pos0 + T - 1)
         ops.rmsnorm(s.x, x[T - 1], w.norm, c.norm_eps)
         w.output(s.x, s.logits, nt)
