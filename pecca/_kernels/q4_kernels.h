@@ -849,9 +849,7 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
                                 long T, float *out, long ldo, long r0, long r1) {
     long nb = K / Q4_QK, Kp = q4_padded(K), ns = (nb + 1) / 2, xstride = ns * Q4_XP(fmt);
     long npairs = (T + 1) / 2;
-    /* 64-byte aligned: no load of the tiles straddles two cache lines */
-    uint8_t *heap = T > 1 ? (uint8_t *)malloc((size_t)(npairs * xstride) + 63) : NULL;
-    uint8_t *xb = heap ? heap + ((64 - (uintptr_t)heap % 64) % 64) : NULL;
+    uint8_t *heap = NULL, *xb = T > 1 ? pecca_malloc64((size_t)(npairs * xstride), &heap) : NULL;
     if (xb == NULL) {
         for (long t = 0; t < T; t++) {
             long i = r0;
