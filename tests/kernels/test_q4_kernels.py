@@ -27,6 +27,7 @@ from pecca import _kernels
 from pecca._kernels import q4, runtime
 from pecca.weights import GPTQLinear, Q4_0Linear, Q4_1Linear, Q4GLinear
 from shared_data import shared_file
+from kernel_checks import assert_matmul_rows_equal_matvec
 
 ORDER = ["portable", "avx2", "avx512"]
 PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
@@ -350,16 +351,7 @@ def test_matmul_rows_equal_matvec_every_batch_size(simd, kind, k):
         def mm(x, out, nt):
             mm_f(blocks, x, out, nt)
     xs = np.stack([random_x(k, rng) for _ in range(20)])
-    one = np.zeros(n, np.float32)
-    ref = np.zeros((20, n), np.float32)
-    for i in range(20):
-        mv(xs[i], one)
-        ref[i] = one
-    for t in range(1, 21):
-        for nt in (1, 2):
-            out = np.full((t, n), np.nan, np.float32)
-            mm(xs[:t], out, nt)
-            np.testing.assert_array_equal(out, ref[:t])
+    assert_matmul_rows_equal_matvec(mv, mm, xs, n)
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1"])

@@ -23,6 +23,7 @@ from gguf.quants import dequantize
 from pecca import _kernels
 from pecca._kernels import q8, runtime
 from pecca.weights import Q8_0Linear, Q8GroupLinear
+from kernel_checks import assert_matmul_rows_equal_matvec
 
 ORDER = ["portable", "avx2", "avx512"]
 PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
@@ -367,16 +368,7 @@ def test_matmul_rows_equal_matvec_every_batch_size(simd, kind, n):
         def mm(x, out, nt):
             q8.matmul_q8g(wq, ws, gs, x, out, nt)
     xs = np.stack([random_x(n, rng) for _ in range(20)])
-    one = np.zeros(rows, np.float32)
-    ref = np.zeros((20, rows), np.float32)
-    for i in range(20):
-        mv(xs[i], one)
-        ref[i] = one
-    for t in range(1, 21):
-        for nt in (1, 2):
-            out = np.full((t, rows), np.nan, np.float32)
-            mm(xs[:t], out, nt)
-            np.testing.assert_array_equal(out, ref[:t])
+    assert_matmul_rows_equal_matvec(mv, mm, xs, rows)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
