@@ -677,14 +677,21 @@ static inline void q8_tile_vnni(const uint8_t *w, const float *ws, const int8_t 
  * bandwidth at 1 thread and at 2 threads in this VM's fast state; single rows drew 97-99% (a
  * 570 MB Q8_0 matrix, Zen 5; 7B-layer Q8_0 decode 29.7 -> 35.5 tok/s at 1 thread, 58 -> 67 at
  * 2). In cache the tiles compute faster (73-81 against 49-55 GB/s on one core), so smaller
- * shares keep them. A row's arithmetic is the same in both forms (and in matmul's tiles). */
+ * shares keep them. Short rows keep them too (below Q8_STREAM_MIN_ROW bytes): a row's fixed
+ * cost (its reduction, a separate pass over x) then outweighs the single stream; 256 MB Q8_0
+ * from memory at K = 576 (SmolLM2's classifier): tiles 26.7 / 54.3 GB/s at 1 / 2 threads
+ * against rows 22.0 / 41.9; at K = 1024 rows were ahead again (31.3 / 63.7 against 28.7 /
+ * 56.3). A row's arithmetic is the same in both forms (and in matmul's tiles). */
+#ifndef Q8_STREAM_MIN_ROW
+#define Q8_STREAM_MIN_ROW 1024
+#endif
 __attribute__((target(PECCA_Q8_VNNI), always_inline))
 static inline void q8_rows_vnni(const uint8_t *w, const float *ws, const int8_t *xq,
                                 const float *xs, float *out, long n, long bpg, long r0, long r1,
                                 int fmt) {
     long rb = (n / Q8_0_BLOCK) * (fmt == Q8_FMT_0 ? Q8_0_BYTES : Q8_0_BLOCK);
     long i = r0;
-    if ((r1 - r0) * rb >= PECCA_STREAM_BYTES) {
+    if (rb >= Q8_STREAM_MIN_ROW && (r1 - r0) * rb >= PECCA_STREAM_BYTES) {
         for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, i + 2 <= r1);
         return;
     }

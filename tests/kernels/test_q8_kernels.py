@@ -391,12 +391,14 @@ def test_large_parallel_split(simd, threads):
         check_q8_0_product(outs[t], blocks, d, qs, xs[t])
 
 
-def test_matvec_of_large_shares_streams_rows_with_the_same_bits(simd):
-    """A thread's share of 2 MiB or more is read one row at a time (the memory-bound form): each
-    row equals the 4-row tiles' result (2 threads: shares under 2 MiB) and matmul's, bit for
-    bit, and the reference."""
+@pytest.mark.parametrize("rows, n", [(523, 4096), (3709, 576)])
+def test_matvec_of_large_shares_streams_rows_with_the_same_bits(simd, rows, n):
+    """A thread's share of 2 MiB or more is read one row at a time (the memory-bound form) when
+    its rows are 1 KiB or longer: each row equals the 4-row tiles' result (2 threads: shares
+    under 2 MiB) and matmul's, bit for bit, and the reference. n = 576 (612-byte rows, 2.27 MB):
+    tiles at every share size, the same bits again."""
     rng = np.random.default_rng(13)
-    rows, n = 523, 4096  # Q8_0 2.27 MB, q8g (gs 64) 2.19 MB + scales: streamed at 1 thread
+    # Q8_0 2.27 MB, q8g (gs 64) 2.19 MB + scales: a 1-thread share over 2 MiB
     blocks, d, qs = random_q8_0(rows, n, rng)
     wq, ws = random_q8g(rows, n, 64, rng)
     x = random_x(n, rng)
