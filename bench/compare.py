@@ -20,12 +20,12 @@ repetition during which other processes used more than 0.1 core is redone (up to
 
 GB/s = bytes the decode streams per token (every layer matrix and the classifier, as pecca
 reads the file: Weights.nbytes) x decode tok/s; the same bytes are counted for llama.cpp on
-the same file. The STREAM-style read bandwidth (a 512 MiB f32 matvec, best of 3) is measured
-in every repetition, just before and just after its engines: the ceiling for every decode
-here. This VM's bandwidth moves 10-40% from minute to minute (at 2 threads it flips between
-~45 and ~80 GB/s), so "of BW" is the mean of each rep's decode GB/s over that rep's own
-bandwidth (the higher of its two readings), and a rep whose two readings differ by more than
-15% is redone like a loaded one (up to 3 times): the machine changed state under the engines.
+the same file. The STREAM-style read bandwidth (a 512 MiB f32 matvec, best of 2) is measured
+just before and just after every engine's run: the ceiling for every decode here. This VM's
+bandwidth moves 10-40% from minute to minute (at 2 threads it flips between ~45 and ~80 GB/s),
+so "of BW" is the mean of each run's decode GB/s over that run's own bandwidth (the higher of
+its two readings), and a rep in which any engine's two readings differ by more than 15% is
+redone like a loaded one (up to 3 times): the machine changed state under that engine.
 
 Files go to --out-dir (default bench/out/, gitignored); 7B-layers needs ~10 GB of disk.
 Usage: python bench/compare.py [--cases smollm2,7B-layers] [--threads 1,2] [--reps 3]
@@ -53,7 +53,7 @@ from pecca.bench import time_model  # noqa: E402
 
 FOREIGN_LIMIT = 0.1
 RETRIES = 3
-BANDWIDTH_MOVED = 0.15  # a rep whose read bandwidth moved more than this (fraction) is redone
+BANDWIDTH_MOVED = 0.15  # a rep in which an engine's read bandwidth moved more than this is redone
 
 
 # ---------------------------------------------------------------- files
@@ -147,42 +147,47 @@ def bench_threads(case, engines, threads, reps):
         e.set_threads(threads)
         e.run(0)  # warm: page in, start thread pools
     samples = [[] for _ in engines]
-    bandwidth = []  # measured in every rep, beside the engines: the machine's drifts by 10-40%
+    # the read bandwidth just before and just after each engine's run: the machine's drifts by
+    # 10-40% within a minute, so each decode is paired with its own readings
+    bandwidth = [[] for _ in engines]
     redone = 0
     for r in range(reps):
         for attempt in range(RETRIES + 1):
             before, t0 = cpu_seconds(), time.perf_counter()
-            bw0 = read_bandwidth(threads, reps=3)
-            rep = [e.run(r) for e in engines]
-            bw1 = read_bandwidth(threads, reps=3)
+            rep, bws = [], []
+            for e in engines:
+                bw0 = read_bandwidth(threads, reps=2)
+                rep.append(e.run(r))
+                bws.append((bw0, read_bandwidth(threads, reps=2)))
             load = foreign_load(before, cpu_seconds(), time.perf_counter() - t0)
-            bw, moved = max(bw0, bw1), abs(bw1 - bw0) > BANDWIDTH_MOVED * max(bw0, bw1)
+            moved = [abs(b1 - b0) > BANDWIDTH_MOVED * max(b0, b1) for b0, b1 in bws]
             log(f"  {case} threads={threads} rep {r + 1}/{reps}: " + " | ".join(
-                f"{e.kind} {e.label} {tg:.1f}" for e, (_, tg) in zip(engines, rep))
-                + f" (tg tok/s) | other load {load:.2f} cores | read bandwidth {bw0:.1f} -> {bw1:.1f} GB/s")
-            if (load <= FOREIGN_LIMIT and not moved) or attempt == RETRIES:
+                f"{e.kind} {e.label} {tg:.1f} ({b0:.0f}->{b1:.0f} GB/s)"
+                for e, (_, tg), (b0, b1) in zip(engines, rep, bws))
+                + f" (tg tok/s, read bandwidth) | other load {load:.2f} cores")
+            if (load <= FOREIGN_LIMIT and not any(moved)) or attempt == RETRIES:
                 break
             redone += 1
             time.sleep(2.0)
-        for s, x in zip(samples, rep):
+        for s, x, b, bw in zip(samples, rep, bandwidth, bws):
             s.append(x)
-        bandwidth.append(bw)
+            b.append(max(bw))
     return samples, bandwidth, redone
 
 
 def summarize(case, engines, threads, samples, redone, bandwidth):
     """One row per engine; "of_bandwidth" pairs each rep's decode GB/s with the read bandwidth
-    measured in that same rep."""
+    measured around that engine's run in that rep (the higher of the two readings)."""
     rows = []
-    for e, s in zip(engines, samples):
+    for e, s, bw in zip(engines, samples, bandwidth):
         pp, tg = [p for p, _ in s], [t for _, t in s]
         gbs = statistics.mean(tg) * e.bytes_per_token / 1e9
         rows.append({"case": case, "threads": threads, "label": e.label, "engine": e.kind,
                      "file": str(e.path), "bytes_per_token": e.bytes_per_token,
                      "pp": mean_std(pp), "tg": mean_std(tg), "gb_s": gbs,
                      "of_bandwidth": mean_std([t * e.bytes_per_token / 1e9 / b
-                                               for t, b in zip(tg, bandwidth)]),
-                     "bandwidth_gb_s": mean_std(bandwidth), "reps_redone": redone,
+                                               for t, b in zip(tg, bw)]),
+                     "bandwidth_gb_s": mean_std(bw), "reps_redone": redone,
                      "pecca_kernels": kernel_paths()})
     # paired ratios: each pecca row against llama.cpp on the same file, and against llama.cpp's
     # first row of the case (e.g. GPTQ against llama.cpp's Q4_0)
@@ -208,10 +213,11 @@ def format_table(rows, n_p, n_g, reps) -> str:
                    f"{100 * r['of_bandwidth'][0]:>4.0f} ± {100 * r['of_bandwidth'][1]:>2.0f}%  {ratios}")
     seen = {}
     for r in rows:
-        seen.setdefault((r["case"], r["threads"]), r["bandwidth_gb_s"])
-    out.append("read bandwidth (512 MiB f32 matvec, best of 3, before and after the engines of "
-               "every rep; 'of BW' pairs each rep with the higher of its two): " + ", ".join(
-                   f"{c} {t} thr {fmt(*b)} GB/s" for (c, t), b in seen.items()))
+        seen.setdefault((r["case"], r["threads"]), []).append(r["bandwidth_gb_s"][0])
+    out.append("read bandwidth (512 MiB f32 matvec, best of 2, just before and just after each "
+               "engine's run; 'of BW' pairs each decode with the higher of its two), range of the "
+               "engines' means: " + ", ".join(
+                   f"{c} {t} thr {min(b):.1f}-{max(b):.1f} GB/s" for (c, t), b in seen.items()))
     import llama_cpp
 
     paths = rows[0].get("pecca_kernels", kernel_paths()) if rows else kernel_paths()
