@@ -13,7 +13,7 @@ from pecca._kernels import ops
 from pecca.config import ModelConfig
 from pecca.errors import ContextLengthError, InsufficientMemoryError, InvalidArgumentError
 from pecca.threads import governor
-from pecca.weights import Weights
+from pecca.weights import Weights, matvec_same_input
 
 
 class RunState:
@@ -182,9 +182,7 @@ class Model:
             k = s.key_cache[l, pos]
             v = s.value_cache[l, pos]
             ops.rmsnorm(s.xb, x, layer.attn_norm, c.norm_eps)
-            layer.wq(s.xb, s.q, nt)
-            layer.wk(s.xb, k, nt)
-            layer.wv(s.xb, v, nt)
+            matvec_same_input((layer.wq, layer.wk, layer.wv), s.xb, (s.q, k, v), nt)
             ops.rope(s.q, c.head_size, s.rope_cos, s.rope_sin)
             ops.rope(k, c.head_size, s.rope_cos, s.rope_sin)
             ops.attention(s.xb, s.q, s.key_cache[l], s.value_cache[l], s.att, pos,
@@ -192,8 +190,7 @@ class Model:
             layer.wo(s.xb, s.xb2, nt)
             ops.add(x, s.xb2)
             ops.rmsnorm(s.xb, x, layer.ffn_norm, c.norm_eps)
-            layer.w1(s.xb, s.hb, nt)
-            layer.w3(s.xb, s.hb2, nt)
+            matvec_same_input((layer.w1, layer.w3), s.xb, (s.hb, s.hb2), nt)
             ops.swiglu(s.hb, s.hb2, nt)
             layer.w2(s.hb, s.xb, nt)
             ops.add(x, s.xb)

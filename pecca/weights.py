@@ -186,6 +186,12 @@ class Q8_0Linear:
         """out (out_features,) = W x, x (in_features,)"""
         q8.matvec_q8_0(self.blocks, x, out, threads)
 
+    @staticmethod
+    def many(linears, x: np.ndarray, outs, threads: int = 1) -> bool:
+        """outs[i] = linears[i] x in one kernel call (see matvec_same_input)."""
+        q8.matvec_q8_0_many([lin.blocks for lin in linears], x, outs, threads)
+        return True
+
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
         q8.matmul_q8_0(self.blocks, x, out, threads)
@@ -299,6 +305,14 @@ class Q4_0Linear(_Q4BlockLinear):
         """out (out_features,) = W x, x (in_features,)"""
         q4.matvec_q4_0(self.blocks, x, out, threads, self.float_act)
 
+    @staticmethod
+    def many(linears, x: np.ndarray, outs, threads: int = 1) -> bool:
+        """outs[i] = linears[i] x in one kernel call (int8 activations only)."""
+        if any(lin.float_act for lin in linears):
+            return False
+        q4.matvec_q4_0_many([lin.blocks for lin in linears], x, outs, threads)
+        return True
+
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
         q4.matmul_q4_0(self.blocks, x, out, threads, self.float_act)
@@ -315,6 +329,14 @@ class Q4_1Linear(_Q4BlockLinear):
     def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (out_features,) = W x, x (in_features,)"""
         q4.matvec_q4_1(self.blocks, x, out, threads, self.float_act)
+
+    @staticmethod
+    def many(linears, x: np.ndarray, outs, threads: int = 1) -> bool:
+        """outs[i] = linears[i] x in one kernel call (int8 activations only)."""
+        if any(lin.float_act for lin in linears):
+            return False
+        q4.matvec_q4_1_many([lin.blocks for lin in linears], x, outs, threads)
+        return True
 
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
@@ -375,3 +397,16 @@ class GPTQLinear:
     def nbytes(self) -> int:
         extra = sum(a.nbytes for a in (self.out_perm, self.bias) if a is not None)
         return self.qweight.nbytes + self.qzeros.nbytes + self.scales.nbytes + self.g_idx.nbytes + extra
+
+
+def matvec_same_input(linears, x: np.ndarray, outs, threads: int = 1) -> None:
+    """outs[i] = linears[i] x for products that share their input (a layer's q, k and v; its
+    gate and up). Where they are all of one kind with a ``many`` kernel (Q8_0, Q4_0, Q4_1), x is
+    prepared once and one thread team runs them all: on a small model (SmolLM2) each product is
+    only a few microseconds and the calls around it show. Otherwise one call each. Same results
+    either way, bit for bit."""
+    kind = type(linears[0])
+    many = getattr(kind, "many", None)
+    if many is None or any(type(lin) is not kind for lin in linears) or not many(linears, x, outs, threads):
+        for lin, out in zip(linears, outs):
+            lin(x, out, threads)

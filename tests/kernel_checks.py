@@ -15,3 +15,17 @@ def assert_matmul_rows_equal_matvec(mv, mm, xs, n, threads=(1, 2)):
             out = np.full((t, n), np.nan, np.float32)
             mm(xs[:t], out, nt)
             np.testing.assert_array_equal(out, ref[:t])
+
+
+def assert_many_equal_single(one, many, ws, x, threads=(1, 2)):
+    """one(w, x, out, nt) a matvec, many(ws, x, outs, nt) the same for several matrices of the
+    same input in one call: each out equals one's bit for bit, at each thread count."""
+    for nt in threads:
+        ref = []
+        for w in ws:
+            ref.append(np.full(w.shape[0], np.nan, np.float32))
+            one(w, x, ref[-1], nt)
+        outs = [np.full(w.shape[0], np.nan, np.float32) for w in ws]
+        many(ws, x, outs, nt)
+        for r, o in zip(ref, outs):
+            np.testing.assert_array_equal(o, r)

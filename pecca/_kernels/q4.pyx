@@ -282,6 +282,77 @@ def matmul_q4_1(const uint8_t[:, ::1] blocks, const float[:, ::1] x, float[:, ::
                    out.shape[0], out.shape[1], num_threads, float_act)
 
 
+# the *_many matvecs: at most this many matrices per call (a layer's q, k, v)
+cdef int MANY_MAX = 4
+
+
+cdef blocks_many(str name, int fmt, ws, const float[::1] x, outs, int num_threads):
+    """outs[i] = ws[i] @ x, Q4_0 / Q4_1 blocks, int8 activations prepared once."""
+    cdef long bb = 18 if fmt == FMT_0 else 20
+    cdef long nm = len(ws), K = x.shape[0], total = 0, m, b, r0, r1
+    if nm < 1 or nm > MANY_MAX or len(outs) != nm:
+        raise ValueError(f"{name}: 1 to {MANY_MAX} matrices and as many outputs; got {nm} and "
+                         f"{len(outs)}")
+    cdef const uint8_t *wp[4]
+    cdef float *op[4]
+    cdef long nrow[4]
+    cdef const uint8_t[:, ::1] w
+    cdef float[::1] o
+    for m in range(nm):
+        w, o = ws[m], outs[m]
+        if check_q4_blocks(name, w, bb) != K or o.shape[0] != w.shape[0]:
+            raise ValueError(f"{name}: matrix {m} is {w.shape[0]}x{w.shape[1] // bb * 32} "
+                             f"({FORMAT_NAMES[fmt]}), x has {K}, out has {o.shape[0]}")
+        nrow[m] = w.shape[0]
+        wp[m] = &w[0, 0] if nrow[m] > 0 else NULL
+        op[m] = &o[0] if nrow[m] > 0 else NULL
+        total += nrow[m]
+        if K == 0 and nrow[m] > 0:
+            o[:] = 0
+    if total == 0 or K == 0:
+        return
+    cdef long ab = q4_act_bytes(K, 1), sf = q4_int8_scratch_floats(1)
+    cdef int nt = team(total, total * K, num_threads)
+    cdef uint8_t *act = <uint8_t *>malloc(ab)
+    cdef float *scratch = <float *>malloc(nt * sf * sizeof(float))
+    if act == NULL or scratch == NULL:
+        free(act)
+        free(scratch)
+        raise MemoryError("q4: no memory for the prepared activations")
+    try:
+        with nogil:
+            q4_prepare_int8(fmt, &x[0], NULL, NULL, act, K, 1)
+            if nt <= 1:
+                for m in range(nm):
+                    if nrow[m] > 0:
+                        rows(fmt, False, wp[m], NULL, NULL, K, 1, act, ab, 1, op[m], nrow[m],
+                             0, nrow[m], scratch)
+            else:
+                for b in prange(nt, schedule='static', num_threads=nt):
+                    for m in range(nm):
+                        r0 = ((nrow[m] // 4) * b // nt) * 4
+                        r1 = nrow[m] if b == nt - 1 else ((nrow[m] // 4) * (b + 1) // nt) * 4
+                        if r1 > r0:
+                            rows(fmt, False, wp[m], NULL, NULL, K, 1, act, ab, 1, op[m],
+                                 nrow[m], r0, r1, scratch + b * sf)
+    finally:
+        free(act)
+        free(scratch)
+
+
+def matvec_q4_0_many(ws, const float[::1] x, outs, int num_threads=1):
+    """outs[i] = ws[i] @ x for 1..4 Q4_0 matrices with the same input (a layer's q, k and v
+    products, or its gate and up): x is prepared once (int8 activations) and one thread team
+    computes them all, each thread its share of every matrix. Each outs[i] equals
+    matvec_q4_0(ws[i], x, outs[i]) bit for bit."""
+    blocks_many("matvec_q4_0_many", FMT_0, ws, x, outs, num_threads)
+
+
+def matvec_q4_1_many(ws, const float[::1] x, outs, int num_threads=1):
+    """As matvec_q4_0_many, for Q4_1 matrices."""
+    blocks_many("matvec_q4_1_many", FMT_1, ws, x, outs, num_threads)
+
+
 cdef gptq_product(str name, const int32_t[:, ::1] qweight, const int32_t[:, ::1] qzeros,
                   uint32_t zero_add, const uint16_t[:, ::1] scales, const int32_t[::1] g_idx,
                   const int32_t[::1] out_perm, const float *xp, long T, long xk, float *o,

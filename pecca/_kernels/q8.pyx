@@ -228,6 +228,64 @@ def matvec_q8_0(const uint8_t[:, ::1] w, const float[::1] x, float[::1] out, int
         free(dx)
 
 
+# matvec_q8_0_many: at most this many matrices per call (a layer's q, k, v)
+cdef int MANY_MAX = 4
+
+
+def matvec_q8_0_many(ws, const float[::1] x, outs, int num_threads=1):
+    """outs[i] = ws[i] @ x for 1..4 Q8_0 matrices with the same input (a layer's q, k and v
+    products, or its gate and up): x is quantized once and one thread team computes them all,
+    each thread its share of every matrix. Each outs[i] equals matvec_q8_0(ws[i], x, outs[i])
+    bit for bit.
+
+    ws : sequence of (rows_i, n/32*34) uint8 Q8_0 matrices, all with rows of n = x.shape[0]
+    outs : sequence of (rows_i,) float32, as many as ws, none aliasing x
+    """
+    cdef long nm = len(ws), n = x.shape[0], total = 0, m, b, r0, r1
+    if nm < 1 or nm > MANY_MAX or len(outs) != nm:
+        raise ValueError(f"matvec_q8_0_many: 1 to {MANY_MAX} matrices and as many outputs; got "
+                         f"{nm} and {len(outs)}")
+    cdef const uint8_t *wp[4]
+    cdef float *op[4]
+    cdef long rows[4]
+    cdef const uint8_t[:, ::1] w
+    cdef float[::1] o
+    for m in range(nm):
+        w, o = ws[m], outs[m]
+        if check_q8_0("matvec_q8_0_many", w) != n or o.shape[0] != w.shape[0]:
+            raise ValueError(f"matvec_q8_0_many: matrix {m} is {w.shape[0]}x"
+                             f"{w.shape[1] // QB * QK} (Q8_0), x has {n}, out has {o.shape[0]}")
+        rows[m] = w.shape[0]
+        wp[m] = &w[0, 0] if rows[m] > 0 else NULL
+        op[m] = &o[0] if rows[m] > 0 else NULL
+        total += rows[m]
+        if n == 0 and rows[m] > 0:
+            o[:] = 0
+    if total == 0 or n == 0:
+        return
+    cdef int8_t *qx
+    cdef float *dx
+    alloc_scratch(1, n, n // QK, &qx, &dx)
+    cdef int nt = team(total, total * n, num_threads)
+    try:
+        with nogil:
+            c_quantize_q8_0(&x[0], qx, dx, n)
+            if nt <= 1:
+                for m in range(nm):
+                    if rows[m] > 0:
+                        matvec_q8_0_rows(wp[m], qx, dx, op[m], n, 0, rows[m])
+            else:
+                for b in prange(nt, schedule='static', num_threads=nt):
+                    for m in range(nm):
+                        r0 = ((rows[m] // 4) * b // nt) * 4
+                        r1 = rows[m] if b == nt - 1 else ((rows[m] // 4) * (b + 1) // nt) * 4
+                        if r1 > r0:
+                            matvec_q8_0_rows(wp[m], qx, dx, op[m], n, r0, r1)
+    finally:
+        free(qx)
+        free(dx)
+
+
 def matmul_q8_0(const uint8_t[:, ::1] w, const float[:, ::1] x, float[:, ::1] out,
                 int num_threads=1):
     """out = x @ W.T, W GGUF Q8_0 blocks: the products of all T tokens of a batch.

@@ -25,9 +25,9 @@ from gguf.quants import dequantize, quantize
 
 from pecca import _kernels
 from pecca._kernels import q4, runtime
-from pecca.weights import GPTQLinear, Q4_0Linear, Q4_1Linear, Q4GLinear
+from pecca.weights import GPTQLinear, Q4_0Linear, Q4_1Linear, Q4GLinear, matvec_same_input
 from shared_data import shared_file
-from kernel_checks import assert_matmul_rows_equal_matvec
+from kernel_checks import assert_many_equal_single, assert_matmul_rows_equal_matvec
 
 ORDER = ["portable", "avx2", "avx512"]
 PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
@@ -825,3 +825,55 @@ def test_gptq_linear_validates():
         args.update(kw)
         with pytest.raises(ValueError):
             GPTQLinear(**args)
+
+
+# ---------------- several matrices of one input in one call ----------------
+
+MANY = {"q4_0": (q4.matvec_q4_0, q4.matvec_q4_0_many), "q4_1": (q4.matvec_q4_1, q4.matvec_q4_1_many)}
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("k", [32, 288, 4096])
+@pytest.mark.parametrize("rows", [(1,), (7, 264), (264, 1, 7), (576, 192, 192, 3)])
+def test_matvec_many_equals_one_call_each(simd, kind, k, rows):
+    """A layer's q, k, v (or gate, up) in one call: the same bits as a matvec each, at 1 and 2
+    threads (each thread takes its share of every matrix)."""
+    rng = np.random.default_rng(k + len(rows))
+    ws = [random_blocks(kind, n, k, rng)[0] for n in rows]
+    one, many = MANY[kind]
+    assert_many_equal_single(one, many, ws, random_x(k, rng))
+
+
+def test_matvec_many_rejects_bad_shapes():
+    rng = np.random.default_rng(5)
+    a, b = random_blocks("q4_0", 8, 64, rng)[0], random_blocks("q4_0", 8, 96, rng)[0]
+    x, o = np.ones(64, np.float32), np.empty(8, np.float32)
+    with pytest.raises(ValueError, match="matrix 1 is 8x96"):
+        q4.matvec_q4_0_many([a, b], x, [o, np.empty(8, np.float32)])
+    with pytest.raises(ValueError, match="out has 7"):
+        q4.matvec_q4_0_many([a], x, [np.empty(7, np.float32)])
+    with pytest.raises(ValueError, match="1 to 4 matrices"):
+        q4.matvec_q4_0_many([a] * 5, x, [o] * 5)
+    with pytest.raises(ValueError, match="1 to 4 matrices"):
+        q4.matvec_q4_0_many([a, a], x, [o])
+
+
+def test_matvec_same_input_falls_back_to_one_call_each():
+    """Mixed kinds, or float activations, take one call per product: the same results as
+    calling each Linear."""
+    rng = np.random.default_rng(6)
+    q0 = Q4_0Linear(random_blocks("q4_0", 12, 64, rng)[0])
+    q1 = Q4_1Linear(random_blocks("q4_1", 20, 64, rng)[0])
+    q0f = Q4_0Linear(random_blocks("q4_0", 4, 64, rng)[0])
+    q0f.float_act = True
+    x = random_x(64, rng)
+    for lins in ([q0, q1], [q0, q0f], [q0, q0], [q1]):
+        ref = []
+        for lin in lins:
+            ref.append(np.empty(lin.out_features, np.float32))
+            lin(x, ref[-1], 2)
+        outs = [np.full(lin.out_features, np.nan, np.float32) for lin in lins]
+        matvec_same_input(lins, x, outs, 2)
+        for r, o in zip(ref, outs):
+            np.testing.assert_array_equal(o, r)
+

@@ -23,7 +23,7 @@ from gguf.quants import dequantize
 from pecca import _kernels
 from pecca._kernels import q8, runtime
 from pecca.weights import Q8_0Linear, Q8GroupLinear
-from kernel_checks import assert_matmul_rows_equal_matvec
+from kernel_checks import assert_many_equal_single, assert_matmul_rows_equal_matvec
 
 ORDER = ["portable", "avx2", "avx512"]
 PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
@@ -558,3 +558,26 @@ def test_q8group_linear_rejects(args):
 def test_q8_0_linear_rejects(bad):
     with pytest.raises(ValueError):
         Q8_0Linear(bad)
+
+
+@pytest.mark.parametrize("n", [32, 576, 4096])
+@pytest.mark.parametrize("rows", [(1,), (7, 264), (576, 192, 192), (264, 1, 7, 3)])
+def test_matvec_q8_0_many_equals_one_call_each(simd, n, rows):
+    """A layer's q, k, v (or gate, up) in one call: x quantized once, the same bits as a matvec
+    each, at 1 and 2 threads."""
+    rng = np.random.default_rng(n + len(rows))
+    ws = [random_q8_0(r, n, rng)[0] for r in rows]
+    assert_many_equal_single(q8.matvec_q8_0, q8.matvec_q8_0_many, ws, random_x(n, rng))
+
+
+def test_matvec_q8_0_many_rejects_bad_shapes():
+    rng = np.random.default_rng(4)
+    a, b = random_q8_0(8, 64, rng)[0], random_q8_0(8, 96, rng)[0]
+    x, o = np.ones(64, np.float32), np.empty(8, np.float32)
+    with pytest.raises(ValueError, match="matrix 1 is 8x96"):
+        q8.matvec_q8_0_many([a, b], x, [o, np.empty(8, np.float32)])
+    with pytest.raises(ValueError, match="out has 9"):
+        q8.matvec_q8_0_many([a], x, [np.empty(9, np.float32)])
+    with pytest.raises(ValueError, match="1 to 4 matrices"):
+        q8.matvec_q8_0_many([], x, [])
+
