@@ -276,6 +276,7 @@ class _Q4BlockLinear:
 
     kind = ""
     block_bytes = 0
+    matvec_many = None  # the q4 kernel of several matrices of one input (many)
 
     def __init__(self, blocks: np.ndarray):
         name = type(self).__name__
@@ -292,6 +293,14 @@ class _Q4BlockLinear:
     def nbytes(self) -> int:
         return self.blocks.nbytes
 
+    @classmethod
+    def many(cls, linears, x: np.ndarray, outs, threads: int = 1) -> bool:
+        """outs[i] = linears[i] x in one kernel call (int8 activations only)."""
+        if any(lin.float_act for lin in linears):
+            return False
+        cls.matvec_many([lin.blocks for lin in linears], x, outs, threads)
+        return True
+
 
 class Q4_0Linear(_Q4BlockLinear):
     """y = W x with W in GGUF Q4_0 blocks: per 32 weights 18 bytes, a little-endian f16 d and 16
@@ -300,18 +309,11 @@ class Q4_0Linear(_Q4BlockLinear):
 
     kind = "q4_0"
     block_bytes = 18
+    matvec_many = staticmethod(q4.matvec_q4_0_many)
 
     def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (out_features,) = W x, x (in_features,)"""
         q4.matvec_q4_0(self.blocks, x, out, threads, self.float_act)
-
-    @staticmethod
-    def many(linears, x: np.ndarray, outs, threads: int = 1) -> bool:
-        """outs[i] = linears[i] x in one kernel call (int8 activations only)."""
-        if any(lin.float_act for lin in linears):
-            return False
-        q4.matvec_q4_0_many([lin.blocks for lin in linears], x, outs, threads)
-        return True
 
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
@@ -325,18 +327,11 @@ class Q4_1Linear(_Q4BlockLinear):
 
     kind = "q4_1"
     block_bytes = 20
+    matvec_many = staticmethod(q4.matvec_q4_1_many)
 
     def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (out_features,) = W x, x (in_features,)"""
         q4.matvec_q4_1(self.blocks, x, out, threads, self.float_act)
-
-    @staticmethod
-    def many(linears, x: np.ndarray, outs, threads: int = 1) -> bool:
-        """outs[i] = linears[i] x in one kernel call (int8 activations only)."""
-        if any(lin.float_act for lin in linears):
-            return False
-        q4.matvec_q4_1_many([lin.blocks for lin in linears], x, outs, threads)
-        return True
 
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
