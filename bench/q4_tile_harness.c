@@ -52,7 +52,7 @@ static void sweep(rows_fn f, int fmt, const uint8_t *W, const uint16_t *sc, cons
             int b = omp_get_thread_num();
             long q = N / 4, r0 = q * b / nth * 4, r1 = b == nth - 1 ? N : q * (b + 1) / nth * 4;
             f(fmt, W + m * N * rb, sc + m * N * G, zp + m * N * G, K, G, act, ab, T, out, N, r0, r1,
-              st + b * (4 * G + 64));
+              st + b * q4_int8_scratch_floats(G));
         }
     }
 }
@@ -95,7 +95,7 @@ int main(int argc, char **argv) {
         q4_prepare_int8(fmt, x, NULL, NULL, act + t * ab, K, G);
     }
     float *out[2] = {calloc(T * N, 4), calloc(T * N, 4)};
-    float *st = aligned_alloc(64, 4 * nth * (4 * G + 64));
+    float *st = malloc(sizeof(float) * nth * q4_int8_scratch_floats(G));
     rows_fn fns[2] = {q4_int8_rows_vnni, NULL};
     const char *names[2] = {"kernel", "candidate"};
 #ifdef CAND

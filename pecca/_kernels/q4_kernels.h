@@ -65,8 +65,9 @@
  *  are laid out per quad once per tile (scratch from the caller). Tiles of 4 rows x up to 4
  *  tokens (each row's codes loaded once for all of them); matvec prefetches the rows 3 quads
  *  ahead (1 quad ahead lost 10-25% at 1 thread, 8-row tiles lost ~8% at 2), q4g's scales and
- *  zero points one quad ahead; matmul runs panels of 64 rows (in L2) against each group of 4
- *  tokens. The AVX-512 level without VNNI runs the AVX2 code, like q8. Integer sums are exact;
+ *  zero points one quad ahead; for K >= 8192 the matvec instead takes panels of 4 quads through
+ *  K in chunks of 8 steps, so that the token's activations stay in L1 (q4_mv_chunked_vnni);
+ *  matmul runs panels of 64 rows (in L2) against each group of 4 tokens. The AVX-512 level without VNNI runs the AVX2 code, like q8. Integer sums are exact;
  *  only the float accumulation rounds (~1e-6 relative). A (row, token) gets the same operations
  *  in the same order in matvec and in matmul (any tile): bit-identical rows.
  *
@@ -105,6 +106,9 @@
 #define Q4_0_BYTES 18
 #define Q4_1_BYTES 20
 #define Q4_STEP 128
+
+#define Q4_MV_PQ 4   /* chunked VNNI matvec: quads per panel (q4_mv_chunked_vnni) */
+#define Q4_MV_CS 8   /* chunked VNNI matvec: steps per chunk of K (2.5 KB of activations) */
 
 #define Q4_FMT_G 0
 #define Q4_FMT_0 1
@@ -1507,12 +1511,79 @@ static inline __m512i q4_dot_vnni(__m512i lo, __m512i hi, const uint8_t *xp) {
     return _mm512_dpbusd_epi32(il, hi, _mm512_loadu_si512(xp + 192));
 }
 
+/* a step's scales, lane 4 blk + j: Q4_0 / Q4_1 row j's d of block blk (sm: its m) from the
+ * code bytes z0; q4g row j's scale of block blk's group from st (4 per group, reloaded only when
+ * load: a group starts, or always for Q4_SF_1 / Q4_SF_X) */
+__attribute__((target(PECCA_Q4_VNNI), always_inline))
+static inline void q4_step_scales_vnni(int fmt, int sf, __m512i z00, __m512i z01, __m512i z02,
+                                       __m512i z03, __m512i ir,
+                                       const float *st, long s, int nbk, int load,
+                                       const long gl[4], __m512 *sw, __m512 *sm) {
+    if (fmt != Q4_FMT_G) {
+        __m512i h = _mm512_mask_blend_epi16(0xCCCCCCCCu, _mm512_permutex2var_epi16(z00, ir, z01),
+                                            _mm512_permutex2var_epi16(z02, ir, z03));
+        *sw = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+        if (fmt == Q4_FMT_1) *sm = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+    } else if (sf == Q4_SF_W) {
+        if (load) *sw = _mm512_broadcast_f32x4(_mm_loadu_ps(st + 4 * gl[0]));
+    } else if (sf == Q4_SF_1) {
+        *sw = _mm512_maskz_loadu_ps((__mmask16)((1u << (4 * nbk)) - 1), st + 16 * s);
+    } else {
+        __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(st + 4 * gl[0]));
+        v = _mm512_insertf32x4(v, _mm_loadu_ps(st + 4 * gl[1]), 1);
+        v = _mm512_insertf32x4(v, _mm_loadu_ps(st + 4 * gl[2]), 2);
+        v = _mm512_insertf32x4(v, _mm_loadu_ps(st + 4 * gl[3]), 3);
+        *sw = _mm512_maskz_mov_ps((__mmask16)((1u << (4 * nbk)) - 1), v);
+    }
+}
+
+/* a quad's accumulator after step s of one token (prepared at a): its 4 rows' integer lanes is
+ * added into the quad, then per lane acc += float(B) * (s_w d_x) (Q4_0: B less 8 sum q_b;
+ * Q4_1: then acc += m xs_b) */
+__attribute__((target(PECCA_Q4_VNNI), always_inline))
+static inline __m512 q4_step_acc_vnni(int fmt, __m512i is0, __m512i is1, __m512i is2, __m512i is3,
+                                      const uint8_t *a, long Kp, long s, __m512i ibc, __m512 sw,
+                                      __m512 sm, __m512 acc) {
+    __m512i bq = q4_quadsum_vnni(is0, is1, is2, is3);
+    if (fmt == Q4_FMT_0)
+        bq = _mm512_add_epi32(bq, _mm512_permutexvar_epi32(ibc, _mm512_castsi128_si512(
+                                      _mm_loadu_si128((const __m128i *)(a + Q4_A_NQB(Kp)) + s))));
+    __m512 sx = _mm512_loadu_ps((const float *)(a + Q4_A_SX(Kp)) + 16 * s);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bq), _mm512_mul_ps(sw, sx), acc);
+    if (fmt == Q4_FMT_1) {
+        __m512 xs = _mm512_permutexvar_ps(ibc, _mm512_castps128_ps512(_mm_loadu_ps((const float *)(a + Q4_A_XSB(Kp)) + 4 * s)));
+        acc = _mm512_fmadd_ps(sm, xs, acc);
+    }
+    return acc;
+}
+
 /* VNNI, per (row, token) and block the exact integer B = sum w q (Q4_0: minus 8 sum q) from
  * q4_dot_vnni's lanes, 4 rows at a time added into a quad (lane 4 blk + j = row j's block blk
  * of the step); per quad lane
  *   acc += float(B) * (s_w d_x)   then   Q4_1: acc += m xs
  * and at the end y = the sum of the row's 4 lanes (q4g: minus sum_g s_g z_g X_g, X_g the
  * token's group sums of xs). A (row, token) gets the same operations in every tile. */
+
+/* a quad's results: rows i..i+NR-1, tokens t0.. (prepared at at[t]) from their accumulators */
+__attribute__((target(PECCA_Q4_VNNI), always_inline))
+static inline void q4_quad_store_vnni(int fmt, const uint16_t *sc, const int8_t *zp, long G, long Kp,
+                                      const uint8_t *const at[4], __m512 acc0, __m512 acc1,
+                                      __m512 acc2, __m512 acc3, float *out, long ldo, long i,
+                                      long t0, int NR, int NT) {
+    const float *xg[4];
+    float v[4][4];
+    PECCA_Q4_UNROLL
+    for (int t = 0; t < 4; t++) xg[t] = (const float *)(at[t] + Q4_A_XG(Kp));
+    _mm_storeu_ps(v[0], q4_quadfinish_vnni(acc0));
+    if (NT > 1) _mm_storeu_ps(v[1], q4_quadfinish_vnni(acc1));
+    if (NT > 2) _mm_storeu_ps(v[2], q4_quadfinish_vnni(acc2));
+    if (NT > 3) _mm_storeu_ps(v[3], q4_quadfinish_vnni(acc3));
+    for (int j = 0; j < NR; j++) {
+        float zt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (fmt == Q4_FMT_G) q4g_zterms_vnni(sc + (i + j) * G, zp + (i + j) * G, xg, G, NT, zt);
+        for (int t = 0; t < NT; t++) out[(t0 + t) * ldo + i + j] = v[t][j] - zt[t];
+    }
+}
 
 /* rows i..i+NR-1 (NR <= 4: one quad) x tokens t0..t0+NT-1 (NT <= 4: each load of a row's codes
  * serves them all), 4 blocks per step. pf: prefetch the rows pfd quads ahead (and q4g's next
@@ -1558,25 +1629,7 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
                 if (NT == 1) is[j] = q4_dot_vnni(lo[j], hi[j], at[0] + Q4_ASTEP * s);
             }
         }
-        if (fmt != Q4_FMT_G) {  /* word 4 blk + j: row j's scale of block blk (then the m's) */
-            __m512i h = _mm512_mask_blend_epi16(0xCCCCCCCCu, _mm512_permutex2var_epi16(z0[0], ir, z0[1]),
-                                                _mm512_permutex2var_epi16(z0[2], ir, z0[3]));
-            sw = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-            if (fmt == Q4_FMT_1) sm = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
-        } else if (sf != Q4_SF_W || gstart) {  /* lane 4 blk + j: row j's scale of block blk's group */
-            if (sf == Q4_SF_W) {
-                sw = _mm512_broadcast_f32x4(_mm_loadu_ps(st + 4 * gl[0]));
-            } else if (sf == Q4_SF_1) {
-                sw = _mm512_maskz_loadu_ps((__mmask16)((1u << (4 * nbk)) - 1), st + 16 * s);
-            } else {
-                __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(st + 4 * gl[0]));
-                v = _mm512_insertf32x4(v, _mm_loadu_ps(st + 4 * gl[1]), 1);
-                v = _mm512_insertf32x4(v, _mm_loadu_ps(st + 4 * gl[2]), 2);
-                v = _mm512_insertf32x4(v, _mm_loadu_ps(st + 4 * gl[3]), 3);
-                sw = _mm512_maskz_mov_ps((__mmask16)((1u << (4 * nbk)) - 1), v);
-            }
-        }
-        /* per token: d_b per lane, Q4_1 xs_b per lane, Q4_0 -8 sum q_b per lane */
+        q4_step_scales_vnni(fmt, sf, z0[0], z0[1], z0[2], z0[3], ir, st, s, nbk, gstart, gl, &sw, &sm);
         PECCA_Q4_UNROLL
         for (int t = 0; t < NT; t++) {
             const uint8_t *a = at[t];
@@ -1584,29 +1637,10 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
                 PECCA_Q4_UNROLL
                 for (int j = 0; j < 4; j++)
                     is[j] = j < NR ? q4_dot_vnni(lo[j], hi[j], a + Q4_ASTEP * s) : _mm512_setzero_si512();
-            __m512i bq = q4_quadsum_vnni(is[0], is[1], is[2], is[3]);
-            if (fmt == Q4_FMT_0)
-                bq = _mm512_add_epi32(bq, _mm512_permutexvar_epi32(ibc, _mm512_castsi128_si512(
-                                              _mm_loadu_si128((const __m128i *)(a + Q4_A_NQB(Kp)) + s))));
-            __m512 sx = _mm512_loadu_ps((const float *)(a + Q4_A_SX(Kp)) + 16 * s);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bq), _mm512_mul_ps(sw, sx), acc[t]);
-            if (fmt == Q4_FMT_1) {
-                __m512 xs = _mm512_permutexvar_ps(ibc, _mm512_castps128_ps512(_mm_loadu_ps((const float *)(a + Q4_A_XSB(Kp)) + 4 * s)));
-                acc[t] = _mm512_fmadd_ps(sm, xs, acc[t]);
-            }
+            acc[t] = q4_step_acc_vnni(fmt, is[0], is[1], is[2], is[3], a, Kp, s, ibc, sw, sm, acc[t]);
         }
     }
-    const float *xg[4];
-    float v[4][4];
-    PECCA_Q4_UNROLL
-    for (int t = 0; t < 4; t++) xg[t] = (const float *)(at[t] + Q4_A_XG(Kp));
-    PECCA_Q4_UNROLL
-    for (int t = 0; t < NT; t++) _mm_storeu_ps(v[t], q4_quadfinish_vnni(acc[t]));
-    for (int j = 0; j < NR; j++) {
-        float zt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (fmt == Q4_FMT_G) q4g_zterms_vnni(sc + (i + j) * G, zp + (i + j) * G, xg, G, NT, zt);
-        for (int t = 0; t < NT; t++) out[(t0 + t) * ldo + i + j] = v[t][j] - zt[t];
-    }
+    q4_quad_store_vnni(fmt, sc, zp, G, Kp, at, acc[0], acc[1], acc[2], acc[3], out, ldo, i, t0, NR, NT);
 }
 
 #ifndef Q4_PANEL
@@ -1615,6 +1649,79 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
 #ifndef Q4_PF_QUADS
 #define Q4_PF_QUADS 3  /* matvec: how many quads of rows ahead to prefetch */
 #endif
+#ifndef Q4_MV_CHUNK_K
+#define Q4_MV_CHUNK_K 8192  /* matvec: from this K on, K in chunks across a panel of quads */
+#endif
+
+/* matvec of whole quads, rows [r0, r1) ((r1 - r0) % 4 == 0), for long rows (K >= Q4_MV_CHUNK_K).
+ * A tile's pass over K reads the whole prepared token (2.5 bytes an input: 27 KB at K = 11008)
+ * between two quads, while the quads' rows stream through L1 as well; the token then leaves
+ * the 48 KB L1 and comes back from L2 at every quad, which cost 15-30% from DRAM (GPTQ's 4096 x
+ * 11008 down projection ran at ~67% of the read bandwidth). Here panels of Q4_MV_PQ quads pass
+ * K in chunks of Q4_MV_CS steps, every quad of the panel through a chunk before the next chunk,
+ * so that the chunk's activations stay in L1; each quad keeps its accumulator between chunks
+ * and gets the same operations in the same order as in q4_tile_vnni (same bits). The next panel
+ * is prefetched linearly, 4 sb bytes per quad step. st: Q4_MV_PQ * 4 G floats (q4g). */
+__attribute__((target(PECCA_Q4_VNNI), always_inline))
+static inline void q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
+                                      const int8_t *zp, long K, long G, const uint8_t *a,
+                                      float *out, long r0, long r1, float *st) {
+    long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
+    long bb = q4_block_bytes(fmt), sb = 4 * bb, rb = nb * bb, ns = (nb + 3) / 4;
+    const __m512i iq = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_q1 : q4_idx_q0);
+    const __m512i ir = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_r1 : q4_idx_r0);
+    const __m512i ibc = _mm512_loadu_si512(q4_idx_bc);
+    const uint8_t *const at[4] = {a, a, a, a};
+    __m512 acc[Q4_MV_PQ], sw[Q4_MV_PQ];
+    for (long p0 = r0; p0 < r1; p0 += 4 * Q4_MV_PQ) {
+        int nq = (int)((r1 - p0) / 4 < Q4_MV_PQ ? (r1 - p0) / 4 : Q4_MV_PQ);
+        const char *next = (const char *)(w + (p0 + 4 * Q4_MV_PQ) * rb);
+        long pfend = (r1 - p0 - 4 * Q4_MV_PQ) * rb, pfpos = 0;  /* nothing past r1 */
+        for (int q = 0; q < nq; q++) {
+            acc[q] = sw[q] = _mm512_setzero_ps();
+            if (fmt == Q4_FMT_G) {
+                long i = p0 + 4 * q;
+                if (i + 4 * Q4_MV_PQ + 4 <= r1) {
+                    prefetch_lines((const char *)(sc + (i + 4 * Q4_MV_PQ) * G), (int)((8 * G + 63) / 64));
+                    prefetch_lines((const char *)(zp + (i + 4 * Q4_MV_PQ) * G), (int)((4 * G + 63) / 64));
+                }
+                q4g_rows_scales_vnni(sc, G, i, 4, st + 4 * G * q);
+            }
+        }
+        for (long s0 = 0; s0 < ns; s0 += Q4_MV_CS) {
+            long s1 = s0 + Q4_MV_CS < ns ? s0 + Q4_MV_CS : ns;
+            for (int q = 0; q < nq; q++) {
+                const uint8_t *wq = w + (p0 + 4 * q) * rb;
+                const float *stq = st + 4 * G * q;
+                __m512 accq = acc[q], swq = sw[q], sm = _mm512_setzero_ps();
+                long g = 4 * s0 / bpg, k = 4 * s0 % bpg;  /* q4g_step_groups' state at s0 */
+                for (long s = s0; s < s1; s++) {
+                    const int nbk = nb - 4 * s < 4 ? (int)(nb - 4 * s) : 4;
+                    if (pfpos < pfend) {
+                        prefetch_lines(next + pfpos, (4 * (int)sb + 63) / 64);
+                        pfpos += 4 * sb;
+                    }
+                    long gl[4];
+                    int gstart = fmt == Q4_FMT_G ? q4g_step_groups(sf, bpg, nbk, &g, &k, gl) : 0;
+                    __m512i lo[4], hi[4], z0[4], is[4];
+                    PECCA_Q4_UNROLL
+                    for (int j = 0; j < 4; j++) {
+                        z0[j] = _mm512_setzero_si512();
+                        q4_wload_vnni(fmt, wq + j * rb + sb * s, nbk, iq, &lo[j], &hi[j], &z0[j]);
+                        is[j] = q4_dot_vnni(lo[j], hi[j], a + Q4_ASTEP * s);
+                    }
+                    /* a chunk's first step reloads a group's scale the tile kept (same value) */
+                    q4_step_scales_vnni(fmt, sf, z0[0], z0[1], z0[2], z0[3], ir, stq, s, nbk, gstart || s == s0, gl, &swq, &sm);
+                    accq = q4_step_acc_vnni(fmt, is[0], is[1], is[2], is[3], a, Kp, s, ibc, swq, sm, accq);
+                }
+                acc[q] = accq;
+                sw[q] = swq;
+            }
+        }
+        for (int q = 0; q < nq; q++)
+            q4_quad_store_vnni(fmt, sc, zp, G, Kp, at, acc[q], acc[q], acc[q], acc[q], out, 1, p0 + 4 * q, 0, 4, 1);
+    }
+}
 
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
 static inline void q4_gemm_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
@@ -1624,6 +1731,10 @@ static inline void q4_gemm_vnni(int fmt, int sf, const uint8_t *w, const uint16_
     q4_tile_vnni(fmt, sf, w, sc, zp, K, G, act, ab, out, ldo, i, t, NR, NT, pf, pfd, st)
     if (T == 1) {  /* 4 rows at a time, the next ones prefetched Q4_PF_QUADS quads ahead */
         long i = r0;
+        if (K >= Q4_MV_CHUNK_K) {
+            i = r0 + (r1 - r0) / 4 * 4;
+            q4_mv_chunked_vnni(fmt, sf, w, sc, zp, K, G, act, out, r0, i, st);
+        }
         for (; i + 4 <= r1; i += 4) Q4_TILE(i, 0, 4, 1, i + 4 + 4 * Q4_PF_QUADS <= r1, Q4_PF_QUADS);
         if (i < r1) Q4_TILE(i, 0, (int)(r1 - i), 1, 0, 1);
         return;
@@ -1663,7 +1774,7 @@ static void q4_int8_rows_vnni(int fmt, const uint8_t *w, const uint16_t *sc, con
 /* ---------------- dispatch ---------------- */
 
 /* scratch floats q4_int8_rows needs (for one call at a time) */
-static long q4_int8_scratch_floats(long G) { return 4 * G + 16; }
+static long q4_int8_scratch_floats(long G) { return 4 * G * Q4_MV_PQ + 16; }
 
 /* out[t * ldo + r] = W[r] . x_t for rows [r0, r1), tokens t < T prepared by q4_prepare_int8
  * (act + t * ab). q4g: gs = K / G a multiple of 32. scratch: q4_int8_scratch_floats(G) floats

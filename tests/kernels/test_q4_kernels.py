@@ -36,10 +36,14 @@ ROWS = [1, 7, 264]
 TOKENS = [1, 3, 17]
 # (K, group sizes): gs = -1 is K; multiples of 32 use int8 activations, the others (16, 8, 24:
 # AVX2 float code; 12: portable float code) float ones. K = 96 and 288 leave a partial SIMD step.
+# K >= 8192 takes the VNNI matvec's chunked form (q4_mv_chunked_vnni: panels of 4 quads, K in
+# chunks of 8 steps): 8320 = 65 steps (a last chunk of one step), 8224 = 257 blocks (a last
+# step of one block); gs 128 / -1 / 32 / 64 at 8320 and -1 at 8224 give each q4g scale form.
 Q4G_SHAPES = [(32, [32, 16, 8]), (96, [32, 96, 24, 12, 8]), (256, [32, 64, 128, -1, 16]),
-              (288, [32, 96, -1, 16, 24, 12]), (4096, [32, 128, -1, 16])]
+              (288, [32, 96, -1, 16, 24, 12]), (4096, [32, 128, -1, 16]),
+              (8320, [128, -1, 32, 64]), (8224, [32, -1])]
 Q4G_CASES = [(k, gs) for k, gss in Q4G_SHAPES for gs in gss]
-BLOCK_K = [32, 96, 256, 288, 4096]
+BLOCK_K = [32, 96, 256, 288, 4096, 8224]
 V1_ADD = 0x11111111
 
 
@@ -323,11 +327,12 @@ def test_q4_blocks(simd, kind, n, k):
 
 
 @pytest.mark.parametrize("kind", ["q4g32", "q4g64", "q4_0", "q4_1"])
-@pytest.mark.parametrize("k", [288, 2080])
+@pytest.mark.parametrize("k", [288, 2080, 8320])
 def test_matmul_rows_equal_matvec_every_batch_size(simd, kind, k):
     """Every batch size 1..20 (the matmul tiles take tokens in pairs and groups of pairs, the
-    last ones partial; K = 2080 spans several chunks of K, 288 ends in half a step): each row of
-    matmul is matvec's bit for bit, at 1 and 2 threads."""
+    last ones partial; K = 2080 spans several chunks of K, 288 ends in half a step; at 8320
+    the VNNI matvec runs its chunked form over panels of quads, 37 rows = 2 panels, a lone quad
+    and a row): each row of matmul is matvec's bit for bit, at 1 and 2 threads."""
     rng = np.random.default_rng(k + len(kind))
     n = 37
     if kind.startswith("q4g"):
@@ -833,7 +838,7 @@ MANY = {"q4_0": (q4.matvec_q4_0, q4.matvec_q4_0_many), "q4_1": (q4.matvec_q4_1, 
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
-@pytest.mark.parametrize("k", [32, 288, 4096])
+@pytest.mark.parametrize("k", [32, 288, 4096, 8224])
 @pytest.mark.parametrize("rows", [(1,), (7, 264), (264, 1, 7), (576, 192, 192, 3)])
 def test_matvec_many_equals_one_call_each(simd, kind, k, rows):
     """A layer's q, k, v (or gate, up) in one call: the same bits as a matvec each, at 1 and 2
