@@ -1,12 +1,12 @@
 /* Standalone timing of the 4-bit VNNI kernel (q4_int8_rows_vnni, pecca/_kernels/q4_kernels.h)
  * and, optionally, of a candidate variant of it, on random weights: no Python, no 1-minute
  * rebuild of the extensions, and a bit-for-bit comparison of the candidate's output with the
- * kernel's. Session 5 used it for the knock-out and layout experiments in docs/performance.md
- * ("4-bit decode: where the limit is").
+ * kernel's. Sessions 5-7 used it for the knock-out, layout and K-chunking experiments in
+ * docs/performance.md ("4-bit decode: where the limit is").
  *
  * Build and run (an AVX-512 VNNI machine):
  *   gcc -O3 -fopenmp -Ipecca/_kernels -o /tmp/q4h bench/q4_tile_harness.c -lm
- *   /tmp/q4h FMT N K T NMAT [SECONDS]
+ *   [PAIRS=8] /tmp/q4h FMT N K T NMAT [SECONDS]
  *     FMT 0 = q4g (GPTQ, group 128), 1 = Q4_0, 2 = Q4_1; N x K weights (N a multiple of 4, K of 32;
  *     q4g: of 128); T tokens;
  *     NMAT matrices swept in turn (enough of them to exceed the L3: the matrices come from DRAM)
@@ -14,8 +14,11 @@
  * A candidate: copy q4_tile_vnni / q4_gemm_vnni / q4_int8_rows_vnni into a header, rename the
  * entry point cand_rows (same arguments), change what is to be tried, then
  *   gcc -O3 -fopenmp -Ipecca/_kernels -DCAND='"cand.h"' -o /tmp/q4h bench/q4_tile_harness.c -lm
- * Each prints Gweights/s (3 reps of SECONDS each) and, with a candidate, whether its outputs
- * equal the kernel's bit for bit. Timings on a shared VM drift: alternate runs of the two. */
+ * Prints the median Gweights/s over PAIRS runs of SECONDS each (kernel and candidate in ABBA
+ * order) and the median of their per-pair ratio, and, with a candidate, whether its outputs
+ * equal the kernel's bit for bit. Timings on this shared VM drift by 10-30% within a minute:
+ * trust ratios whose whole range sits on one side of 1. Matrices that fit the L3 (32 MB here)
+ * partly come from it: NMAT x N x K / 2 bytes well above it. */
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +35,11 @@ static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
 }
 
 static uint32_t seed = 12345;
@@ -101,18 +109,35 @@ int main(int argc, char **argv) {
 #ifdef CAND
     fns[1] = cand_rows;
 #endif
-    for (int which = 0; which < 2 && fns[which]; which++)
-        for (int rep = 0; rep < 3; rep++) {
+    /* ABBA-ordered pairs of runs (the second of two back-to-back runs tends to time lower, and
+     * the VM's speed drifts): medians of each and of the per-pair ratio */
+    int nf = fns[1] ? 2 : 1, pairs = getenv("PAIRS") ? atoi(getenv("PAIRS")) : 8;
+    if (pairs < 1 || pairs > 64) pairs = 8;
+    double gw[2][64], ratio[64];
+    for (int which = 0; which < nf; which++)  /* warm: page in, start the threads */
+        sweep(fns[which], fmt, W, sc, zp, N, K, G, rb, act, ab, T, out[which], st, nmat, nth);
+    for (int p = 0; p < pairs; p++) {
+        for (int k = 0; k < nf; k++) {
+            int which = (p & 1) ? nf - 1 - k : k;
             long it = 0;
             double t0 = now();
             do {
                 sweep(fns[which], fmt, W, sc, zp, N, K, G, rb, act, ab, T, out[which], st, nmat, nth);
                 it++;
             } while (now() - t0 < secs);
-            double dt = now() - t0;
-            printf("%s rep %d: %.2f us a matrix, %.1f Gweights/s\n", names[which], rep,
-                   dt / it / nmat * 1e6, (double)N * K * T * it * nmat / dt / 1e9);
+            gw[which][p] = (double)N * K * T * it * nmat / (now() - t0) / 1e9;
         }
+        ratio[p] = nf == 2 ? gw[1][p] / gw[0][p] : 1.0;
+    }
+    for (int which = 0; which < nf; which++) {
+        qsort(gw[which], pairs, sizeof(double), cmp_double);
+        printf("%-9s Gweights/s median %.1f [%.1f .. %.1f]\n", names[which], gw[which][pairs / 2],
+               gw[which][0], gw[which][pairs - 1]);
+    }
+    if (nf == 2) {
+        qsort(ratio, pairs, sizeof(double), cmp_double);
+        printf("candidate / kernel median %.3f [%.3f .. %.3f]\n", ratio[pairs / 2], ratio[0], ratio[pairs - 1]);
+    }
     if (fns[1]) {
         long bad = 0;
         for (long i = 0; i < T * N; i++) bad += memcmp(&out[0][i], &out[1][i], 4) != 0;

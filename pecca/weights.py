@@ -4,6 +4,7 @@ Each linear layer is an object that owns its weight view and knows its kernel, s
 forward pass never branches on the weight type (f32 now; q8 and GPTQ kinds join later).
 """
 from dataclasses import dataclass
+from functools import partial
 from typing import List
 
 import numpy as np
@@ -187,10 +188,9 @@ class Q8_0Linear:
         q8.matvec_q8_0(self.blocks, x, out, threads)
 
     @staticmethod
-    def many(linears, x: np.ndarray, outs, threads: int = 1) -> bool:
-        """outs[i] = linears[i] x in one kernel call (see matvec_same_input)."""
-        q8.matvec_q8_0_many([lin.blocks for lin in linears], x, outs, threads)
-        return True
+    def many_plan(linears):
+        """(x, outs, threads) -> outs[i] = linears[i] x in one kernel call (matvec_same_input)."""
+        return partial(q8.matvec_q8_0_many, [lin.blocks for lin in linears])
 
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
@@ -260,6 +260,22 @@ class Q4GLinear:
         q4.matvec_q4g(self.qs, self._scale_bits, self.zeros, self.perm, x, out, threads,
                       self.float_act)
 
+    @staticmethod
+    def many_plan(linears):
+        """One kernel call for linears that share their group size (a multiple of 32: int8
+        activations) and their input permutation, as a GPTQ act-order checkpoint's q, k and v
+        (and gate and up) do: act-order sorts the inputs by statistics of the input that those
+        products share. None otherwise (see matvec_same_input)."""
+        first = linears[0]
+        for lin in linears:
+            if (lin.float_act or lin.group_size != first.group_size or first.group_size % 32
+                    or (lin.perm is None) != (first.perm is None)
+                    or (lin.perm is not None and not np.array_equal(lin.perm, first.perm))):
+                return None
+        return partial(q4.matvec_q4g_many, [lin.qs for lin in linears],
+                       [lin._scale_bits for lin in linears], [lin.zeros for lin in linears],
+                       first.perm)
+
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
         q4.matmul_q4g(self.qs, self._scale_bits, self.zeros, self.perm, x, out, threads,
@@ -276,7 +292,7 @@ class _Q4BlockLinear:
 
     kind = ""
     block_bytes = 0
-    matvec_many = None  # the q4 kernel of several matrices of one input (many)
+    matvec_many = None  # the q4 kernel of several matrices of one input (many_plan)
 
     def __init__(self, blocks: np.ndarray):
         name = type(self).__name__
@@ -294,12 +310,11 @@ class _Q4BlockLinear:
         return self.blocks.nbytes
 
     @classmethod
-    def many(cls, linears, x: np.ndarray, outs, threads: int = 1) -> bool:
-        """outs[i] = linears[i] x in one kernel call (int8 activations only)."""
+    def many_plan(cls, linears):
+        """One kernel call for linears (int8 activations only; see matvec_same_input)."""
         if any(lin.float_act for lin in linears):
-            return False
-        cls.matvec_many([lin.blocks for lin in linears], x, outs, threads)
-        return True
+            return None
+        return partial(cls.matvec_many, [lin.blocks for lin in linears])
 
 
 class Q4_0Linear(_Q4BlockLinear):
@@ -396,12 +411,29 @@ class GPTQLinear:
 
 def matvec_same_input(linears, x: np.ndarray, outs, threads: int = 1) -> None:
     """outs[i] = linears[i] x for products that share their input (a layer's q, k and v; its
-    gate and up). Where they are all of one kind with a ``many`` kernel (Q8_0, Q4_0, Q4_1), x is
-    prepared once and one thread team runs them all: on a small model (SmolLM2) each product is
-    only a few microseconds and the calls around it show. Otherwise one call each. Same results
-    either way, bit for bit."""
-    kind = type(linears[0])
-    many = getattr(kind, "many", None)
-    if many is None or any(type(lin) is not kind for lin in linears) or not many(linears, x, outs, threads):
+    gate and up). Where they are all of one kind with a ``many_plan`` (Q8_0, Q4_0, Q4_1, and
+    q4g with one group size and input permutation), x is prepared once and one thread team runs
+    them all: on a small model (SmolLM2) each product is only a few microseconds and the calls
+    around it show. Otherwise one call each. Same results either way, bit for bit."""
+    plan = _many_plan(linears)
+    if plan is None:
         for lin, out in zip(linears, outs):
             lin(x, out, threads)
+    else:
+        plan(x, outs, threads)
+
+
+def _many_plan(linears):
+    """The one-call product of linears, or None: worked out once per group (and float_act
+    setting) and kept on the first Linear, since the per-token Python would eat the gain."""
+    first = linears[0]
+    make = getattr(type(first), "many_plan", None)
+    if make is None:
+        return None
+    key = (tuple(map(id, linears)), tuple([getattr(lin, "float_act", False) for lin in linears]))
+    plans = first.__dict__.setdefault("_many_plans", {})
+    hit = plans.get(key)
+    if hit is None:  # the linears are kept with the plan, so their ids stay theirs
+        same_kind = all(type(lin) is type(first) for lin in linears)
+        hit = plans[key] = (tuple(linears), make(linears) if same_kind else None)
+    return hit[1]

@@ -286,14 +286,60 @@ def matmul_q4_1(const uint8_t[:, ::1] blocks, const float[:, ::1] x, float[:, ::
 cdef int MANY_MAX = 4
 
 
+cdef int8_many(int fmt, long nm, const uint8_t **wp, const uint16_t **scp, const int8_t **zpp,
+               const long *nrow, long K, long G, const int32_t *perm, const float *x,
+               float **op, int num_threads):
+    """op[m] = W_m x for nm matrices of one format, K and G (validated by the caller, K > 0, some
+    rows): x prepared once (int8 activations, gathered by perm), one thread team, each thread
+    its share of every matrix (the shares of rows_par: the same bits as one call each)."""
+    cdef long ab = q4_act_bytes(K, G), sf = q4_int8_scratch_floats(G), total = 0, m, b, r0, r1
+    for m in range(nm):
+        total += nrow[m]
+    cdef int nt = team(total, total * K, num_threads)
+    cdef uint8_t *act = <uint8_t *>malloc(ab)
+    cdef float *scratch = <float *>malloc(nt * sf * sizeof(float))
+    cdef float *work = <float *>malloc(K * sizeof(float)) if perm != NULL else NULL
+    if act == NULL or scratch == NULL or (perm != NULL and work == NULL):
+        free(act)
+        free(scratch)
+        free(work)
+        raise MemoryError("q4: no memory for the prepared activations")
+    try:
+        with nogil:
+            q4_prepare_int8(fmt, x, perm, work, act, K, G)
+            if nt <= 1:
+                for m in range(nm):
+                    if nrow[m] > 0:
+                        rows(fmt, False, wp[m], scp[m], zpp[m], K, G, act, ab, 1, op[m], nrow[m],
+                             0, nrow[m], scratch)
+            else:
+                for b in prange(nt, schedule='static', num_threads=nt):
+                    for m in range(nm):
+                        r0 = ((nrow[m] // 4) * b // nt) * 4
+                        r1 = nrow[m] if b == nt - 1 else ((nrow[m] // 4) * (b + 1) // nt) * 4
+                        if r1 > r0:
+                            rows(fmt, False, wp[m], scp[m], zpp[m], K, G, act, ab, 1, op[m],
+                                 nrow[m], r0, r1, scratch + b * sf)
+    finally:
+        free(act)
+        free(scratch)
+        free(work)
+
+
+cdef long check_many(str name, long nm, long nouts) except -1:
+    if nm < 1 or nm > MANY_MAX or nouts != nm:
+        raise ValueError(f"{name}: 1 to {MANY_MAX} matrices and as many outputs; got {nm} and "
+                         f"{nouts}")
+    return nm
+
+
 cdef blocks_many(str name, int fmt, ws, const float[::1] x, outs, int num_threads):
     """outs[i] = ws[i] @ x, Q4_0 / Q4_1 blocks, int8 activations prepared once."""
     cdef long bb = 18 if fmt == FMT_0 else 20
-    cdef long nm = len(ws), K = x.shape[0], total = 0, m, b, r0, r1
-    if nm < 1 or nm > MANY_MAX or len(outs) != nm:
-        raise ValueError(f"{name}: 1 to {MANY_MAX} matrices and as many outputs; got {nm} and "
-                         f"{len(outs)}")
+    cdef long nm = check_many(name, len(ws), len(outs)), K = x.shape[0], total = 0, m
     cdef const uint8_t *wp[4]
+    cdef const uint16_t *scp[4]
+    cdef const int8_t *zpp[4]
     cdef float *op[4]
     cdef long nrow[4]
     cdef const uint8_t[:, ::1] w
@@ -305,39 +351,15 @@ cdef blocks_many(str name, int fmt, ws, const float[::1] x, outs, int num_thread
                              f"({FORMAT_NAMES[fmt]}), x has {K}, out has {o.shape[0]}")
         nrow[m] = w.shape[0]
         wp[m] = &w[0, 0] if nrow[m] > 0 else NULL
+        scp[m] = NULL
+        zpp[m] = NULL
         op[m] = &o[0] if nrow[m] > 0 else NULL
         total += nrow[m]
         if K == 0 and nrow[m] > 0:
             o[:] = 0
     if total == 0 or K == 0:
         return
-    cdef long ab = q4_act_bytes(K, 1), sf = q4_int8_scratch_floats(1)
-    cdef int nt = team(total, total * K, num_threads)
-    cdef uint8_t *act = <uint8_t *>malloc(ab)
-    cdef float *scratch = <float *>malloc(nt * sf * sizeof(float))
-    if act == NULL or scratch == NULL:
-        free(act)
-        free(scratch)
-        raise MemoryError("q4: no memory for the prepared activations")
-    try:
-        with nogil:
-            q4_prepare_int8(fmt, &x[0], NULL, NULL, act, K, 1)
-            if nt <= 1:
-                for m in range(nm):
-                    if nrow[m] > 0:
-                        rows(fmt, False, wp[m], NULL, NULL, K, 1, act, ab, 1, op[m], nrow[m],
-                             0, nrow[m], scratch)
-            else:
-                for b in prange(nt, schedule='static', num_threads=nt):
-                    for m in range(nm):
-                        r0 = ((nrow[m] // 4) * b // nt) * 4
-                        r1 = nrow[m] if b == nt - 1 else ((nrow[m] // 4) * (b + 1) // nt) * 4
-                        if r1 > r0:
-                            rows(fmt, False, wp[m], NULL, NULL, K, 1, act, ab, 1, op[m],
-                                 nrow[m], r0, r1, scratch + b * sf)
-    finally:
-        free(act)
-        free(scratch)
+    int8_many(fmt, nm, wp, scp, zpp, nrow, K, 1, NULL, &x[0], op, num_threads)
 
 
 def matvec_q4_0_many(ws, const float[::1] x, outs, int num_threads=1):
@@ -351,6 +373,51 @@ def matvec_q4_0_many(ws, const float[::1] x, outs, int num_threads=1):
 def matvec_q4_1_many(ws, const float[::1] x, outs, int num_threads=1):
     """As matvec_q4_0_many, for Q4_1 matrices."""
     blocks_many("matvec_q4_1_many", FMT_1, ws, x, outs, num_threads)
+
+
+def matvec_q4g_many(qss, scales_bits, zeross, const int32_t[::1] perm, const float[::1] x, outs,
+                    int num_threads=1):
+    """outs[i] = W_i @ x for 1..4 q4g matrices with the same input, the same groups per row
+    (a multiple of 32 inputs each) and the same perm (None / empty for none): a layer's q, k and
+    v, or its gate and up, of a GPTQ act-order checkpoint, whose input order comes from the
+    shared input's statistics. x is prepared once (int8 activations) and one thread team
+    computes them all. Each outs[i] equals matvec_q4g(qss[i], ...) bit for bit."""
+    name = "matvec_q4g_many"
+    cdef long nm = check_many(name, len(qss), len(outs)), K = x.shape[0], G = 0, g, total = 0, m
+    if len(scales_bits) != nm or len(zeross) != nm:
+        raise ValueError(f"{name}: {nm} qs, {len(scales_bits)} scales and {len(zeross)} zeros")
+    cdef const uint8_t *wp[4]
+    cdef const uint16_t *scp[4]
+    cdef const int8_t *zpp[4]
+    cdef float *op[4]
+    cdef long nrow[4]
+    cdef const uint8_t[:, ::1] qs
+    cdef const uint16_t[:, ::1] sc
+    cdef const int8_t[:, ::1] zp
+    cdef float[::1] o
+    for m in range(nm):
+        qs, sc, zp, o = qss[m], scales_bits[m], zeross[m], outs[m]
+        g = check_q4g(name, qs, sc, zp, None)
+        if 2 * qs.shape[1] != K or o.shape[0] != qs.shape[0] or (m > 0 and g != G):
+            raise ValueError(f"{name}: matrix {m} is {qs.shape[0]}x{2 * qs.shape[1]} with {g} "
+                             f"groups, x has {K}, out has {o.shape[0]}, matrix 0 has {G} groups")
+        G = g
+        nrow[m] = qs.shape[0]
+        wp[m] = &qs[0, 0] if nrow[m] > 0 else NULL
+        scp[m] = &sc[0, 0] if nrow[m] > 0 else NULL
+        zpp[m] = &zp[0, 0] if nrow[m] > 0 else NULL
+        op[m] = &o[0] if nrow[m] > 0 else NULL
+        total += nrow[m]
+    if K > 0 and (K // G) % 32 != 0:
+        raise ValueError(f"{name}: groups of {K // G} inputs; the int8 path needs multiples of 32")
+    check_index(name, "perm", perm, K, K)
+    if total == 0:
+        return
+    if K == 0:
+        for m in range(nm):
+            outs[m][:] = 0
+        return
+    int8_many(FMT_G, nm, wp, scp, zpp, nrow, K, G, index_ptr(perm), &x[0], op, num_threads)
 
 
 cdef gptq_product(str name, const int32_t[:, ::1] qweight, const int32_t[:, ::1] qzeros,

@@ -1661,11 +1661,16 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
  * K in chunks of Q4_MV_CS steps, every quad of the panel through a chunk before the next chunk,
  * so that the chunk's activations stay in L1; each quad keeps its accumulator between chunks
  * and gets the same operations in the same order as in q4_tile_vnni (same bits). The next panel
- * is prefetched linearly, 4 sb bytes per quad step. st: Q4_MV_PQ * 4 G floats (q4g). */
-__attribute__((target(PECCA_Q4_VNNI), always_inline))
-static inline void q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
-                                      const int8_t *zp, long K, long G, const uint8_t *a,
-                                      float *out, long r0, long r1, float *st) {
+ * is prefetched linearly, 4 sb bytes per quad step. q4g's group scales of a panel (Q4_MV_PQ * 4
+ * G floats) get their own allocation: a larger scratch for every call slowed SmolLM2's short
+ * products by 5-10%, as did inlining this into q4_gemm_vnni. Returns 0 (nothing done) when that
+ * allocation fails. */
+__attribute__((target(PECCA_Q4_VNNI), noinline))
+static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
+                              const int8_t *zp, long K, long G, const uint8_t *a, float *out,
+                              long r0, long r1) {
+    float *st = NULL;
+    if (fmt == Q4_FMT_G && (st = (float *)malloc(sizeof(float) * 4 * G * Q4_MV_PQ)) == NULL) return 0;
     long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
     long bb = q4_block_bytes(fmt), sb = 4 * bb, rb = nb * bb, ns = (nb + 3) / 4;
     const __m512i iq = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_q1 : q4_idx_q0);
@@ -1721,6 +1726,8 @@ static inline void q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const u
         for (int q = 0; q < nq; q++)
             q4_quad_store_vnni(fmt, sc, zp, G, Kp, at, acc[q], acc[q], acc[q], acc[q], out, 1, p0 + 4 * q, 0, 4, 1);
     }
+    free(st);
+    return 1;
 }
 
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
@@ -1731,10 +1738,9 @@ static inline void q4_gemm_vnni(int fmt, int sf, const uint8_t *w, const uint16_
     q4_tile_vnni(fmt, sf, w, sc, zp, K, G, act, ab, out, ldo, i, t, NR, NT, pf, pfd, st)
     if (T == 1) {  /* 4 rows at a time, the next ones prefetched Q4_PF_QUADS quads ahead */
         long i = r0;
-        if (K >= Q4_MV_CHUNK_K) {
+        if (K >= Q4_MV_CHUNK_K && q4_mv_chunked_vnni(fmt, sf, w, sc, zp, K, G, act, out, r0,
+                                                     r0 + (r1 - r0) / 4 * 4))
             i = r0 + (r1 - r0) / 4 * 4;
-            q4_mv_chunked_vnni(fmt, sf, w, sc, zp, K, G, act, out, r0, i, st);
-        }
         for (; i + 4 <= r1; i += 4) Q4_TILE(i, 0, 4, 1, i + 4 + 4 * Q4_PF_QUADS <= r1, Q4_PF_QUADS);
         if (i < r1) Q4_TILE(i, 0, (int)(r1 - i), 1, 0, 1);
         return;
@@ -1774,7 +1780,7 @@ static void q4_int8_rows_vnni(int fmt, const uint8_t *w, const uint16_t *sc, con
 /* ---------------- dispatch ---------------- */
 
 /* scratch floats q4_int8_rows needs (for one call at a time) */
-static long q4_int8_scratch_floats(long G) { return 4 * G * Q4_MV_PQ + 16; }
+static long q4_int8_scratch_floats(long G) { return 4 * G + 16; }
 
 /* out[t * ldo + r] = W[r] . x_t for rows [r0, r1), tokens t < T prepared by q4_prepare_int8
  * (act + t * ab). q4g: gs = K / G a multiple of 32. scratch: q4_int8_scratch_floats(G) floats

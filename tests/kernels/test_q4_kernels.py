@@ -849,6 +849,89 @@ def test_matvec_many_equals_one_call_each(simd, kind, k, rows):
     assert_many_equal_single(one, many, ws, random_x(k, rng))
 
 
+@pytest.mark.parametrize("k,gs", [(256, 32), (4096, 128), (8320, -1), (8320, 64)])
+@pytest.mark.parametrize("rows", [(7, 264), (264, 1, 7), (576, 192, 192, 3)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_matvec_q4g_many_equals_one_call_each(simd, k, gs, rows, act_order):
+    """q4g matrices with one group size and one input permutation (GPTQ act-order q, k, v):
+    one call, the same bits as a matvec each, at 1 and 2 threads."""
+    rng = np.random.default_rng(k + len(rows) + gs)
+    gs = k if gs == -1 else gs
+    mats = [random_q4g(n, k, gs, rng, False, act_order) for n in rows]
+    perm = mats[0][3]
+    parts = {id(m[0]): (m[1].view(np.uint16), m[2]) for m in mats}
+
+    def one(qs, x, out, nt):
+        q4.matvec_q4g(qs, parts[id(qs)][0], parts[id(qs)][1], perm, x, out, nt)
+
+    def many(qss, x, outs, nt):
+        q4.matvec_q4g_many(qss, [parts[id(q)][0] for q in qss], [parts[id(q)][1] for q in qss],
+                           perm, x, outs, nt)
+
+    assert_many_equal_single(one, many, [m[0] for m in mats], random_x(k, rng))
+
+
+def test_matvec_q4g_many_rejects_bad_shapes():
+    rng = np.random.default_rng(7)
+    a = random_q4g(8, 256, 32, rng, False, True)
+    b = random_q4g(8, 256, 64, rng, False, True)
+    c = random_q4g(8, 256, 16, rng, False, False)
+    x, o = np.ones(256, np.float32), np.empty(8, np.float32)
+
+    def call(ms, perm=None, x=x, outs=None):
+        q4.matvec_q4g_many([m[0] for m in ms], [m[1].view(np.uint16) for m in ms],
+                           [m[2] for m in ms], perm, x, outs or [np.empty(8, np.float32) for _ in ms])
+
+    with pytest.raises(ValueError, match="matrix 1 .* 4 groups.* 8 groups"):
+        call([a, b])
+    with pytest.raises(ValueError, match="multiples of 32"):
+        call([c])
+    with pytest.raises(ValueError, match="x has 255"):
+        call([a], x=np.ones(255, np.float32))
+    with pytest.raises(ValueError, match="perm has 3 entries"):
+        call([a], perm=np.zeros(3, np.int32))
+    with pytest.raises(ValueError, match=r"perm\[0\] = 256"):
+        call([a], perm=np.full(256, 256, np.int32))
+    with pytest.raises(ValueError, match="1 to 4 matrices"):
+        call([a], outs=[o, o])
+    with pytest.raises(ValueError, match="2 qs, 1 scales"):
+        q4.matvec_q4g_many([a[0], a[0]], [a[1].view(np.uint16)], [a[2], a[2]], None, x, [o, o])
+
+
+def test_q4g_linear_many_only_for_a_shared_perm():
+    """Q4GLinear.many_plan is one call for equal perms (equal contents, different arrays) and
+    None for different perms, group sizes or float activations; either way matvec_same_input
+    gives each Linear's own result, also after float_act changes."""
+    rng = np.random.default_rng(8)
+
+    def lin(n, gs, perm):
+        qs, scales, zeros, _, _, _ = random_q4g(n, 256, gs, rng, False, False)
+        return Q4GLinear(qs, scales, zeros, perm)
+
+    p0 = rng.permutation(256).astype(np.int32)
+    a, b, c = lin(12, 32, p0), lin(20, 32, p0.copy()), lin(4, 32, rng.permutation(256).astype(np.int32))
+    d, e = lin(8, 64, p0), lin(8, 32, None)
+    f = lin(8, 32, p0)
+    f.float_act = True
+    x = random_x(256, rng)
+    for lins, one_call in (([a, b], True), ([a, c], False), ([a, d], False), ([a, e], False),
+                           ([e, e], True), ([a, f], False)):
+        assert (Q4GLinear.many_plan(lins) is not None) is one_call
+        outs = [np.full(l.out_features, np.nan, np.float32) for l in lins]
+        matvec_same_input(lins, x, outs, 2)
+        for lin_, o in zip(lins, outs):
+            ref = np.empty(lin_.out_features, np.float32)
+            lin_(x, ref, 2)
+            np.testing.assert_array_equal(o, ref)
+    b.float_act = True  # the kept plan for [a, b] is not used for the new setting
+    outs = [np.full(n, np.nan, np.float32) for n in (12, 20)]
+    matvec_same_input([a, b], x, outs, 2)
+    for lin_, o in zip([a, b], outs):
+        ref = np.empty(lin_.out_features, np.float32)
+        lin_(x, ref, 2)
+        np.testing.assert_array_equal(o, ref)
+
+
 def test_matvec_many_rejects_bad_shapes():
     rng = np.random.default_rng(5)
     a, b = random_blocks("q4_0", 8, 64, rng)[0], random_blocks("q4_0", 8, 96, rng)[0]
