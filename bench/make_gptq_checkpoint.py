@@ -58,6 +58,7 @@ class Random:
     def __init__(self, seed, act_order, sym, fmt):
         self.rng = np.random.default_rng(seed)
         self.act_order, self.sym, self.fmt = act_order, sym, fmt
+        self._g_idx = {}
 
     def words(self, rows, cols):
         """Uniformly random int32 words: eight random 4-bit codes each."""
@@ -78,20 +79,33 @@ class Random:
         s = self.rng.uniform(0.5, 1.5, (rows, cols)) / (4.6 * np.sqrt(k))
         return s.astype(np.float16)
 
-    def g_idx(self, k, groups):
+    def g_idx(self, k, groups, shared=None):
+        """Act-order: a random order of the inputs' groups. Products of one input (shared: a
+        layer's q, k, v, or its gate and up) get the same one, as from GPTQ, whose order sorts
+        the inputs by the Hessian of that input."""
+        if shared is not None and shared in self._g_idx:
+            return self._g_idx[shared]
         g = (np.arange(k, dtype=np.int32) * groups // k).astype(np.int32)
-        return self.rng.permutation(g) if self.act_order else g
+        g = self.rng.permutation(g) if self.act_order else g
+        if shared is not None:
+            self._g_idx[shared] = g
+        return g
 
     def normal(self, rows, cols, std):
         return (self.rng.standard_normal((rows, cols), np.float32) * np.float32(std)).astype(np.float16)
 
 
-def gptq_tensors(m, n_out, k, g, r: Random):
+def gptq_tensors(m, n_out, k, g, r: Random, shared=None):
     """The four tensors of GPTQ module `m`: (name, dtype, shape, make)."""
     return [(m + ".qweight", "I32", (k // 8, n_out), lambda a, n: r.words(n, n_out)),
             (m + ".qzeros", "I32", (g, n_out // 8), lambda a, n: r.qzeros(n, n_out // 8)),
             (m + ".scales", "F16", (g, n_out), lambda a, n: r.scales(n, n_out, k)),
-            (m + ".g_idx", "I32", (k,), lambda a, n: r.g_idx(k, g))]
+            (m + ".g_idx", "I32", (k,), lambda a, n: r.g_idx(k, g, shared))]
+
+
+# modules whose products share their input, hence their act-order g_idx
+SHARED_INPUT = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
+                "mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up"}
 
 
 def tensor_list(s: Shapes, r: Random, lm_head=False):
@@ -103,7 +117,8 @@ def tensor_list(s: Shapes, r: Random, lm_head=False):
         p = f"model.layers.{i}."
         out.append((p + "input_layernorm.weight", "F16", (d,), ones))
         for name, n_out, k in s.linears():
-            out += gptq_tensors(p + name, n_out, k, s.groups(k), r)
+            shared = SHARED_INPUT.get(name)
+            out += gptq_tensors(p + name, n_out, k, s.groups(k), r, shared and (i, shared))
             if name == "self_attn.o_proj":
                 out.append((p + "post_attention_layernorm.weight", "F16", (d,), ones))
     out.append(("model.norm.weight", "F16", (d,), ones))

@@ -8,7 +8,7 @@ the embedding lookup and the sampler likewise. "Python" is the rest of the wall 
 decode loop: the forward pass's own bytecode, attribute lookups, argument passing. Each
 wrapper adds ~0.2 us per call to the kernel it times; the Python share is therefore a lower
 bound by that much. The wrapped products run one call each: the instrumented pass does not
-take matvec_same_input's one-call path (Q8_0, Q4_0, Q4_1 q/k/v and gate/up), which the header's
+take matvec_same_input's one-call path (Q8_0, Q4_0, Q4_1, q4g q/k/v and gate/up), which the header's
 uninstrumented tok/s does.
 
 Usage: python bench/profile_decode.py MODEL [--threads 2] [--tokens 64] [--prompt-tokens 16]
