@@ -67,7 +67,8 @@
  *  ahead (1 quad ahead lost 10-25% at 1 thread, 8-row tiles lost ~8% at 2), q4g's scales and
  *  zero points one quad ahead; for K >= 8192 the matvec instead takes panels of 4 quads through
  *  K in chunks of 8 steps, so that the token's activations stay in L1 (q4_mv_chunked_vnni);
- *  matmul runs panels of 64 rows (in L2) against each group of 4 tokens. The AVX-512 level without VNNI runs the AVX2 code, like q8. Integer sums are exact;
+ *  matmul runs panels of 64 rows (in L2) against each group of 4 tokens. The AVX-512 level
+ *  without VNNI runs the AVX2 code, like q8. Integer sums are exact;
  *  only the float accumulation rounds (~1e-6 relative). A (row, token) gets the same operations
  *  in the same order in matvec and in matmul (any tile): bit-identical rows.
  *
@@ -1677,13 +1678,13 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
     const __m512i ir = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_r1 : q4_idx_r0);
     const __m512i ibc = _mm512_loadu_si512(q4_idx_bc);
     const uint8_t *const at[4] = {a, a, a, a};
-    __m512 acc[Q4_MV_PQ], sw[Q4_MV_PQ];
+    __m512 acc[Q4_MV_PQ];
     for (long p0 = r0; p0 < r1; p0 += 4 * Q4_MV_PQ) {
         int nq = (int)((r1 - p0) / 4 < Q4_MV_PQ ? (r1 - p0) / 4 : Q4_MV_PQ);
         const char *next = (const char *)(w + (p0 + 4 * Q4_MV_PQ) * rb);
         long pfend = (r1 - p0 - 4 * Q4_MV_PQ) * rb, pfpos = 0;  /* nothing past r1 */
         for (int q = 0; q < nq; q++) {
-            acc[q] = sw[q] = _mm512_setzero_ps();
+            acc[q] = _mm512_setzero_ps();
             if (fmt == Q4_FMT_G) {
                 long i = p0 + 4 * q;
                 if (i + 4 * Q4_MV_PQ + 4 <= r1) {
@@ -1698,7 +1699,7 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
             for (int q = 0; q < nq; q++) {
                 const uint8_t *wq = w + (p0 + 4 * q) * rb;
                 const float *stq = st + 4 * G * q;
-                __m512 accq = acc[q], swq = sw[q], sm = _mm512_setzero_ps();
+                __m512 accq = acc[q], swq = _mm512_setzero_ps(), sm = _mm512_setzero_ps();
                 long g = 4 * s0 / bpg, k = 4 * s0 % bpg;  /* q4g_step_groups' state at s0 */
                 for (long s = s0; s < s1; s++) {
                     const int nbk = nb - 4 * s < 4 ? (int)(nb - 4 * s) : 4;
@@ -1715,12 +1716,12 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
                         q4_wload_vnni(fmt, wq + j * rb + sb * s, nbk, iq, &lo[j], &hi[j], &z0[j]);
                         is[j] = q4_dot_vnni(lo[j], hi[j], a + Q4_ASTEP * s);
                     }
-                    /* a chunk's first step reloads a group's scale the tile kept (same value) */
+                    /* a chunk's first step loads its group's scale, which the tile kept from an
+                     * earlier step (the same value) */
                     q4_step_scales_vnni(fmt, sf, z0[0], z0[1], z0[2], z0[3], ir, stq, s, nbk, gstart || s == s0, gl, &swq, &sm);
                     accq = q4_step_acc_vnni(fmt, is[0], is[1], is[2], is[3], a, Kp, s, ibc, swq, sm, accq);
                 }
                 acc[q] = accq;
-                sw[q] = swq;
             }
         }
         for (int q = 0; q < nq; q++)
