@@ -14,8 +14,8 @@ than it saves.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
-from pecca._kernels.kernels cimport (pecca_simd_reset, matvec_f16_rows, matvec_bf16_rows,
-                                     gemm_f16_rows, gemm_bf16_rows)
+from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, matvec_f16_rows,
+                                     matvec_bf16_rows, gemm_f16_rows, gemm_bf16_rows)
 
 # below this many multiply-adds a product runs on one thread
 cdef long PARALLEL_MIN_WEIGHTS = 32768
@@ -28,29 +28,27 @@ ctypedef void (*gemm_fn)(const uint16_t *w, const float *x, float *out, long n, 
 
 cdef void matvec_ptr(rows_fn kernel, const uint16_t *w, const float *x, float *out, long rows,
                      long n, int num_threads) noexcept nogil:
-    cdef long b, r0, r1, blocks4
+    cdef long b, r0, r1
     cdef int nt = num_threads
     if nt <= 1 or rows * n < PARALLEL_MIN_WEIGHTS or rows < 8 * nt:
         kernel(w, x, out, n, 0, rows)
         return
-    blocks4 = rows // 4
     for b in prange(nt, schedule='static', num_threads=nt):
-        r0 = (blocks4 * b // nt) * 4
-        r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        r0 = pecca_quad_share(rows, b, nt)
+        r1 = pecca_quad_share(rows, b + 1, nt)
         kernel(w, x, out, n, r0, r1)
 
 
 cdef void matmul_ptr(gemm_fn kernel, const uint16_t *w, const float *x, float *out, long rows,
                      long n, long T, int num_threads) noexcept nogil:
-    cdef long b, r0, r1, blocks4
+    cdef long b, r0, r1
     cdef int nt = num_threads
     if nt <= 1 or rows * n * T < PARALLEL_MIN_WEIGHTS or rows < 8 * nt:
         kernel(w, x, out, n, T, rows, 0, rows)
         return
-    blocks4 = rows // 4
     for b in prange(nt, schedule='static', num_threads=nt):
-        r0 = (blocks4 * b // nt) * 4
-        r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        r0 = pecca_quad_share(rows, b, nt)
+        r1 = pecca_quad_share(rows, b + 1, nt)
         kernel(w, x, out, n, T, rows, r0, r1)
 
 

@@ -10,7 +10,8 @@ of the weight matrix. Small products run serially: waking a thread team costs mo
 saves below a few tens of thousands of multiply-adds.
 """
 from cython.parallel cimport prange
-from pecca._kernels.kernels cimport pecca_simd_reset, matvec_f32_rows, gemm_f32_rows
+from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, matvec_f32_rows,
+                                     gemm_f32_rows)
 
 # below this many weights a product runs on one thread
 cdef long PARALLEL_MIN_WEIGHTS = 32768
@@ -18,15 +19,14 @@ cdef long PARALLEL_MIN_WEIGHTS = 32768
 
 cdef void matvec_ptr(const float *w, const float *x, float *out, long rows, long n,
                      int num_threads) noexcept nogil:
-    cdef long b, r0, r1, blocks4
+    cdef long b, r0, r1
     cdef int nt = num_threads
     if nt <= 1 or rows * n < PARALLEL_MIN_WEIGHTS or rows < 8 * nt:
         matvec_f32_rows(w, x, out, n, 0, rows)
         return
-    blocks4 = rows // 4
     for b in prange(nt, schedule='static', num_threads=nt):
-        r0 = (blocks4 * b // nt) * 4
-        r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        r0 = pecca_quad_share(rows, b, nt)
+        r1 = pecca_quad_share(rows, b + 1, nt)
         matvec_f32_rows(w, x, out, n, r0, r1)
 
 
@@ -59,7 +59,7 @@ def matmul(const float[:, ::1] w, const float[:, ::1] x, float[:, ::1] out, int 
     Rows of w are split into one contiguous block per thread (multiples of 4); each block
     meets every token while it is in cache.
     """
-    cdef long rows = w.shape[0], n = w.shape[1], T = x.shape[0], b, r0, r1, blocks4
+    cdef long rows = w.shape[0], n = w.shape[1], T = x.shape[0], b, r0, r1
     if x.shape[1] != n or out.shape[0] != T or out.shape[1] != rows:
         raise ValueError(f"matmul: w is {rows}x{n}, x is {T}x{x.shape[1]}, "
                          f"out is {out.shape[0]}x{out.shape[1]}")
@@ -72,14 +72,13 @@ def matmul(const float[:, ::1] w, const float[:, ::1] x, float[:, ::1] out, int 
     cdef const float *xp = &x[0, 0]
     cdef float *op = &out[0, 0]
     cdef int nt = num_threads if num_threads > 1 and rows >= 8 * num_threads else 1
-    blocks4 = rows // 4
     with nogil:
         if nt == 1:
             gemm_f32_rows(wp, xp, op, n, T, rows, 0, rows)
         else:
             for b in prange(nt, schedule='static', num_threads=nt):
-                r0 = (blocks4 * b // nt) * 4
-                r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+                r0 = pecca_quad_share(rows, b, nt)
+                r1 = pecca_quad_share(rows, b + 1, nt)
                 gemm_f32_rows(wp, xp, op, n, T, rows, r0, r1)
 
 def _reset_simd():

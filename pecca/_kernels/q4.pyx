@@ -29,10 +29,10 @@ multiply-adds run serially. Each row of a matmul equals the matvec of that token
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
 from libc.stdlib cimport malloc, free
-from pecca._kernels.kernels cimport (pecca_simd_reset, q4_act_bytes, q4_actf_floats,
-                                     q4_prepare_int8, q4_prepare_f32, q4_int8_rows, q4_f32_rows,
-                                     q4_int8_scratch_floats, gptq_prepare, gptq_acc_floats,
-                                     gptq_cols)
+from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, q4_act_bytes,
+                                     q4_actf_floats, q4_prepare_int8, q4_prepare_f32,
+                                     q4_int8_rows, q4_f32_rows, q4_int8_scratch_floats,
+                                     gptq_prepare, gptq_acc_floats, gptq_cols)
 
 # below this many multiply-adds a product runs on one thread
 cdef long PARALLEL_MIN_WEIGHTS = 32768
@@ -87,13 +87,13 @@ cdef void rows_par(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc
                    const int8_t *zp, long K, long G, const uint8_t *act, long ab, long T,
                    float *out, long N, int nt, float *scratch, long sf) noexcept nogil:
     """scratch: nt * sf floats (sf per thread; NULL on the float path)"""
-    cdef long b, r0, r1, blocks4 = N // 4
+    cdef long b, r0, r1
     if nt <= 1:
         rows(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, 0, N, scratch)
         return
     for b in prange(nt, schedule='static', num_threads=nt):
-        r0 = (blocks4 * b // nt) * 4
-        r1 = N if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        r0 = pecca_quad_share(N, b, nt)
+        r1 = pecca_quad_share(N, b + 1, nt)
         rows(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, r0, r1,
              scratch + b * sf if scratch != NULL else NULL)
 
@@ -315,8 +315,8 @@ cdef int8_many(int fmt, long nm, const uint8_t **wp, const uint16_t **scp, const
             else:
                 for b in prange(nt, schedule='static', num_threads=nt):
                     for m in range(nm):
-                        r0 = ((nrow[m] // 4) * b // nt) * 4
-                        r1 = nrow[m] if b == nt - 1 else ((nrow[m] // 4) * (b + 1) // nt) * 4
+                        r0 = pecca_quad_share(nrow[m], b, nt)
+                        r1 = pecca_quad_share(nrow[m], b + 1, nt)
                         if r1 > r0:
                             rows(fmt, False, wp[m], scp[m], zpp[m], K, G, act, ab, 1, op[m],
                                  nrow[m], r0, r1, scratch + b * sf)

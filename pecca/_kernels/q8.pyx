@@ -26,7 +26,8 @@ from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t
 from libc.stdlib cimport malloc, free
 import numpy as np
-from pecca._kernels.kernels cimport (pecca_simd_reset, quantize_q8g as c_quantize_q8g,
+from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share,
+                                     quantize_q8g as c_quantize_q8g,
                                      quantize_q8_0 as c_quantize_q8_0, matvec_q8g_rows,
                                      matvec_q8_0_rows, gemm_q8g_rows, gemm_q8_0_rows,
                                      q8_uses_vnni)
@@ -47,7 +48,7 @@ cdef inline int team(long rows, long work, int num_threads) noexcept nogil:
 cdef void q8g_rows_par(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs,
                        float *out, long rows, long n, long gs, long T, int nt) noexcept nogil:
     """T == 0: matvec (out (rows,)); else matmul (out (T, rows))."""
-    cdef long b, r0, r1, blocks4 = rows // 4
+    cdef long b, r0, r1
     if nt <= 1:
         if T == 0:
             matvec_q8g_rows(wq, ws, xq, xs, out, n, gs, 0, rows)
@@ -55,8 +56,8 @@ cdef void q8g_rows_par(const int8_t *wq, const float *ws, const int8_t *xq, cons
             gemm_q8g_rows(wq, ws, xq, xs, out, n, gs, T, rows, 0, rows)
         return
     for b in prange(nt, schedule='static', num_threads=nt):
-        r0 = (blocks4 * b // nt) * 4
-        r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        r0 = pecca_quad_share(rows, b, nt)
+        r1 = pecca_quad_share(rows, b + 1, nt)
         if T == 0:
             matvec_q8g_rows(wq, ws, xq, xs, out, n, gs, r0, r1)
         else:
@@ -65,7 +66,7 @@ cdef void q8g_rows_par(const int8_t *wq, const float *ws, const int8_t *xq, cons
 
 cdef void q8_0_rows_par(const uint8_t *w, const int8_t *xq, const float *xd, float *out,
                         long rows, long n, long T, int nt) noexcept nogil:
-    cdef long b, r0, r1, blocks4 = rows // 4
+    cdef long b, r0, r1
     if nt <= 1:
         if T == 0:
             matvec_q8_0_rows(w, xq, xd, out, n, 0, rows)
@@ -73,8 +74,8 @@ cdef void q8_0_rows_par(const uint8_t *w, const int8_t *xq, const float *xd, flo
             gemm_q8_0_rows(w, xq, xd, out, n, T, rows, 0, rows)
         return
     for b in prange(nt, schedule='static', num_threads=nt):
-        r0 = (blocks4 * b // nt) * 4
-        r1 = rows if b == nt - 1 else (blocks4 * (b + 1) // nt) * 4
+        r0 = pecca_quad_share(rows, b, nt)
+        r1 = pecca_quad_share(rows, b + 1, nt)
         if T == 0:
             matvec_q8_0_rows(w, xq, xd, out, n, r0, r1)
         else:
@@ -277,8 +278,8 @@ def matvec_q8_0_many(ws, const float[::1] x, outs, int num_threads=1):
             else:
                 for b in prange(nt, schedule='static', num_threads=nt):
                     for m in range(nm):
-                        r0 = ((rows[m] // 4) * b // nt) * 4
-                        r1 = rows[m] if b == nt - 1 else ((rows[m] // 4) * (b + 1) // nt) * 4
+                        r0 = pecca_quad_share(rows[m], b, nt)
+                        r1 = pecca_quad_share(rows[m], b + 1, nt)
                         if r1 > r0:
                             matvec_q8_0_rows(wp[m], qx, dx, op[m], n, r0, r1)
     finally:

@@ -77,4 +77,11 @@ static int pecca_vnni_supported(void) {
     return vnni;
 }
 
+/* First row of thread b's share of a matrix of `rows` rows split over nt threads in whole quads
+ * (4-row tiles; the last thread also takes the 0-3 rows left over): thread b runs rows
+ * [pecca_quad_share(rows, b, nt), pecca_quad_share(rows, b + 1, nt)). */
+static inline long pecca_quad_share(long rows, long b, long nt) {
+    return b >= nt ? rows : rows / 4 * b / nt * 4;
+}
+
 #endif
