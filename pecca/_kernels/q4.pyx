@@ -31,7 +31,7 @@ from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
 from libc.stdlib cimport malloc, free
 from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, q4_act_bytes,
                                      q4_actf_floats, q4_prepare_int8, q4_prepare_f32,
-                                     q4_int8_rows, q4_f32_rows, q4_int8_scratch_floats,
+                                     q4_int8_rows, q4_f32_rows, q4_thread_scratch,
                                      gptq_prepare, gptq_acc_floats, gptq_cols)
 
 # below this many multiply-adds a product runs on one thread
@@ -86,7 +86,7 @@ cdef inline void rows(int fmt, bint float_act, const uint8_t *w, const uint16_t 
 cdef void rows_par(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc,
                    const int8_t *zp, long K, long G, const uint8_t *act, long ab, long T,
                    float *out, long N, int nt, float *scratch, long sf) noexcept nogil:
-    """scratch: nt * sf floats (sf per thread; NULL on the float path)"""
+    """scratch: q4_thread_scratch(nt, G, &sf), sf floats per thread (NULL on the float path)"""
     cdef long b, r0, r1
     if nt <= 1:
         rows(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, 0, N, scratch)
@@ -108,11 +108,11 @@ cdef int run(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc, cons
     cdef uint8_t *act = <uint8_t *>malloc(T * ab)
     cdef float *work = NULL
     cdef float *scratch = NULL
-    cdef long sf = q4_int8_scratch_floats(G)
+    cdef long sf = 0
     if perm != NULL and not float_act:
         work = <float *>malloc(ntp * K * sizeof(float))
     if not float_act:
-        scratch = <float *>malloc(nt * sf * sizeof(float))
+        scratch = q4_thread_scratch(nt, G, &sf)
     if (act == NULL or (perm != NULL and not float_act and work == NULL)
             or (not float_act and scratch == NULL)):
         free(act)
@@ -292,12 +292,12 @@ cdef int8_many(int fmt, long nm, const uint8_t **wp, const uint16_t **scp, const
     """op[m] = W_m x for nm matrices of one format, K and G (validated by the caller, K > 0, some
     rows): x prepared once (int8 activations, gathered by perm), one thread team, each thread
     its share of every matrix (the shares of rows_par: the same bits as one call each)."""
-    cdef long ab = q4_act_bytes(K, G), sf = q4_int8_scratch_floats(G), total = 0, m, b, r0, r1
+    cdef long ab = q4_act_bytes(K, G), sf = 0, total = 0, m, b, r0, r1
     for m in range(nm):
         total += nrow[m]
     cdef int nt = team(total, total * K, num_threads)
     cdef uint8_t *act = <uint8_t *>malloc(ab)
-    cdef float *scratch = <float *>malloc(nt * sf * sizeof(float))
+    cdef float *scratch = q4_thread_scratch(nt, G, &sf)
     cdef float *work = <float *>malloc(K * sizeof(float)) if perm != NULL else NULL
     if act == NULL or scratch == NULL or (perm != NULL and work == NULL):
         free(act)
