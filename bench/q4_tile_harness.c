@@ -53,14 +53,14 @@ typedef void (*rows_fn)(int fmt, const uint8_t *w, const uint16_t *sc, const int
 /* every matrix once, rows split over nth threads as 4-row quads */
 static void sweep(rows_fn f, int fmt, const uint8_t *W, const uint16_t *sc, const int8_t *zp,
                   long N, long K, long G, long rb, const uint8_t *act, long ab, long T, float *out,
-                  float *st, long nmat, int nth) {
+                  float *st, long sts, long nmat, int nth) {
     for (long m = 0; m < nmat; m++) {
 #pragma omp parallel num_threads(nth)
         {
             int b = omp_get_thread_num();
             long q = N / 4, r0 = q * b / nth * 4, r1 = b == nth - 1 ? N : q * (b + 1) / nth * 4;
             f(fmt, W + m * N * rb, sc + m * N * G, zp + m * N * G, K, G, act, ab, T, out, N, r0, r1,
-              st + b * q4_int8_scratch_floats(G));
+              st + b * sts);
         }
     }
 }
@@ -103,7 +103,8 @@ int main(int argc, char **argv) {
         q4_prepare_int8(fmt, x, NULL, NULL, act + t * ab, K, G);
     }
     float *out[2] = {calloc(T * N, 4), calloc(T * N, 4)};
-    float *st = malloc(sizeof(float) * nth * q4_int8_scratch_floats(G));
+    long sts;  /* each thread's scratch on lines of its own, as the extension's */
+    float *st = q4_thread_scratch(nth, G, &sts);
     rows_fn fns[2] = {q4_int8_rows_vnni, NULL};
     const char *names[2] = {"kernel", "candidate"};
 #ifdef CAND
@@ -115,14 +116,14 @@ int main(int argc, char **argv) {
     if (pairs < 1 || pairs > 64) pairs = 8;
     double gw[2][64], ratio[64];
     for (int which = 0; which < nf; which++)  /* warm: page in, start the threads */
-        sweep(fns[which], fmt, W, sc, zp, N, K, G, rb, act, ab, T, out[which], st, nmat, nth);
+        sweep(fns[which], fmt, W, sc, zp, N, K, G, rb, act, ab, T, out[which], st, sts, nmat, nth);
     for (int p = 0; p < pairs; p++) {
         for (int k = 0; k < nf; k++) {
             int which = (p & 1) ? nf - 1 - k : k;
             long it = 0;
             double t0 = now();
             do {
-                sweep(fns[which], fmt, W, sc, zp, N, K, G, rb, act, ab, T, out[which], st, nmat, nth);
+                sweep(fns[which], fmt, W, sc, zp, N, K, G, rb, act, ab, T, out[which], st, sts, nmat, nth);
                 it++;
             } while (now() - t0 < secs);
             gw[which][p] = (double)N * K * T * it * nmat / (now() - t0) / 1e9;

@@ -4,6 +4,7 @@ cdef extern from "simd.h" nogil:
     int pecca_simd_supported() noexcept
     void pecca_simd_reset() noexcept
     long pecca_quad_share(long rows, long b, long nt) noexcept
+    void *pecca_alloc_lines(size_t bytes) noexcept
 
 cdef extern from "f32_kernels.h" nogil:
     void swiglu_f32(float *h, const float *g, long n) noexcept

@@ -20,7 +20,7 @@ q4g (when gs % 32 == 0), Q4_0 and Q4_1 quantize x per 32-block to two int8 level
 (q = 256 hi + lo, d = amax / 32512: ~1/65000 of the block's largest value per activation) and
 use exact integer dot products of the unsigned 4-bit codes with both (AVX2 maddubs,
 AVX512-VNNI vpdpbusd); ``float_act=True`` (and q4g with gs % 32 != 0) uses float activations
-instead: the codes widened to float. gptq always uses float activations. Each call mallocs its
+instead: the codes widened to float. gptq always uses float activations. Each call allocates its
 own scratch for the prepared activations (so concurrent calls cannot share it). Rows are split
 as in ``q8``: one contiguous block of rows per thread (multiples of 4); gptq splits output
 columns instead (its packed rows run along N). Products below a few tens of thousands of
@@ -28,9 +28,9 @@ multiply-adds run serially. Each row of a matmul equals the matvec of that token
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
-from libc.stdlib cimport malloc, free
-from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, q4_act_bytes,
-                                     q4_actf_floats, q4_prepare_int8, q4_prepare_f32,
+from libc.stdlib cimport free
+from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, pecca_alloc_lines,
+                                     q4_act_bytes, q4_actf_floats, q4_prepare_int8, q4_prepare_f32,
                                      q4_int8_rows, q4_f32_rows, q4_thread_scratch,
                                      gptq_prepare, gptq_acc_floats, gptq_cols)
 
@@ -105,12 +105,12 @@ cdef int run(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc, cons
     cdef long ab = q4_actf_floats(K, G) * 4 if float_act else q4_act_bytes(K, G)
     cdef int nt = team(N, N * K * T, num_threads)
     cdef int ntp = num_threads if num_threads > 1 else 1
-    cdef uint8_t *act = <uint8_t *>malloc(T * ab)
+    cdef uint8_t *act = <uint8_t *>pecca_alloc_lines(T * ab)
     cdef float *work = NULL
     cdef float *scratch = NULL
     cdef long sf = 0
     if perm != NULL and not float_act:
-        work = <float *>malloc(ntp * K * sizeof(float))
+        work = <float *>pecca_alloc_lines(ntp * K * sizeof(float))
     if not float_act:
         scratch = q4_thread_scratch(nt, G, &sf)
     if (act == NULL or (perm != NULL and not float_act and work == NULL)
@@ -296,9 +296,9 @@ cdef int8_many(int fmt, long nm, const uint8_t **wp, const uint16_t **scp, const
     for m in range(nm):
         total += nrow[m]
     cdef int nt = team(total, total * K, num_threads)
-    cdef uint8_t *act = <uint8_t *>malloc(ab)
+    cdef uint8_t *act = <uint8_t *>pecca_alloc_lines(ab)
     cdef float *scratch = q4_thread_scratch(nt, G, &sf)
-    cdef float *work = <float *>malloc(K * sizeof(float)) if perm != NULL else NULL
+    cdef float *work = <float *>pecca_alloc_lines(K * sizeof(float)) if perm != NULL else NULL
     if act == NULL or scratch == NULL or (perm != NULL and work == NULL):
         free(act)
         free(scratch)
@@ -452,13 +452,13 @@ cdef gptq_product(str name, const int32_t[:, ::1] qweight, const int32_t[:, ::1]
     if nt <= 1 or N * K * T < PARALLEL_MIN_WEIGHTS or units < 2 * nt:
         nt = 1
     accf = gptq_acc_floats(G)
-    cdef float *xsum = <float *>malloc(T * G * sizeof(float))
-    cdef float *xsc = <float *>malloc(T * K * sizeof(float))
-    cdef float *acc = <float *>malloc(nt * accf * sizeof(float))
+    cdef float *xsum = <float *>pecca_alloc_lines(T * G * sizeof(float))
+    cdef float *xsc = <float *>pecca_alloc_lines(T * K * sizeof(float))
+    cdef float *acc = <float *>pecca_alloc_lines(nt * accf * sizeof(float))
     cdef float *y = o
     cdef float *tmp = NULL
     if op != NULL:
-        tmp = <float *>malloc(T * N * sizeof(float))
+        tmp = <float *>pecca_alloc_lines(T * N * sizeof(float))
         y = tmp
     if xsum == NULL or xsc == NULL or acc == NULL or (op != NULL and tmp == NULL):
         free(xsum)

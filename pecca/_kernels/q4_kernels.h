@@ -854,7 +854,7 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
                                 long T, float *out, long ldo, long r0, long r1) {
     long nb = K / Q4_QK, Kp = q4_padded(K), ns = (nb + 1) / 2, xstride = ns * Q4_XP(fmt);
     long npairs = (T + 1) / 2;
-    uint8_t *heap = NULL, *xb = T > 1 ? pecca_malloc64((size_t)(npairs * xstride), &heap) : NULL;
+    uint8_t *xb = T > 1 ? (uint8_t *)pecca_alloc_lines((size_t)(npairs * xstride)) : NULL;
     if (xb == NULL) {
         for (long t = 0; t < T; t++) {
             long i = r0;
@@ -909,7 +909,7 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
             }
         }
     }
-    free(heap);
+    free(xb);
 }
 
 __attribute__((target(PECCA_Q4_AVX2)))
@@ -1671,9 +1671,8 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
                               const int8_t *zp, long K, long G, const uint8_t *a, float *out,
                               long r0, long r1) {
     float *st = NULL;
-    /* on lines of its own, as q4_thread_scratch (the other thread reads the lines around) */
-    long stb = (sizeof(float) * 4 * G * Q4_MV_PQ + 63) / 64 * 64;
-    if (fmt == Q4_FMT_G && (st = (float *)aligned_alloc(64, stb)) == NULL) return 0;
+    if (fmt == Q4_FMT_G && (st = (float *)pecca_alloc_lines(sizeof(float) * 4 * G * Q4_MV_PQ)) == NULL)
+        return 0;
     long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
     long bb = q4_block_bytes(fmt), sb = 4 * bb, rb = nb * bb, ns = (nb + 3) / 4;
     const __m512i iq = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_q1 : q4_idx_q0);
@@ -1792,7 +1791,7 @@ static long q4_int8_scratch_floats(long G) { return 4 * G + 16; }
  * threads against 194 at 1 (Q4_0, which writes no scratch: 99 against 184). Free with free(). */
 static float *q4_thread_scratch(int nt, long G, long *stride) {
     *stride = (q4_int8_scratch_floats(G) + 15) / 16 * 16;
-    return (float *)aligned_alloc(64, sizeof(float) * *stride * (nt > 1 ? nt : 1));
+    return (float *)pecca_alloc_lines(sizeof(float) * *stride * (nt > 1 ? nt : 1));
 }
 
 /* out[t * ldo + r] = W[r] . x_t for rows [r0, r1), tokens t < T prepared by q4_prepare_int8

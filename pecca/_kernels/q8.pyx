@@ -11,9 +11,9 @@ Two layouts, both read in place (memory-mapped):
 Notes
 -----
 x is quantized once per call (runq.c's ``quantize`` for q8g, llama.cpp's ``quantize_row_q8_0``
-for Q8_0) into a scratch buffer malloc'd per call (n + 4n/gs bytes per token: small next to
-the weights; per call rather than module-level, so concurrent calls from several Python threads
-cannot share it), then every row is an integer dot product per group times the two scales.
+for Q8_0) into a scratch buffer allocated per call on cache lines of its own (n + 4n/gs bytes
+per token: small next to the weights; per call rather than module-level, so concurrent calls
+from several Python threads cannot share it), then every row is an integer dot product per group times the two scales.
 q8g with gs % 32 != 0 runs the portable code on every path; its portable product is runq.c's
 matmul step for step (same float operations in the same order), so a q8 checkpoint gives
 runq.c's tokens. See q8_kernels.h for the SIMD paths (AVX2 sign trick; AVX512-VNNI).
@@ -24,9 +24,9 @@ than it saves.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport free
 import numpy as np
-from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share,
+from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, pecca_alloc_lines,
                                      quantize_q8g as c_quantize_q8g,
                                      quantize_q8_0 as c_quantize_q8_0, matvec_q8g_rows,
                                      matvec_q8_0_rows, gemm_q8g_rows, gemm_q8_0_rows,
@@ -101,8 +101,8 @@ cdef void quantize_tokens(const float *x, int8_t *qx, float *sx, long T, long n,
 
 
 cdef int alloc_scratch(long T, long n, long G, int8_t **qx, float **sx) except -1:
-    qx[0] = <int8_t *>malloc(T * n if T * n > 0 else 1)
-    sx[0] = <float *>malloc((T * G if T * G > 0 else 1) * sizeof(float))
+    qx[0] = <int8_t *>pecca_alloc_lines(T * n if T * n > 0 else 1)
+    sx[0] = <float *>pecca_alloc_lines((T * G if T * G > 0 else 1) * sizeof(float))
     if qx[0] == NULL or sx[0] == NULL:
         free(qx[0])
         free(sx[0])

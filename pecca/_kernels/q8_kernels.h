@@ -348,14 +348,6 @@ static inline __m256i q8_dot_avx2(const __m256i w[2], const __m256i a[2], __m256
     return _mm256_add_epi32(_mm256_madd_epi16(d0, ones), _mm256_madd_epi16(d1, ones));
 }
 
-/* The AVX2 GEMMs' prepared-token scratch: bytes rounded into a 64-byte aligned block (no load
- * of the tiles straddles two cache lines), *heap the pointer to free; NULL (and *heap NULL) when
- * it cannot be allocated. */
-static inline uint8_t *pecca_malloc64(size_t bytes, uint8_t **heap) {
-    *heap = (uint8_t *)malloc(bytes + 63);
-    return *heap ? *heap + ((64 - (uintptr_t)*heap % 64) % 64) : NULL;
-}
-
 /* (row, token) pairs: the integer lanes of p and q -> [p p q q | p p q q] */
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
 static inline __m256i q8_pair_avx2(__m256i p, __m256i q) {
@@ -488,7 +480,7 @@ static inline void q8_gemm_avx2(const uint8_t *w, const float *ws, const int8_t 
                                 long r0, long r1, int q80) {
     long nb = n / Q8_0_BLOCK, G = nb / bpg, ns = (nb + 1) / 2, xstride = ns * Q8_XP;
     long npairs = (T + 1) / 2;
-    uint8_t *heap = NULL, *xb = T > 1 ? pecca_malloc64((size_t)(npairs * xstride), &heap) : NULL;
+    uint8_t *xb = T > 1 ? (uint8_t *)pecca_alloc_lines((size_t)(npairs * xstride)) : NULL;
     if (xb == NULL) {
         for (long t = 0; t < T; t++) {
             long i = r0;
@@ -538,7 +530,7 @@ static inline void q8_gemm_avx2(const uint8_t *w, const float *ws, const int8_t 
                 }
         }
     }
-    free(heap);
+    free(xb);
 }
 
 __attribute__((target(PECCA_Q8_AVX2)))

@@ -84,4 +84,14 @@ static inline long pecca_quad_share(long rows, long b, long nt) {
     return b >= nt ? rows : rows / 4 * b / nt * 4;
 }
 
+/* Scratch on whole cache lines of its own (64-byte aligned, size rounded up to 64): no vector
+ * load from it straddles two lines, and no line holds another object that another thread writes
+ * or reads. Every kernel's per-call scratch (prepared activations, per-thread buffers) comes
+ * from here: with plain malloc (16-byte aligned) each 64-byte activation load of the int8 / 4-bit
+ * kernels touched two lines, and a q4g tile's scale writes shared lines with the activations that
+ * the other thread read. Free with free(); NULL when it cannot be allocated. */
+static inline void *pecca_alloc_lines(size_t bytes) {
+    return aligned_alloc(64, bytes ? (bytes + 63) / 64 * 64 : 64);
+}
+
 #endif
