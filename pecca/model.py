@@ -16,23 +16,34 @@ from pecca.threads import governor
 from pecca.weights import Weights, matvec_same_input
 
 
+def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """np.zeros starting on a 64-byte cache-line boundary. numpy aligns to 16 bytes, so each
+    64-byte vector load of a kernel (a KV-cache row, the input vector of every matvec) touched
+    two lines. A large buffer still gets lazily mapped zero pages, as with np.zeros."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
 class RunState:
     """Every activation buffer and the KV cache, allocated once per model."""
 
     def __init__(self, c: ModelConfig, seq_len: int):
         f = np.float32
-        self.x = np.zeros(c.dim, f)  # residual stream
-        self.xb = np.zeros(c.dim, f)  # inside a residual branch
-        self.xb2 = np.zeros(c.dim, f)
-        self.hb = np.zeros(c.hidden_dim, f)  # ffn gate
-        self.hb2 = np.zeros(c.hidden_dim, f)  # ffn up
-        self.q = np.zeros(c.dim, f)
-        self.att = np.zeros((c.n_heads, seq_len), f)  # attention scores
-        self.logits = np.zeros(c.vocab_size, f)
-        self.key_cache = np.zeros((c.n_layers, seq_len, c.kv_dim), f)
-        self.value_cache = np.zeros((c.n_layers, seq_len, c.kv_dim), f)
-        self.rope_cos = np.zeros(c.head_size // 2, f)
-        self.rope_sin = np.zeros(c.head_size // 2, f)
+        self.x = aligned_zeros(c.dim, f)  # residual stream
+        self.xb = aligned_zeros(c.dim, f)  # inside a residual branch
+        self.xb2 = aligned_zeros(c.dim, f)
+        self.hb = aligned_zeros(c.hidden_dim, f)  # ffn gate
+        self.hb2 = aligned_zeros(c.hidden_dim, f)  # ffn up
+        self.q = aligned_zeros(c.dim, f)
+        self.att = aligned_zeros((c.n_heads, seq_len), f)  # attention scores
+        self.logits = aligned_zeros(c.vocab_size, f)
+        self.key_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), f)
+        self.value_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), f)
+        self.rope_cos = aligned_zeros(c.head_size // 2, f)
+        self.rope_sin = aligned_zeros(c.head_size // 2, f)
         self.rope_freqs = rope_frequencies(c)
 
 
@@ -51,13 +62,13 @@ class BatchState:
     def __init__(self, c: ModelConfig, batch: int, seq_len: int, threads: int):
         f = np.float32
         self.batch, self.threads = batch, threads
-        self.x = np.zeros((batch, c.dim), f)
-        self.xb = np.zeros((batch, c.dim), f)
-        self.xb2 = np.zeros((batch, c.dim), f)
-        self.q = np.zeros((batch, c.dim), f)
-        self.hb = np.zeros((batch, c.hidden_dim), f)
-        self.hb2 = np.zeros((batch, c.hidden_dim), f)
-        self.att = np.zeros((threads, c.n_heads, seq_len), f)  # one slab per thread
+        self.x = aligned_zeros((batch, c.dim), f)
+        self.xb = aligned_zeros((batch, c.dim), f)
+        self.xb2 = aligned_zeros((batch, c.dim), f)
+        self.q = aligned_zeros((batch, c.dim), f)
+        self.hb = aligned_zeros((batch, c.hidden_dim), f)
+        self.hb2 = aligned_zeros((batch, c.hidden_dim), f)
+        self.att = aligned_zeros((threads, c.n_heads, seq_len), f)  # one slab per thread
 
 
 def embed(table: np.ndarray, tokens, out: np.ndarray) -> None:

@@ -27,7 +27,8 @@ import numpy as np
 from pecca._kernels import ops
 from pecca.config import ModelConfig
 from pecca.errors import PeccaError
-from pecca.model import BatchState, Model, _total_memory, block_rows, embed, kv_cache_bytes
+from pecca.model import (BatchState, Model, _total_memory, aligned_zeros, block_rows, embed,
+                         kv_cache_bytes)
 from pecca.threads import governor
 from pecca.weights import Weights
 
@@ -91,8 +92,8 @@ class SlotPool:
         # serves the whole batch; each Model sees its own slot (its prefill writes there). The
         # caches each Model allocated are zero pages never touched: dropping them costs nothing.
         shape = (n, config.n_layers, seq_len, config.kv_dim)
-        self.key_cache = np.zeros(shape, np.float32)
-        self.value_cache = np.zeros(shape, np.float32)
+        self.key_cache = aligned_zeros(shape)
+        self.value_cache = aligned_zeros(shape)
         for i, m in enumerate(self.models):
             m.state.key_cache, m.state.value_cache = self.key_cache[i], self.value_cache[i]
         # the engine prefills one sequence at a time: one set of prefill buffers serves all slots
@@ -137,16 +138,16 @@ class BatchDecoder:
         if (self.multiple, self.minimum) == (1, 1):
             self._pad_where_faster(max_rows)
         R = max(self.rows_layers + self.rows_output)
-        self.x = np.zeros((R, c.dim), f)
-        self.xb = np.zeros((R, c.dim), f)
-        self.xb2 = np.zeros((R, c.dim), f)
-        self.q = np.zeros((R, c.dim), f)
-        self.k = np.zeros((R, c.kv_dim), f)
-        self.v = np.zeros((R, c.kv_dim), f)
-        self.hb = np.zeros((R, c.hidden_dim), f)
-        self.hb2 = np.zeros((R, c.hidden_dim), f)
-        self.logits = np.zeros((R, c.vocab_size), f)
-        self.att = np.zeros((self.threads, c.n_heads, self.seq_len), f)  # one slab per thread
+        self.x = aligned_zeros((R, c.dim), f)
+        self.xb = aligned_zeros((R, c.dim), f)
+        self.xb2 = aligned_zeros((R, c.dim), f)
+        self.q = aligned_zeros((R, c.dim), f)
+        self.k = aligned_zeros((R, c.kv_dim), f)
+        self.v = aligned_zeros((R, c.kv_dim), f)
+        self.hb = aligned_zeros((R, c.hidden_dim), f)
+        self.hb2 = aligned_zeros((R, c.hidden_dim), f)
+        self.logits = aligned_zeros((R, c.vocab_size), f)
+        self.att = aligned_zeros((self.threads, c.n_heads, self.seq_len), f)  # one slab per thread
         self.slots = np.zeros(max_rows, np.int32)
         self.positions = np.zeros(max_rows, np.int32)
         self.cos, self.sin = rope_tables(m0.state.rope_freqs, self.seq_len)
