@@ -49,7 +49,7 @@ class RunState:
 
 def rope_frequencies(c: ModelConfig) -> np.ndarray:
     """float32 frequency of each pair of a head, with the model's rope scaling applied."""
-    freqs = np.zeros(c.head_size // 2, np.float32)
+    freqs = aligned_zeros(c.head_size // 2)
     ops.rope_freqs(c.head_size, c.rope_theta, freqs)
     if c.rope_freq_factors is not None:
         freqs /= np.asarray(c.rope_freq_factors, np.float32)

@@ -69,6 +69,24 @@ def test_kv_cache_is_sized_from_the_requested_context():
     assert small.model.state.att.shape == (8, 16)
 
 
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 16, 33)])
+def test_aligned_zeros_are_zeros_on_cache_lines(shape):
+    a = pecca.model.aligned_zeros(shape)
+    assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % 64 == 0 and not a.any()
+
+
+def test_model_buffers_start_on_cache_lines():
+    """The kernels' 64-byte loads of the KV cache rows and the matvec inputs stay within one
+    line each (numpy's own arrays are 16-byte aligned)."""
+    m = pecca.load(str(llama2c_model()), threads=2)
+    m.model.prefill([1, 2, 3], 0)
+    for state in (m.model.state, m.model.batch_state):
+        arrays = {k: v for k, v in vars(state).items() if isinstance(v, np.ndarray) and v.size}
+        assert {"x", "xb", "q", "att"} <= arrays.keys()
+        assert not [k for k, v in arrays.items() if v.ctypes.data % 64], arrays.keys()
+
+
 def test_allocation_failure_becomes_a_pecca_error(monkeypatch):
     """Past the estimate, an allocation the process is refused (a ulimit) is the same error."""
     def no_memory(*args, **kwargs):
