@@ -5,6 +5,7 @@ cdef extern from "simd.h" nogil:
     void pecca_simd_reset() noexcept
     long pecca_quad_share(long rows, long b, long nt) noexcept
     void *pecca_alloc_lines(size_t bytes) noexcept
+    void pecca_free_lines(void *p) noexcept
 
 cdef extern from "f32_kernels.h" nogil:
     void swiglu_f32(float *h, const float *g, long n) noexcept

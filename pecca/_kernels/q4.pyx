@@ -28,8 +28,8 @@ multiply-adds run serially. Each row of a matmul equals the matvec of that token
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
-from libc.stdlib cimport free
 from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, pecca_alloc_lines,
+                                     pecca_free_lines,
                                      q4_act_bytes, q4_actf_floats, q4_prepare_int8, q4_prepare_f32,
                                      q4_int8_rows, q4_f32_rows, q4_thread_scratch,
                                      gptq_prepare, gptq_acc_floats, gptq_cols)
@@ -115,18 +115,18 @@ cdef int run(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc, cons
         scratch = q4_thread_scratch(nt, G, &sf)
     if (act == NULL or (perm != NULL and not float_act and work == NULL)
             or (not float_act and scratch == NULL)):
-        free(act)
-        free(work)
-        free(scratch)
+        pecca_free_lines(act)
+        pecca_free_lines(work)
+        pecca_free_lines(scratch)
         raise MemoryError("q4: no memory for the prepared activations")
     try:
         with nogil:
             prepare_tokens(fmt, float_act, x, perm, work, act, ab, K, G, T, ntp)
             rows_par(fmt, float_act, w, sc, zp, K, G, act, ab, T, out, N, nt, scratch, sf)
     finally:
-        free(act)
-        free(work)
-        free(scratch)
+        pecca_free_lines(act)
+        pecca_free_lines(work)
+        pecca_free_lines(scratch)
     return 0
 
 
@@ -300,9 +300,9 @@ cdef int8_many(int fmt, long nm, const uint8_t **wp, const uint16_t **scp, const
     cdef float *scratch = q4_thread_scratch(nt, G, &sf)
     cdef float *work = <float *>pecca_alloc_lines(K * sizeof(float)) if perm != NULL else NULL
     if act == NULL or scratch == NULL or (perm != NULL and work == NULL):
-        free(act)
-        free(scratch)
-        free(work)
+        pecca_free_lines(act)
+        pecca_free_lines(scratch)
+        pecca_free_lines(work)
         raise MemoryError("q4: no memory for the prepared activations")
     try:
         with nogil:
@@ -321,9 +321,9 @@ cdef int8_many(int fmt, long nm, const uint8_t **wp, const uint16_t **scp, const
                             rows(fmt, False, wp[m], scp[m], zpp[m], K, G, act, ab, 1, op[m],
                                  nrow[m], r0, r1, scratch + b * sf)
     finally:
-        free(act)
-        free(scratch)
-        free(work)
+        pecca_free_lines(act)
+        pecca_free_lines(scratch)
+        pecca_free_lines(work)
 
 
 cdef long check_many(str name, long nm, long nouts) except -1:
@@ -461,10 +461,10 @@ cdef gptq_product(str name, const int32_t[:, ::1] qweight, const int32_t[:, ::1]
         tmp = <float *>pecca_alloc_lines(T * N * sizeof(float))
         y = tmp
     if xsum == NULL or xsc == NULL or acc == NULL or (op != NULL and tmp == NULL):
-        free(xsum)
-        free(xsc)
-        free(acc)
-        free(tmp)
+        pecca_free_lines(xsum)
+        pecca_free_lines(xsc)
+        pecca_free_lines(acc)
+        pecca_free_lines(tmp)
         raise MemoryError(f"{name}: no memory for the scratch")
     cdef const uint32_t *qw = <const uint32_t *>&qweight[0, 0]
     cdef const uint32_t *qz = <const uint32_t *>&qzeros[0, 0]
@@ -486,10 +486,10 @@ cdef gptq_product(str name, const int32_t[:, ::1] qweight, const int32_t[:, ::1]
                     for i in range(N):
                         o[t * N + i] = y[t * N + op[i]]
     finally:
-        free(xsum)
-        free(xsc)
-        free(acc)
-        free(tmp)
+        pecca_free_lines(xsum)
+        pecca_free_lines(xsc)
+        pecca_free_lines(acc)
+        pecca_free_lines(tmp)
 
 
 def matvec_gptq(const int32_t[:, ::1] qweight, const int32_t[:, ::1] qzeros, uint32_t zero_add,

@@ -909,7 +909,7 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
             }
         }
     }
-    free(xb);
+    pecca_free_lines(xb);
 }
 
 __attribute__((target(PECCA_Q4_AVX2)))
@@ -1728,7 +1728,7 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
         for (int q = 0; q < nq; q++)
             q4_quad_store_vnni(fmt, sc, zp, G, Kp, at, acc[q], acc[q], acc[q], acc[q], out, 1, p0 + 4 * q, 0, 4, 1);
     }
-    free(st);
+    pecca_free_lines(st);
     return 1;
 }
 
@@ -1788,7 +1788,8 @@ static long q4_int8_scratch_floats(long G) { return 4 * G + 16; }
  * own. The q4g tiles write their group scales there at every quad; with plain malloc a line of
  * one thread's slice could hold the other's slice or the end of the prepared activations, which
  * every thread reads, and bounced between the cores: q4g 4096 x 4096 in cache took 213 us at 2
- * threads against 194 at 1 (Q4_0, which writes no scratch: 99 against 184). Free with free(). */
+ * threads against 194 at 1 (Q4_0, which writes no scratch: 99 against 184). Free with
+ * pecca_free_lines. */
 static float *q4_thread_scratch(int nt, long G, long *stride) {
     *stride = (q4_int8_scratch_floats(G) + 15) / 16 * 16;
     return (float *)pecca_alloc_lines(sizeof(float) * *stride * (nt > 1 ? nt : 1));

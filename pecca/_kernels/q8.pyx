@@ -24,9 +24,9 @@ than it saves.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t
-from libc.stdlib cimport free
 import numpy as np
 from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, pecca_alloc_lines,
+                                     pecca_free_lines,
                                      quantize_q8g as c_quantize_q8g,
                                      quantize_q8_0 as c_quantize_q8_0, matvec_q8g_rows,
                                      matvec_q8_0_rows, gemm_q8g_rows, gemm_q8_0_rows,
@@ -104,8 +104,8 @@ cdef int alloc_scratch(long T, long n, long G, int8_t **qx, float **sx) except -
     qx[0] = <int8_t *>pecca_alloc_lines(T * n if T * n > 0 else 1)
     sx[0] = <float *>pecca_alloc_lines((T * G if T * G > 0 else 1) * sizeof(float))
     if qx[0] == NULL or sx[0] == NULL:
-        free(qx[0])
-        free(sx[0])
+        pecca_free_lines(qx[0])
+        pecca_free_lines(sx[0])
         raise MemoryError("q8: no memory for the quantized activations")
     return 0
 
@@ -159,8 +159,8 @@ def matvec_q8g(const int8_t[:, ::1] wq, const float[::1] ws, int gs, const float
             c_quantize_q8g(&x[0], qx, sx, n, gs)
             q8g_rows_par(&wq[0, 0], &ws[0], qx, sx, &out[0], rows, n, gs, 0, nt)
     finally:
-        free(qx)
-        free(sx)
+        pecca_free_lines(qx)
+        pecca_free_lines(sx)
 
 
 def matmul_q8g(const int8_t[:, ::1] wq, const float[::1] ws, int gs, const float[:, ::1] x,
@@ -195,8 +195,8 @@ def matmul_q8g(const int8_t[:, ::1] wq, const float[::1] ws, int gs, const float
             quantize_tokens(&x[0, 0], qx, sx, T, n, gs, num_threads)
             q8g_rows_par(&wq[0, 0], &ws[0], qx, sx, &out[0, 0], rows, n, gs, T, nt)
     finally:
-        free(qx)
-        free(sx)
+        pecca_free_lines(qx)
+        pecca_free_lines(sx)
 
 
 def matvec_q8_0(const uint8_t[:, ::1] w, const float[::1] x, float[::1] out, int num_threads=1):
@@ -225,8 +225,8 @@ def matvec_q8_0(const uint8_t[:, ::1] w, const float[::1] x, float[::1] out, int
             c_quantize_q8_0(&x[0], qx, dx, n)
             q8_0_rows_par(&w[0, 0], qx, dx, &out[0], rows, n, 0, nt)
     finally:
-        free(qx)
-        free(dx)
+        pecca_free_lines(qx)
+        pecca_free_lines(dx)
 
 
 # matvec_q8_0_many: at most this many matrices per call (a layer's q, k, v)
@@ -283,8 +283,8 @@ def matvec_q8_0_many(ws, const float[::1] x, outs, int num_threads=1):
                         if r1 > r0:
                             matvec_q8_0_rows(wp[m], qx, dx, op[m], n, r0, r1)
     finally:
-        free(qx)
-        free(dx)
+        pecca_free_lines(qx)
+        pecca_free_lines(dx)
 
 
 def matmul_q8_0(const uint8_t[:, ::1] w, const float[:, ::1] x, float[:, ::1] out,
@@ -314,8 +314,8 @@ def matmul_q8_0(const uint8_t[:, ::1] w, const float[:, ::1] x, float[:, ::1] ou
             quantize_tokens(&x[0, 0], qx, dx, T, n, 0, num_threads)
             q8_0_rows_par(&w[0, 0], qx, dx, &out[0, 0], rows, n, T, nt)
     finally:
-        free(qx)
-        free(dx)
+        pecca_free_lines(qx)
+        pecca_free_lines(dx)
 
 
 def quantize_q8g(const float[::1] x, int gs):

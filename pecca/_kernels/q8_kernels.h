@@ -530,7 +530,7 @@ static inline void q8_gemm_avx2(const uint8_t *w, const float *ws, const int8_t 
                 }
         }
     }
-    free(xb);
+    pecca_free_lines(xb);
 }
 
 __attribute__((target(PECCA_Q8_AVX2)))
