@@ -65,7 +65,6 @@ cdef extern from "q4_kernels.h" nogil:
                          uint8_t *act, long K, long G) noexcept
     void q4_prepare_f32(int fmt, const float *x, const int32_t *perm, float *act, long K,
                         long G) noexcept
-    long q4_int8_scratch_floats(long G) noexcept
     float *q4_thread_scratch(int nt, long G, long *stride) noexcept
     void q4_int8_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                       long K, long G, const uint8_t *act, long ab, long T, float *out,

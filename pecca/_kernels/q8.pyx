@@ -13,7 +13,8 @@ Notes
 x is quantized once per call (runq.c's ``quantize`` for q8g, llama.cpp's ``quantize_row_q8_0``
 for Q8_0) into a scratch buffer allocated per call on cache lines of its own (n + 4n/gs bytes
 per token: small next to the weights; per call rather than module-level, so concurrent calls
-from several Python threads cannot share it), then every row is an integer dot product per group times the two scales.
+from several Python threads cannot share it), then every row is an integer dot product per
+group times the two scales.
 q8g with gs % 32 != 0 runs the portable code on every path; its portable product is runq.c's
 matmul step for step (same float operations in the same order), so a q8 checkpoint gives
 runq.c's tokens. See q8_kernels.h for the SIMD paths (AVX2 sign trick; AVX512-VNNI).
