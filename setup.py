@@ -74,6 +74,7 @@ extensions = [
                                                          "pecca/_kernels/f32_kernels.h",
                                                          "pecca/_kernels/f32_gemm.h",
                                                          "pecca/_kernels/f16_kernels.h",
+                                                         "pecca/_kernels/attention.h",
                                                          "pecca/_kernels/q8_kernels.h",
                                                          "pecca/_kernels/q4_kernels.h"])
     for name in KERNELS

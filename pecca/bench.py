@@ -35,8 +35,8 @@ def time_model(m: "pecca.LLM", prompt_tokens: int, gen_tokens: int, rng_seed: in
 
 
 def run_bench(model_path: str, threads: List[int], prompt_tokens: int, gen_tokens: int,
-              reps: int = 3, tokenizer: Optional[str] = None) -> List[dict]:
-    m = pecca.load(model_path, threads=threads[0], tokenizer=tokenizer)
+              reps: int = 3, tokenizer: Optional[str] = None, kv_type: str = "f32") -> List[dict]:
+    m = pecca.load(model_path, threads=threads[0], tokenizer=tokenizer, kv_type=kv_type)
     info = m.info()
     results = []
     reps = max(1, reps)
@@ -68,6 +68,7 @@ def _bench_threads(m, info, nt, prompt_tokens, gen_tokens, reps, advance) -> dic
         advance()
     return {
         "model": info["path"], "format": info["format"], "precision": info["precision"],
+        "kv_type": info["kv_type"],
         "n_params": info["n_params"], "threads": m.threads, "simd": runtime.simd_path(),
         "openmp": runtime.openmp_enabled(), "pecca": pecca.__version__,
         "prompt_tokens": n_p, "gen_tokens": n_g, "reps": len(pp),
@@ -78,14 +79,14 @@ def _bench_threads(m, info, nt, prompt_tokens, gen_tokens, reps, advance) -> dic
 
 
 def format_table(results: List[dict]) -> str:
-    head = f"{'model':<28} {'prec':<5} {'threads':>7} {'simd':<8} {'test':<8} {'tok/s':>18}  {'GB/s':>6}"
+    head = f"{'model':<28} {'prec':<5} {'kv':<3} {'threads':>7} {'simd':<8} {'test':<8} {'tok/s':>18}  {'GB/s':>6}"
     lines = [head, "-" * len(head)]
     for r in results:
         name = r["model"].rsplit("/", 1)[-1][:28]
         for test, mean, std, gbs in (
                 (f"pp{r['prompt_tokens']}", r["pp_tok_s"], r["pp_std"], ""),
                 (f"tg{r['gen_tokens']}", r["tg_tok_s"], r["tg_std"], f"{r['weights_gb_s']:.1f}")):
-            lines.append(f"{name:<28} {r['precision']:<5} {r['threads']:>7} {r['simd']:<8} "
+            lines.append(f"{name:<28} {r['precision']:<5} {r['kv_type']:<3} {r['threads']:>7} {r['simd']:<8} "
                          f"{test:<8} {mean:>10.1f} ± {std:>5.1f}  {gbs:>6}")
     lines.append(f"pecca {results[0]['pecca'] if results else ''}")
     return "\n".join(lines)

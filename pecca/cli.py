@@ -33,6 +33,8 @@ def sampling_options(max_tokens, temperature, top_p, top_k, min_p, repeat_penalt
 
 
 STOP_HELP = "stop before this text (repeat the option for several)"
+KV_HELP = ("KV-cache type: f32, or f16 (llama.cpp's default: half the cache's memory and faster "
+           "decoding of long contexts; each key and value rounded to half)")
 
 
 @app.command()
@@ -53,12 +55,13 @@ def generate(
     threads: Optional[int] = typer.Option(None, "--threads", help="kernel threads"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="context length (default: the model's)"),
+    kv_type: str = typer.Option("f32", "--kv-type", help=KV_HELP),
     echo: bool = typer.Option(True, "--echo/--no-echo", help="print the prompt first"),
 ):
     """Continue PROMPT, streaming text to stdout; timings go to stderr."""
     opts = sampling_options(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
                             seed, stop)
-    m = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=ctx)
+    m = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=ctx, kv_type=kv_type)
     prompt_ids = gen.prompt_tokens(m.tokenizer, prompt)
     stats = gen.GenerationStats()
     ids = m.stream_ids(prompt_ids, opts.sampler(m.config.vocab_size), max_tokens, stats)
@@ -107,6 +110,7 @@ def chat(
     threads: Optional[int] = typer.Option(None, "--threads", help="kernel threads"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="context length (default: the model's)"),
+    kv_type: str = typer.Option("f32", "--kv-type", help=KV_HELP),
 ):
     """Talk with MODEL: type a message, the reply streams. Ctrl-C stops a reply, Ctrl-D or /exit
     quits, /reset starts the conversation again."""
@@ -115,7 +119,7 @@ def chat(
 
     opts = sampling_options(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
                             seed, stop)
-    m = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=ctx)
+    m = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=ctx, kv_type=kv_type)
     session = Chat(m, system, chat_template, **vars(opts))
     run_repl(session)
 
@@ -229,13 +233,14 @@ def bench(
     gen_tokens: int = typer.Option(128, "--gen-tokens", "-n"),
     reps: int = typer.Option(3, "--reps", "-r"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z"),
+    kv_type: str = typer.Option("f32", "--kv-type", help=KV_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Measure prefill (pp) and decode (tg) tok/s, like llama-bench."""
     from pecca.bench import run_bench, format_table
 
     thread_list = parse_threads(threads)
-    results = run_bench(model, thread_list, prompt_tokens, gen_tokens, reps, tokenizer)
+    results = run_bench(model, thread_list, prompt_tokens, gen_tokens, reps, tokenizer, kv_type)
     print(json.dumps(results, indent=2) if as_json else format_table(results))
 
 
@@ -257,6 +262,7 @@ def serve(
                                             "the server answers 503 (default: 4 x --parallel)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="kernel threads"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z", help="tokenizer file"),
+    kv_type: str = typer.Option("f32", "--kv-type", help=KV_HELP),
 ):
     """Serve MODEL over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
     /v1/models, /health), decoding up to --parallel requests together."""
@@ -266,7 +272,7 @@ def serve(
         raise PeccaError(f"pecca serve needs the server extra: pip install 'pecca[server]' ({e})") from None
     if parallel < 1:
         raise InvalidArgumentError(f"--parallel must be >= 1, got {parallel}")
-    server = PeccaServer.load(model, threads=threads, tokenizer=tokenizer, parallel=parallel,
+    server = PeccaServer.load(model, threads=threads, tokenizer=tokenizer, kv_type=kv_type, parallel=parallel,
                               ctx_size=ctx_size, api_key=api_key, model_name=model_name,
                               chat_template=chat_template, max_queue=max_queue)
     sock = bind(host, port)

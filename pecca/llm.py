@@ -15,6 +15,7 @@ from pecca.errors import (ContextLengthError, ModelFormatError, ModelNotFoundErr
 from pecca.formats import LoadedModel, open_model
 from pecca.generate import (CachedModel, GenerationOptions, GenerationStats, generate_ids, prompt_tokens,
                             stream_text)
+from pecca.model import kv_dtype
 from pecca.sampling import Sampler
 from pecca.threads import resolve_threads
 from pecca.tokenizers import Tokenizer, load_tokenizer
@@ -95,11 +96,11 @@ class LLM:
     `info()`. Safe to share between threads: generation calls run one at a time."""
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, threads: int, ctx=None,
-                 load_seconds: float = 0.0):
+                 load_seconds: float = 0.0, kv_type: str = "f32"):
         self.loaded = loaded
         self.config = loaded.config
         self.tokenizer = tokenizer
-        self.model = CachedModel(loaded.config, loaded.weights, threads, ctx)
+        self.model = CachedModel(loaded.config, loaded.weights, threads, ctx, kv_type)
         self.load_seconds = load_seconds
         self.last_stats: Optional[GenerationStats] = None
         self.lock = GenerationLock()
@@ -220,6 +221,7 @@ class LLM:
             "head_size": c.head_size,
             "shared_classifier": self.loaded.weights.shared_classifier,
             "context": self.model.seq_len,
+            "kv_type": self.model.kv_type,
             "tokenizer": self.tokenizer.path,
             "threads": self.threads,
             "openmp": runtime.openmp_enabled(),
@@ -272,14 +274,18 @@ def open_tokenizer(path: str, tokenizer: Optional[str] = None) -> Tokenizer:
 
 
 def load(path: str, threads: Optional[int] = None, tokenizer: Optional[str] = None,
-         ctx: Optional[int] = None) -> LLM:
+         ctx: Optional[int] = None, kv_type: str = "f32") -> LLM:
     """Open a model file (or a known name such as "stories260K") with its tokenizer.
 
     threads: kernel threads (default: OMP_NUM_THREADS or the physical cores).
     tokenizer: a tokenizer file; default: the one found beside the model.
     ctx: context length to allocate (default: the model's seq_len).
+    kv_type: the KV cache's element type, "f32" (default: llama2.c's arithmetic, token for
+        token) or "f16" (llama.cpp's default: half the cache's memory and of the bytes each
+        token's attention reads; each key and value rounded to half).
     """
     t0 = time.perf_counter()
+    kv_dtype(kv_type)  # an unknown type fails before the model is opened
     nthreads = resolve_threads(threads)
     model_path, tok_path = resolve_model_path(str(path))
     loaded = open_model(model_path)
@@ -291,4 +297,4 @@ def load(path: str, threads: Optional[int] = None, tokenizer: Optional[str] = No
     else:
         tok = find_tokenizer(model_path, loaded.config.vocab_size)
     check_tokenizer(tok, loaded)
-    return LLM(loaded, tok, nthreads, ctx, load_seconds=time.perf_counter() - t0)
+    return LLM(loaded, tok, nthreads, ctx, load_seconds=time.perf_counter() - t0, kv_type=kv_type)

@@ -16,6 +16,18 @@ from pecca.threads import governor
 from pecca.weights import Weights, matvec_same_input
 
 
+# KV-cache element types: float32, or IEEE half (llama.cpp's default cache type: half the memory
+# and half the bytes each token's attention reads, the rounding of each key and value the only
+# difference) held as uint16 bit patterns, the form the kernels take (see pecca._kernels.ops)
+KV_TYPES = {"f32": np.float32, "f16": np.uint16}
+
+
+def kv_dtype(kv_type: str) -> np.dtype:
+    if kv_type not in KV_TYPES:
+        raise InvalidArgumentError(f"KV-cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+    return np.dtype(KV_TYPES[kv_type])
+
+
 def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
     """np.zeros starting on a 64-byte cache-line boundary. numpy aligns to 16 bytes, so each
     64-byte vector load of a kernel (a KV-cache row, the input vector of every matvec) touched
@@ -30,7 +42,7 @@ def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
 class RunState:
     """Every activation buffer and the KV cache, allocated once per model."""
 
-    def __init__(self, c: ModelConfig, seq_len: int):
+    def __init__(self, c: ModelConfig, seq_len: int, kv_type: str = "f32"):
         f = np.float32
         self.x = aligned_zeros(c.dim, f)  # residual stream
         self.xb = aligned_zeros(c.dim, f)  # inside a residual branch
@@ -40,11 +52,32 @@ class RunState:
         self.q = aligned_zeros(c.dim, f)
         self.att = aligned_zeros((c.n_heads, seq_len), f)  # attention scores
         self.logits = aligned_zeros(c.vocab_size, f)
-        self.key_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), f)
-        self.value_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), f)
+        self.key_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), kv_dtype(kv_type))
+        self.value_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), kv_dtype(kv_type))
+        self.k = aligned_zeros(c.kv_dim, f)  # this token's key and value, before an f16 cache
+        self.v = aligned_zeros(c.kv_dim, f)  # stores them
         self.rope_cos = aligned_zeros(c.head_size // 2, f)
         self.rope_sin = aligned_zeros(c.head_size // 2, f)
         self.rope_freqs = rope_frequencies(c)
+
+
+    def kv_targets(self, l: int, p0: int, k, v):
+        """Where the keys and values of layer l at position p0 (k, v: (kv_dim,) buffers) or
+        positions p0..p0+n-1 (k, v: (n, kv_dim)) are computed: straight into a float32 cache's
+        rows, or into k and v for `store_kv` to round into an f16 cache."""
+        if self.key_cache.dtype != np.float32:
+            return k, v
+        if k.ndim == 1:
+            return self.key_cache[l, p0], self.value_cache[l, p0]
+        return self.key_cache[l, p0:p0 + len(k)], self.value_cache[l, p0:p0 + len(k)]
+
+    def store_kv(self, l: int, p0: int, k, v) -> None:
+        """Keys (rotated) and values from `kv_targets` into the cache (nothing to do for float32:
+        they were computed there)."""
+        if self.key_cache.dtype != np.float32:
+            n = k.size // self.key_cache.shape[2]
+            ops.to_f16(self.key_cache[l, p0:p0 + n].reshape(-1), k.reshape(-1))
+            ops.to_f16(self.value_cache[l, p0:p0 + n].reshape(-1), v.reshape(-1))
 
 
 def rope_frequencies(c: ModelConfig) -> np.ndarray:
@@ -69,6 +102,8 @@ class BatchState:
         self.hb = aligned_zeros((batch, c.hidden_dim), f)
         self.hb2 = aligned_zeros((batch, c.hidden_dim), f)
         self.att = aligned_zeros((threads, c.n_heads, seq_len), f)  # one slab per thread
+        self.k = aligned_zeros((batch, c.kv_dim), f)  # keys and values before an f16 cache
+        self.v = aligned_zeros((batch, c.kv_dim), f)  # stores them
 
 
 def embed(table: np.ndarray, tokens, out: np.ndarray) -> None:
@@ -112,16 +147,17 @@ def block_rows(c: ModelConfig, layer, l: int, x, xb, xb2, q, k, v, hb, hb2, nt: 
     ops.add(x.reshape(-1), xb.reshape(-1))
 
 
-def kv_cache_bytes(c: ModelConfig, seq_len: int) -> int:
-    return 2 * 4 * c.n_layers * seq_len * c.kv_dim
+def kv_cache_bytes(c: ModelConfig, seq_len: int, kv_type: str = "f32") -> int:
+    return 2 * kv_dtype(kv_type).itemsize * c.n_layers * seq_len * c.kv_dim
 
 
-def runtime_bytes(c: ModelConfig, seq_len: int, threads: int = 1) -> int:
+def runtime_bytes(c: ModelConfig, seq_len: int, threads: int = 1, kv_type: str = "f32") -> int:
     """What a Model allocates besides the weights: the KV cache, and the attention scores of
     one token and of each thread's prefill slab (both grow with the context)."""
     scores = 4 * c.n_heads * seq_len * (1 + threads)
-    batch = 4 * Model.PREFILL_BATCH * (4 * c.dim + 2 * c.hidden_dim)
-    return kv_cache_bytes(c, seq_len) + scores + batch + 4 * (6 * c.dim + 2 * c.hidden_dim + c.vocab_size)
+    batch = 4 * Model.PREFILL_BATCH * (4 * c.dim + 2 * c.hidden_dim + 2 * c.kv_dim)
+    one = 4 * (6 * c.dim + 2 * c.hidden_dim + 2 * c.kv_dim + c.vocab_size)
+    return kv_cache_bytes(c, seq_len, kv_type) + scores + batch + one
 
 
 def _gib(n: int) -> str:
@@ -138,7 +174,9 @@ def _total_memory() -> int:
 class Model:
     """A transformer ready to run: config, weights and its RunState.
 
-    `seq_len` may be lowered below the model's context length to save KV-cache memory.
+    `seq_len` may be lowered below the model's context length to save KV-cache memory;
+    `kv_type` "f16" halves it (and the bytes each token's attention reads), as llama.cpp's
+    default cache does, at the cost of rounding each key and value to half.
     A prompt goes through `prefill` in batches of up to `PREFILL_BATCH` tokens: each weight
     matrix is then read once per batch instead of once per token.
     """
@@ -148,8 +186,11 @@ class Model:
     # tokens: 7B-layer prefill of 128 tokens at 1 thread, F16 +13% (AVX2 +8%), Q8_0 / 4-bit +4-6%
     PREFILL_BATCH = 128
 
-    def __init__(self, config: ModelConfig, weights: Weights, threads: int = 1, seq_len=None):
+    def __init__(self, config: ModelConfig, weights: Weights, threads: int = 1, seq_len=None,
+                 kv_type: str = "f32"):
         self.config = config
+        self.kv_type = kv_type
+        kv_dtype(kv_type)  # refuse an unknown type before anything is allocated
         self.weights = weights
         self.threads = max(1, int(threads))
         self.seq_len = config.seq_len if seq_len is None else int(seq_len)
@@ -158,7 +199,7 @@ class Model:
                 f"context length {self.seq_len} must be in 1..{config.seq_len} (the model's seq_len)")
         self._check_memory()
         try:
-            self.state = RunState(config, self.seq_len)
+            self.state = RunState(config, self.seq_len, kv_type)
         except MemoryError:  # more than the process may have (ulimit, overcommit off)
             raise self._memory_error("could not be allocated") from None
         self.batch_state = None  # allocated by the first prefill
@@ -166,16 +207,18 @@ class Model:
     def _check_memory(self) -> None:
         """Refuse, before allocating, a context whose buffers exceed this machine's memory
         (the weights are memory-mapped; the KV cache is what a huge context costs)."""
-        if runtime_bytes(self.config, self.seq_len, self.threads) > _total_memory():
+        if runtime_bytes(self.config, self.seq_len, self.threads, self.kv_type) > _total_memory():
             raise self._memory_error(f"is more than this machine's {_gib(_total_memory())}")
 
     def _memory_error(self, what: str) -> InsufficientMemoryError:
         c, n = self.config, self.seq_len
-        need = runtime_bytes(c, n, self.threads)
+        need = runtime_bytes(c, n, self.threads, self.kv_type)
+        size = kv_dtype(self.kv_type).itemsize
         return InsufficientMemoryError(
             f"a context of {n} positions needs {_gib(need)} of buffers (the KV cache: {c.n_layers} layers x "
-            f"{n} positions x {c.kv_dim} x 2 x 4 bytes = {_gib(kv_cache_bytes(c, n))}), which {what}; "
-            f"pass a smaller context length (ctx=... or --ctx)")
+            f"{n} positions x {c.kv_dim} x 2 x {size} bytes = {_gib(kv_cache_bytes(c, n, self.kv_type))}), "
+            f"which {what}; pass a smaller context length (ctx=... or --ctx)"
+            + (" or an f16 KV cache (kv_type=\"f16\" or --kv-type f16)" if size > 2 else ""))
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Run one token at position `pos`; returns the logits buffer (overwritten by the
@@ -190,12 +233,12 @@ class Model:
         embed(w.token_embedding, token, x)
         ops.rope_table(pos, s.rope_freqs, s.rope_cos, s.rope_sin)
         for l, layer in enumerate(w.layers):
-            k = s.key_cache[l, pos]
-            v = s.value_cache[l, pos]
+            k, v = s.kv_targets(l, pos, s.k, s.v)
             ops.rmsnorm(s.xb, x, layer.attn_norm, c.norm_eps)
             matvec_same_input((layer.wq, layer.wk, layer.wv), s.xb, (s.q, k, v), nt)
             ops.rope(s.q, c.head_size, s.rope_cos, s.rope_sin)
             ops.rope(k, c.head_size, s.rope_cos, s.rope_sin)
+            s.store_kv(l, pos, k, v)
             ops.attention(s.xb, s.q, s.key_cache[l], s.value_cache[l], s.att, pos,
                           c.n_heads, c.n_kv_heads, nt)
             layer.wo(s.xb, s.xb2, nt)
@@ -276,16 +319,16 @@ class Model:
 
         def block(l, layer, rows, p0):  # rows at consecutive positions p0.. of this model's cache
             x, xb, xb2, q, hb, hb2 = rows
-            n = len(x)
 
             def attend(l, k, v):
                 ops.rope_rows(q, c.head_size, p0, s.rope_freqs)
                 ops.rope_rows(k, c.head_size, p0, s.rope_freqs)
+                s.store_kv(l, p0, k, v)
                 ops.attention_rows(xb, q, s.key_cache[l], s.value_cache[l], bs.att, p0,
                                    c.n_heads, c.n_kv_heads, nt)
 
-            block_rows(c, layer, l, x, xb, xb2, q, s.key_cache[l, p0:p0 + n],
-                       s.value_cache[l, p0:p0 + n], hb, hb2, nt, attend)
+            k, v = s.kv_targets(l, p0, bs.k[:len(x)], bs.v[:len(x)])
+            block_rows(c, layer, l, x, xb, xb2, q, k, v, hb, hb2, nt, attend)
 
         # Unless every position's logits are wanted, the last layer feeds only the last
         # position's: the other positions need just their keys and values in the cache; queries,
@@ -304,9 +347,10 @@ class Model:
         if not every:
             l, n = len(full), (T - 1 if logits else T)
             if n:
-                kc = s.key_cache[l, pos0:pos0 + n]
-                kv_rows(c, w.layers[l], x[:n], xb[:n], kc, s.value_cache[l, pos0:pos0 + n], nt)
-                ops.rope_rows(kc, c.head_size, pos0, s.rope_freqs)
+                k, v = s.kv_targets(l, pos0, bs.k[:n], bs.v[:n])
+                kv_rows(c, w.layers[l], x[:n], xb[:n], k, v, nt)
+                ops.rope_rows(k, c.head_size, pos0, s.rope_freqs)
+                s.store_kv(l, pos0, k, v)
             if logits:
                 block(l, w.layers[l], tuple(r[T - 1:] for r in rows), pos0 + T - 1)
         if not logits:

@@ -13,10 +13,6 @@ cdef extern from "f32_kernels.h" nogil:
     void softmax_portable(float *a, long n) noexcept
     void matvec_f32_rows(const float *w, const float *x, float *out,
                          long n, long r0, long r1) noexcept
-    void attention_heads_f32(const float *q, const float *kc, const float *vc,
-                             float *att, long att_stride, float *out, long h0, long h1,
-                             long pos, long head_size, long kv_dim, long kv_mul,
-                             float scale) noexcept
 
 cdef extern from "f32_gemm.h" nogil:
     void gemm_f32_rows(const float *w, const float *x, float *out, long n, long T,
@@ -24,6 +20,18 @@ cdef extern from "f32_gemm.h" nogil:
 
 # f16 / bf16 weights (uint16_t bit patterns), f16_kernels.h
 from libc.stdint cimport uint16_t
+
+# attention over a float32 or an f16 (uint16_t bits) KV cache, and the f16 store, attention.h
+cdef extern from "attention.h" nogil:
+    void attention_heads_f32(const float *q, const float *kc, const float *vc,
+                             float *att, long att_stride, float *out, long h0, long h1,
+                             long pos, long head_size, long kv_dim, long kv_mul,
+                             float scale) noexcept
+    void attention_heads_f16(const float *q, const uint16_t *kc, const uint16_t *vc,
+                             float *att, long att_stride, float *out, long h0, long h1,
+                             long pos, long head_size, long kv_dim, long kv_mul,
+                             float scale) noexcept
+    void floats_to_f16(const float *x, uint16_t *out, long n) noexcept
 
 cdef extern from "f16_kernels.h" nogil:
     void matvec_f16_rows(const uint16_t *w, const float *x, float *out,

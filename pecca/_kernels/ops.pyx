@@ -5,20 +5,56 @@ Notes
 -----
 These touch a few thousand floats per call, so they run serially, except attention, which
 reads the KV cache of a layer row by row (each row once, for all heads) and splits the
-heads into one contiguous block per thread.
+heads into one contiguous block per thread. The KV cache is float32, or IEEE half given as
+uint16 bit patterns (numpy's float16 has no buffer format Cython reads: pass
+``cache.view(np.uint16)``); the attention functions take either (``kv_t``).
 Formulas follow llama2.c's run.c (float32, ``expf``, ``powf``/``cosf``/``sinf`` for RoPE)
 so that pecca reproduces its tokens; softmax sums sequentially as run.c does, because
 sampling compares a random coin against cumulative probabilities.
 """
 from cython.parallel cimport prange, threadid
 from libc.math cimport powf, cosf, sinf, sqrt, sqrtf
-from libc.stdint cimport int32_t
+from libc.stdint cimport int32_t, uint16_t
 from libc.string cimport memcpy
 from libc.stdlib cimport qsort
 
 cdef Py_ssize_t SWIGLU_CHUNK = 16384  # elements a thread takes at least (the vector exp: ~0.3 ns each)
-from pecca._kernels.kernels cimport (pecca_simd_reset, attention_heads_f32, softmax_portable,
-                                     swiglu_f32, argmax_finite_f32)
+from pecca._kernels.kernels cimport (pecca_simd_reset, attention_heads_f32, attention_heads_f16,
+                                     floats_to_f16, softmax_portable, swiglu_f32, argmax_finite_f32)
+
+ctypedef fused kv_t:  # a KV cache's element: float32, or half bits
+    float
+    uint16_t
+
+
+cdef inline void attention_heads(const float *q, const kv_t *kc, const kv_t *vc, float *att,
+                                 long att_stride, float *out, long h0, long h1, long pos,
+                                 long head_size, long kv_dim, long kv_mul, float scale) noexcept nogil:
+    if kv_t is float:
+        attention_heads_f32(q, kc, vc, att, att_stride, out, h0, h1, pos, head_size, kv_dim,
+                            kv_mul, scale)
+    else:
+        attention_heads_f16(q, kc, vc, att, att_stride, out, h0, h1, pos, head_size, kv_dim,
+                            kv_mul, scale)
+
+
+cdef inline void store_row(kv_t *dst, const float *src, long n) noexcept nogil:
+    """n floats into a cache row: copied, or rounded to half (to nearest even)"""
+    if kv_t is float:
+        memcpy(dst, src, n * sizeof(float))
+    else:
+        floats_to_f16(src, dst, n)
+
+
+def to_f16(uint16_t[::1] out, const float[::1] x):
+    """out = x rounded to IEEE half (to nearest even, as numpy's astype(np.float16)), as bits:
+    the store into an f16 KV cache."""
+    if out.shape[0] != x.shape[0]:
+        raise ValueError("to_f16: length mismatch")
+    if x.shape[0] == 0:
+        return
+    with nogil:
+        floats_to_f16(&x[0], &out[0], x.shape[0])
 
 
 def rmsnorm(float[::1] out, const float[::1] x, const float[::1] weight, float eps):
@@ -258,14 +294,15 @@ def add(float[::1] x, const float[::1] y):
             x[i] += y[i]
 
 
-def attention(float[::1] out, const float[::1] q, const float[:, ::1] k_cache,
-              const float[:, ::1] v_cache, float[:, ::1] att, int pos, int n_heads,
+def attention(float[::1] out, const float[::1] q, const kv_t[:, ::1] k_cache,
+              const kv_t[:, ::1] v_cache, float[:, ::1] att, int pos, int n_heads,
               int n_kv_heads, int num_threads=1):
     """Causal multi-head attention of one query over cache rows 0..pos.
 
     out : OUT (n_heads * head_size,) float32
     q : IN (n_heads * head_size,) float32, already rotated
-    k_cache, v_cache : IN (seq_len, n_kv_heads * head_size) float32, rows 0..pos filled
+    k_cache, v_cache : IN (seq_len, n_kv_heads * head_size) float32 or uint16 (half bits),
+        rows 0..pos filled
     att : scratch (n_heads, >= pos + 1) float32
     Query head h reads kv head h // (n_heads // n_kv_heads) (grouped-query attention).
     """
@@ -280,8 +317,8 @@ def attention(float[::1] out, const float[::1] q, const float[:, ::1] k_cache,
     cdef long kv_mul = n_heads // n_kv_heads, b, h0, h1
     cdef float scale = sqrtf(<float>head_size)
     cdef const float *qp = &q[0]
-    cdef const float *kp = &k_cache[0, 0]
-    cdef const float *vp = &v_cache[0, 0]
+    cdef const kv_t *kp = &k_cache[0, 0]
+    cdef const kv_t *vp = &v_cache[0, 0]
     cdef float *ap = &att[0, 0]
     cdef float *op = &out[0]
     cdef long att_stride = att.shape[1]
@@ -289,15 +326,15 @@ def attention(float[::1] out, const float[::1] q, const float[:, ::1] k_cache,
     cdef int nt = min(num_threads, n_heads) if (pos + 1) * dim >= 16384 else 1
     if nt <= 1:
         with nogil:
-            attention_heads_f32(qp, kp, vp, ap, att_stride, op, 0, n_heads, pos, head_size,
-                                kv_dim, kv_mul, scale)
+            attention_heads(qp, kp, vp, ap, att_stride, op, 0, n_heads, pos, head_size,
+                            kv_dim, kv_mul, scale)
         return
     with nogil:
         for b in prange(nt, schedule='static', num_threads=nt):
             h0 = n_heads * b // nt
             h1 = n_heads * (b + 1) // nt
-            attention_heads_f32(qp, kp, vp, ap, att_stride, op, h0, h1, pos, head_size,
-                                kv_dim, kv_mul, scale)
+            attention_heads(qp, kp, vp, ap, att_stride, op, h0, h1, pos, head_size,
+                            kv_dim, kv_mul, scale)
 
 
 # ---- batched forms, for prefill: one row per token -------------------------------------
@@ -345,14 +382,14 @@ def rope_rows(float[:, ::1] vec, int head_size, int pos0, const float[::1] freqs
                     vec[t, i + 1] = v0 * s_ + v1 * c
 
 
-def attention_rows(float[:, ::1] out, const float[:, ::1] q, const float[:, ::1] k_cache,
-                   const float[:, ::1] v_cache, float[:, :, ::1] att, int pos0, int n_heads,
+def attention_rows(float[:, ::1] out, const float[:, ::1] q, const kv_t[:, ::1] k_cache,
+                   const kv_t[:, ::1] v_cache, float[:, :, ::1] att, int pos0, int n_heads,
                    int n_kv_heads, int num_threads=1):
     """Causal attention of T queries: row t sits at position pos0 + t and attends to cache
     rows 0..pos0 + t (the batch's own keys must already be in the cache).
 
     out : OUT (T, n_heads * head_size); q : IN (T, n_heads * head_size), rotated
-    k_cache, v_cache : IN (seq_len, n_kv_heads * head_size)
+    k_cache, v_cache : IN (seq_len, n_kv_heads * head_size) float32 or uint16 (half bits)
     att : scratch (>= num_threads, n_heads, >= pos0 + T), one slab per thread
     """
     cdef Py_ssize_t T = q.shape[0], dim = q.shape[1], kv_dim = k_cache.shape[1]
@@ -370,21 +407,21 @@ def attention_rows(float[:, ::1] out, const float[:, ::1] q, const float[:, ::1]
     cdef long kv_mul = n_heads // n_kv_heads, t
     cdef float scale = sqrtf(<float>head_size)
     cdef const float *qp = &q[0, 0]
-    cdef const float *kp = &k_cache[0, 0]
-    cdef const float *vp = &v_cache[0, 0]
+    cdef const kv_t *kp = &k_cache[0, 0]
+    cdef const kv_t *vp = &v_cache[0, 0]
     cdef float *ap = &att[0, 0, 0]
     cdef float *op = &out[0, 0]
     cdef long att_stride = att.shape[2], slab = att.shape[1] * att.shape[2]
     with nogil:
         for t in prange(T, schedule='dynamic', num_threads=nt):
-            attention_heads_f32(qp + t * dim, kp, vp, ap + threadid() * slab, att_stride,
-                                op + t * dim, 0, n_heads, pos0 + t, head_size, kv_dim,
-                                kv_mul, scale)
+            attention_heads(qp + t * dim, kp, vp, ap + threadid() * slab, att_stride,
+                            op + t * dim, 0, n_heads, pos0 + t, head_size, kv_dim,
+                            kv_mul, scale)
 
 # ---- the serving batch: one token per sequence, each in its own cache slot -------------
 
 def attend_slots(float[:, ::1] out, float[:, ::1] q, float[:, ::1] k, const float[:, ::1] v,
-                 float[:, :, :, ::1] key_cache, float[:, :, :, ::1] value_cache, int layer,
+                 kv_t[:, :, :, ::1] key_cache, kv_t[:, :, :, ::1] value_cache, int layer,
                  const int32_t[::1] slots, const int32_t[::1] positions,
                  const float[:, ::1] cos_t, const float[:, ::1] sin_t, float[:, :, ::1] att,
                  int n_heads, int n_kv_heads, int num_threads=1):
@@ -396,7 +433,8 @@ def attend_slots(float[:, ::1] out, float[:, ::1] q, float[:, ::1] k, const floa
 
     out : OUT (>= B, n_heads * head_size); q, k : IN/OUT (>= B, ...), rotated in place
     v : IN (>= B, n_kv_heads * head_size)
-    key_cache, value_cache : IN/OUT (slots, layers, seq_len, n_kv_heads * head_size)
+    key_cache, value_cache : IN/OUT (slots, layers, seq_len, n_kv_heads * head_size), float32
+        or uint16 (half bits: k and v are rounded to half as they are stored)
     cos_t, sin_t : IN (>= seq_len rows used, head_size // 2)
     att : scratch (>= num_threads, n_heads, > max position), one slab per thread
     """
@@ -436,8 +474,8 @@ def attend_slots(float[:, ::1] out, float[:, ::1] q, float[:, ::1] k, const floa
     cdef float scale = sqrtf(<float>head_size)
     cdef long att_stride = att.shape[2], slab = att.shape[1] * att.shape[2]
     cdef long cache_row = kv_dim, cache_layer = seq * kv_dim, cache_slot = key_cache.shape[1] * seq * kv_dim
-    cdef float *kcp = &key_cache[0, 0, 0, 0]
-    cdef float *vcp = &value_cache[0, 0, 0, 0]
+    cdef kv_t *kcp = &key_cache[0, 0, 0, 0]
+    cdef kv_t *vcp = &value_cache[0, 0, 0, 0]
     cdef float *qp = &q[0, 0]
     cdef float *op = &out[0, 0]
     cdef float *ap = &att[0, 0, 0]
@@ -452,8 +490,8 @@ def attend_slots(float[:, ::1] out, float[:, ::1] q, float[:, ::1] k, const floa
             rope_heads(qr, dim, head_size, &cos_t[p, 0], &sin_t[p, 0])
             rope_heads(kr, kv_dim, head_size, &cos_t[p, 0], &sin_t[p, 0])
             base = slots[b] * cache_slot + layer * cache_layer + p * cache_row
-            memcpy(kcp + base, kr, kv_dim * sizeof(float))
-            memcpy(vcp + base, &v[b, 0], kv_dim * sizeof(float))
+            store_row(kcp + base, kr, kv_dim)
+            store_row(vcp + base, &v[b, 0], kv_dim)
     # attention: units of (row, block of heads); small caches are not worth a thread team
     cdef int nt = num_threads if work >= 16384 else 1
     nb = 1
@@ -466,18 +504,18 @@ def attend_slots(float[:, ::1] out, float[:, ::1] q, float[:, ::1] k, const floa
         with nogil:
             for b in range(B):
                 base = slots[b] * cache_slot + layer * cache_layer
-                attention_heads_f32(qp + b * dim, kcp + base, vcp + base, ap, att_stride,
-                                    op + b * dim, 0, n_heads, positions[b], head_size, kv_dim,
-                                    kv_mul, scale)
+                attention_heads(qp + b * dim, kcp + base, vcp + base, ap, att_stride,
+                                op + b * dim, 0, n_heads, positions[b], head_size, kv_dim,
+                                kv_mul, scale)
         return
     with nogil:
         for u in prange(units, schedule='dynamic', num_threads=nt):
-            attention_heads_f32(qp + (u // nb) * dim,
-                                kcp + slots[u // nb] * cache_slot + layer * cache_layer,
-                                vcp + slots[u // nb] * cache_slot + layer * cache_layer,
-                                ap + threadid() * slab, att_stride, op + (u // nb) * dim,
-                                n_heads * (u % nb) // nb, n_heads * (u % nb + 1) // nb,
-                                positions[u // nb], head_size, kv_dim, kv_mul, scale)
+            attention_heads(qp + (u // nb) * dim,
+                            kcp + slots[u // nb] * cache_slot + layer * cache_layer,
+                            vcp + slots[u // nb] * cache_slot + layer * cache_layer,
+                            ap + threadid() * slab, att_stride, op + (u // nb) * dim,
+                            n_heads * (u % nb) // nb, n_heads * (u % nb + 1) // nb,
+                            positions[u // nb], head_size, kv_dim, kv_mul, scale)
 
 
 def _reset_simd():

@@ -65,12 +65,14 @@ class PeccaServer:
         self.app = build_app(self)
 
     @classmethod
-    def load(cls, model: str, threads: Optional[int] = None, tokenizer: Optional[str] = None, **kwargs):
-        """Open MODEL (a file or known name) with pecca.load and serve it."""
+    def load(cls, model: str, threads: Optional[int] = None, tokenizer: Optional[str] = None,
+             kv_type: str = "f32", **kwargs):
+        """Open MODEL (a file or known name) with pecca.load and serve it (the slots' caches of
+        `kv_type`, as pecca.load's)."""
         import pecca
 
         # ctx=1: the LLM's own KV cache goes unused (each slot has its own), so keep it tiny
-        llm = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=1)
+        llm = pecca.load(model, threads=threads, tokenizer=tokenizer, ctx=1, kv_type=kv_type)
         return cls(llm, **kwargs)
 
     def start(self) -> "PeccaServer":

@@ -28,7 +28,7 @@ from pecca._kernels import ops
 from pecca.config import ModelConfig
 from pecca.errors import PeccaError
 from pecca.model import (BatchState, Model, _total_memory, aligned_zeros, block_rows, embed,
-                         kv_cache_bytes)
+                         kv_cache_bytes, kv_dtype)
 from pecca.threads import governor
 from pecca.weights import Weights
 
@@ -80,20 +80,21 @@ def row_padding(weights: Weights, threads: int) -> Tuple[int, int]:
 
 
 class SlotPool:
-    """`n` KV-cache slots of `seq_len` positions over one set of weights."""
+    """`n` KV-cache slots of `seq_len` positions over one set of weights; `kv_type` as Model's."""
 
-    def __init__(self, config: ModelConfig, weights: Weights, n: int, seq_len: int, threads: int):
-        need = n * kv_cache_bytes(config, seq_len)
+    def __init__(self, config: ModelConfig, weights: Weights, n: int, seq_len: int, threads: int,
+                 kv_type: str = "f32"):
+        need = n * kv_cache_bytes(config, seq_len, kv_type)
         if need > _total_memory():
             raise PeccaError(f"{n} KV-cache slots of {seq_len} positions need {need / 2**30:.1f} GiB, "
                              "more than this machine has; lower --parallel or --ctx-size")
-        self.models = [Model(config, weights, threads, seq_len) for _ in range(n)]
+        self.models = [Model(config, weights, threads, seq_len, kv_type) for _ in range(n)]
         # every slot's cache in one array (slot, layer, position, kv_dim), so that one kernel call
         # serves the whole batch; each Model sees its own slot (its prefill writes there). The
         # caches each Model allocated are zero pages never touched: dropping them costs nothing.
         shape = (n, config.n_layers, seq_len, config.kv_dim)
-        self.key_cache = aligned_zeros(shape)
-        self.value_cache = aligned_zeros(shape)
+        self.key_cache = aligned_zeros(shape, kv_dtype(kv_type))
+        self.value_cache = aligned_zeros(shape, kv_dtype(kv_type))
         for i, m in enumerate(self.models):
             m.state.key_cache, m.state.value_cache = self.key_cache[i], self.value_cache[i]
         # the engine prefills one sequence at a time: one set of prefill buffers serves all slots

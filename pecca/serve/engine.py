@@ -122,7 +122,7 @@ class Engine:
         self.parallel = parallel
         self.max_queue = 4 * parallel if max_queue is None else int(max_queue)
         self.tokenizer, self.stop_ids, self.vocab_size = llm.tokenizer, llm.stop_ids, c.vocab_size
-        self.pool = SlotPool(c, llm.model.weights, parallel, self.ctx, llm.threads)
+        self.pool = SlotPool(c, llm.model.weights, parallel, self.ctx, llm.threads, llm.model.kv_type)
         self.decoder: Optional[BatchDecoder] = None  # built by the engine thread (see the top)
         self.start_error: Optional[BaseException] = None
         self.waiting: deque = deque()

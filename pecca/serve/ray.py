@@ -51,11 +51,11 @@ class PeccaDeployment:
     def __init__(self, model: str, parallel: int = 4, ctx_size: Optional[int] = None,
                  api_key: Optional[str] = None, model_name: Optional[str] = None,
                  chat_template: Optional[str] = None, max_queue: Optional[int] = None,
-                 threads: Optional[int] = None, tokenizer: Optional[str] = None):
+                 threads: Optional[int] = None, tokenizer: Optional[str] = None, kv_type: str = "f32"):
         global _replica
         from pecca.serve.app import PeccaServer
 
-        _replica = PeccaServer.load(model, threads=threads, tokenizer=tokenizer, parallel=parallel,
+        _replica = PeccaServer.load(model, threads=threads, tokenizer=tokenizer, kv_type=kv_type, parallel=parallel,
                                     ctx_size=ctx_size, api_key=api_key, model_name=model_name,
                                     chat_template=chat_template, max_queue=max_queue).start()
         self.server = _replica
