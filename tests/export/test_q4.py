@@ -85,16 +85,18 @@ def test_smollm2_float_path_equals_fp32_forward(smollm2, llama_cpp_refs):
         assert err < 1e-3
 
 
-def test_smollm2_int8_path_no_farther_than_llama_cpp(smollm2, llama_cpp_refs):
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])  # f16: llama.cpp's own cache type
+def test_smollm2_int8_path_no_farther_than_llama_cpp(smollm2, llama_cpp_refs, kv_type):
     recs, theirs = llama_cpp_refs
-    q4 = pecca.load(str(smollm2[0]), threads=2)
+    q4 = pecca.load(str(smollm2[0]), threads=2, kv_type=kv_type)
     f32 = pecca.load(str(smollm2[1]), threads=2)
     for rec, cpp in zip(recs, theirs):
         ids = rec["prompt_ids"]
         ref = f32.model.logits_all(ids)[-1]
         ours = q4.model.logits_all(ids)[-1]
         d_ours, d_cpp = np.abs(ours - ref).max(), np.abs(cpp - ref).max()
-        print(f"{rec['name']}: max |pecca int8 - fp32| {d_ours:.3f}, max |llama.cpp - fp32| {d_cpp:.3f}")
+        print(f"{rec['name']}: max |pecca int8, {kv_type} KV - fp32| {d_ours:.3f}, "
+              f"max |llama.cpp - fp32| {d_cpp:.3f}")
         assert d_ours <= d_cpp
 
 

@@ -178,6 +178,109 @@ def test_attention_rejects_bad_shapes():
         ops.attention(np.zeros(16, np.float32), q, kc, kc, att, 0, 3, 1)  # heads do not divide
 
 
+# ---- an f16 KV cache: the store rounds as numpy; attention over it is the f32 attention over
+# the same (rounded) values, bit for bit -------------------------------------------------------
+
+def half_specials():
+    """float32 values around every rounding case of float32 -> half: ties to even at each
+    magnitude, the subnormal range and its ties, the overflow boundary (65504, 65519.996,
+    65520), zeros, infinities; the neighbours (one float32 ulp away) of each."""
+    h = np.arange(0, 0x7c01, dtype=np.uint32)  # every non-negative finite half, and inf
+    lo = h[:-1].astype(np.uint16).view(np.float16).astype(np.float64)
+    hi = h[1:].astype(np.uint16).view(np.float16).astype(np.float64)
+    ties = ((lo + hi) / 2).astype(np.float32)  # exact in float32 below 65520 (the last is 65520)
+    base = np.concatenate([ties, lo.astype(np.float32), np.float32([65504, 65520, 1e5, 3.4e38, np.inf])])
+    up, down = np.nextafter(base, np.float32(np.inf)), np.nextafter(base, np.float32(0))
+    x = np.concatenate([base, up, down])
+    return np.concatenate([x, -x])
+
+
+@pytest.mark.parametrize("simd", PATHS)
+def test_to_f16_rounds_as_numpy(simd):
+    _kernels.set_simd_path(simd)
+    try:
+        rng = np.random.default_rng(5)
+        bits = rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32)
+        for x in (half_specials(), bits.view(np.float32)):
+            with np.errstate(over="ignore", invalid="ignore"):
+                want = x.astype(np.float16)
+            got = np.zeros(len(x), np.uint16)
+            ops.to_f16(got, x)
+            nan = np.isnan(x)
+            np.testing.assert_array_equal(got[~nan], want.view(np.uint16)[~nan])
+            assert np.isnan(got[nan].view(np.float16)).all()  # a nan's payload bits may differ
+        for n in (0, 1, 7, 8, 15, 16, 17, 33):  # the vector paths' tails
+            x = rng.standard_normal(n).astype(np.float32) * 1e3
+            got = np.full(n, 0xFFFF, np.uint16)
+            ops.to_f16(got, x)
+            np.testing.assert_array_equal(got, x.astype(np.float16).view(np.uint16))
+        with pytest.raises(ValueError):
+            ops.to_f16(np.zeros(3, np.uint16), np.zeros(4, np.float32))
+    finally:
+        _kernels.set_simd_path(None)
+
+
+def f16_cache(rng, shape, scale=1.0):
+    """(f16 bits as uint16, the same values as float32)"""
+    h = (rng.standard_normal(shape) * scale).astype(np.float16)
+    return h.view(np.uint16), h.astype(np.float32)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("n_heads,n_kv,head_size", [(1, 1, 2), (8, 4, 8), (6, 6, 48), (12, 3, 64), (5, 1, 20),
+                                                    (4, 2, 16), (3, 3, 96), (4, 4, 128), (8, 1, 64), (5, 5, 80),
+                                                    (2, 2, 264), (3, 1, 10)])
+@pytest.mark.parametrize("pos", [0, 6, 15, 16, 33, 300])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_over_an_f16_cache(simd, n_heads, n_kv, head_size, pos, threads):
+    """Every path (vector tiles and row-by-row bodies, head sizes off the vector widths and
+    past 256) gives over the half cache the bits the float32 attention gives over the widened
+    cache, and is close to float64."""
+    _kernels.set_simd_path(simd)
+    try:
+        seq = 301
+        rng = np.random.default_rng(pos + 7 * n_heads + head_size)
+        q = rng.standard_normal(n_heads * head_size).astype(np.float32)
+        kh, kf = f16_cache(rng, (seq, n_kv * head_size))
+        vh, vf = f16_cache(rng, (seq, n_kv * head_size))
+        att = np.zeros((n_heads, seq), np.float32)
+        want, got = np.zeros_like(q), np.full_like(q, np.nan)
+        ops.attention(want, q, kf, vf, att, pos, n_heads, n_kv, threads)
+        ops.attention(got, q, kh, vh, att, pos, n_heads, n_kv, threads)
+        np.testing.assert_array_equal(got, want)
+        close(got, attention_ref(q, kf, vf, pos, n_heads, n_kv), 1e-5)
+    finally:
+        _kernels.set_simd_path(None)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("n_heads,n_kv,head_size,pos0,T", [(8, 4, 8, 0, 7), (6, 6, 48, 10, 33), (2, 1, 6, 5, 3)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_rows_over_an_f16_cache(simd, n_heads, n_kv, head_size, pos0, T, threads):
+    _kernels.set_simd_path(simd)
+    try:
+        seq = pos0 + T + 3
+        rng = np.random.default_rng(T + pos0 + 1)
+        q = rng.standard_normal((T, n_heads * head_size)).astype(np.float32)
+        kh, kf = f16_cache(rng, (seq, n_kv * head_size))
+        vh, vf = f16_cache(rng, (seq, n_kv * head_size))
+        att = np.zeros((threads, n_heads, seq), np.float32)
+        want, got = np.zeros_like(q), np.full_like(q, np.nan)
+        ops.attention_rows(want, q, kf, vf, att, pos0, n_heads, n_kv, threads)
+        ops.attention_rows(got, q, kh, vh, att, pos0, n_heads, n_kv, threads)
+        np.testing.assert_array_equal(got, want)
+    finally:
+        _kernels.set_simd_path(None)
+
+
+def test_attention_refuses_mixed_cache_types():
+    q, att, out = np.zeros(16, np.float32), np.zeros((2, 4), np.float32), np.zeros(16, np.float32)
+    with pytest.raises((TypeError, ValueError)):  # keys half, values float32: no kernel takes that
+        ops.attention(out, q, np.zeros((4, 8), np.uint16), np.zeros((4, 8), np.float32), att, 0, 2, 1)
+    with pytest.raises((TypeError, ValueError)):  # numpy's float16 itself: pass its uint16 view
+        ops.attention(out, q, np.zeros((4, 8), np.float16), np.zeros((4, 8), np.float16), att, 0, 2, 1)
+
+
 # ---- batched forms (prefill) against the one-token forms and float64 -----------------------
 
 @pytest.mark.parametrize("T,n", [(1, 7), (5, 33), (13, 288)])
@@ -238,10 +341,12 @@ def test_attention_rows_is_causal_per_token(simd, n_heads, n_kv, head_size, pos0
     (8, 2, 128, [33, 0, 7], [3, 0, 1]),
 ])
 @pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("kv", ["f32", "f16"])
 def test_attend_slots_equals_rope_store_attention_per_row(simd, n_heads, n_kv, head_size, positions,
-                                                          slots, threads):
+                                                          slots, threads, kv):
     """Bit for bit what Model.forward does for each row (rope, rope, store k and v, attention),
-    close to float64, padding rows and other cache rows untouched."""
+    close to float64, padding rows and other cache rows untouched; with an f16 cache, k and v
+    are stored rounded to half (numpy's astype(float16))."""
     _kernels.set_simd_path(simd)
     try:
         n_slots, layers, seq, layer = 5, 3, 301, 1
@@ -253,6 +358,10 @@ def test_attend_slots_equals_rope_store_attention_per_row(simd, n_heads, n_kv, h
         v = rng.standard_normal((R, kv_dim)).astype(np.float32)
         kc = rng.standard_normal((n_slots, layers, seq, kv_dim)).astype(np.float32)
         vc = rng.standard_normal((n_slots, layers, seq, kv_dim)).astype(np.float32)
+        if kv == "f16":
+            kc, vc = (c.astype(np.float16).view(np.uint16) for c in (kc, vc))
+        stored = (lambda r: r.astype(np.float16).view(np.uint16)) if kv == "f16" else (lambda r: r)
+        widened = (lambda c: c.view(np.float16).astype(np.float32)) if kv == "f16" else (lambda c: c)
         freqs = np.empty(head_size // 2, np.float32)
         ops.rope_freqs(head_size, 10000.0, freqs)
         cos = np.empty((seq, head_size // 2), np.float32)
@@ -266,10 +375,11 @@ def test_attend_slots_equals_rope_store_attention_per_row(simd, n_heads, n_kv, h
         for b, (s, p) in enumerate(zip(slots, positions)):
             ops.rope(want_q[b], head_size, cos[p], sin[p])
             ops.rope(want_k[b], head_size, cos[p], sin[p])
-            want_kc[s, layer, p] = want_k[b]
-            want_vc[s, layer, p] = v[b]
+            want_kc[s, layer, p] = stored(want_k[b])
+            want_vc[s, layer, p] = stored(v[b])
             ops.attention(want[b], want_q[b], want_kc[s, layer], want_vc[s, layer], att1, p, n_heads, n_kv, 1)
-            close(want[b], attention_ref(want_q[b], want_kc[s, layer], want_vc[s, layer], p, n_heads, n_kv), 1e-5)
+            close(want[b], attention_ref(want_q[b], widened(want_kc[s, layer]), widened(want_vc[s, layer]), p,
+                                         n_heads, n_kv), 1e-5)
         out = np.full((R, dim), 7.0, np.float32)
         att = np.zeros((threads, n_heads, seq), np.float32)
         ops.attend_slots(out, q, k, v, kc, vc, layer, np.array(slots, np.int32), np.array(positions, np.int32),

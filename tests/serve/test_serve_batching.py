@@ -35,15 +35,17 @@ def any_precision(request, tmp_path_factory, files):
     return pecca.load(str(out), threads=1)
 
 
-def test_rows_do_not_depend_on_the_batch(any_precision):
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+def test_rows_do_not_depend_on_the_batch(any_precision, kv_type):
     from pecca.model import Model
     from pecca.serve.batch import BatchDecoder, SlotPool
 
     c, w = any_precision.config, any_precision.model.weights
-    pool = SlotPool(c, w, 6, 64, 1)
+    pool = SlotPool(c, w, 6, 64, 1, kv_type)
     decoder = BatchDecoder(pool, 6)
     prompts = [[1, 403, 407, 261, 378], [1, 300], [1], [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 50], [1, 60, 70]]
-    ref = Model(c, w, 1, 64)
+    ref = Model(c, w, 1, 64, kv_type)
+    assert pool.key_cache.dtype == ref.state.key_cache.dtype == (np.uint16 if kv_type == "f16" else np.float32)
     for slot, p in enumerate(prompts):  # prefill into a slot = Model.prefill, bit for bit
         assert np.array_equal(pool.prefill(slot, p, 0, len(p)), ref.prefill(p, 0))
     alone = decoder.step([(0, 99, 5)]).copy()
@@ -83,6 +85,36 @@ def test_engine_equals_llm_generate_greedy_and_seeded(llm):
     finally:
         engine.close()
     assert engine.status()["slots_busy"] == 0
+
+
+def test_engine_with_an_f16_cache_equals_llm_generate(files):
+    """The slots' caches take the LLM's KV type: greedy replies equal pecca.load(kv_type="f16")'s."""
+    import pecca
+    from pecca.generate import GenerationOptions, prompt_tokens
+    from pecca.serve.engine import Engine, Job
+
+    llm = pecca.load(str(files[0]), threads=1, kv_type="f16")
+    engine = Engine(llm, parallel=3, ctx_size=256).start()
+    try:
+        assert engine.pool.key_cache.dtype == np.uint16
+        jobs = []
+        for prompt in OPENINGS[:4]:
+            out, done = [], threading.Event()
+
+            def sink(event, out=out, done=done):
+                out.append(event)
+                if event[0] != "text":
+                    done.set()
+
+            jobs.append((prompt, out, done))
+            opts = GenerationOptions(60, 0.0, 0.9, 0, 0.0, 1.0, 64, None, ())
+            engine.submit(Job(prompt_tokens(llm.tokenizer, prompt), opts.sampler(512), 60, [], sink))
+        for prompt, out, done in jobs:
+            assert done.wait(30)
+            text = "".join(e[1] for e in out if e[0] == "text")
+            assert text == llm.generate(prompt, max_tokens=60, temperature=0)
+    finally:
+        engine.close()
 
 
 def stream_chat(client, i, max_tokens=60):
