@@ -53,7 +53,10 @@ def test_rows_do_not_depend_on_the_batch(any_precision, kv_type):
     assert np.array_equal(alone[0], together[1])
     ref.prefill(prompts[0], 0)
     single = ref.forward(99, 5)
-    assert np.allclose(single, alone[0], atol=1e-4) and single.argmax() == alone[0].argmax()
+    # the batch's GEMMs and Model.forward's matvecs sum in other orders; with an f16 cache a key
+    # or value a last bit apart can round to neighbouring halves (1e-3 apart)
+    assert np.allclose(single, alone[0], atol=1e-4 if kv_type == "f32" else 1e-3)
+    assert single.argmax() == alone[0].argmax()
     if (decoder.multiple, decoder.minimum) == (1, 1):  # int8 throughout: not padded, exactly Model.forward
         assert np.array_equal(single, alone[0])
 
