@@ -27,9 +27,12 @@ so "of BW" is the mean of each run's decode GB/s over that run's own bandwidth (
 its two readings), and a rep in which any engine's two readings differ by more than 15% is
 redone like a loaded one (up to 3 times): the machine changed state under that engine.
 
+pecca runs with --kv-type's KV cache, f16 by default: llama.cpp's default, so both engines
+read the same cache bytes at every token (f32: pecca's own default, llama2.c's arithmetic).
+
 Files go to --out-dir (default bench/out/, gitignored); 7B-layers needs ~10 GB of disk.
 Usage: python bench/compare.py [--cases smollm2,7B-layers] [--threads 1,2] [--reps 3]
-       [--prompt-tokens 128] [--gen-tokens 32] [--layers 4] [--json]
+       [--prompt-tokens 128] [--gen-tokens 32] [--layers 4] [--kv-type f16] [--json]
 """
 import argparse
 import json
@@ -121,9 +124,9 @@ CASES = {"smollm2": smollm2_files, "7B-layers": seven_b_files, "stories15M": sto
 class Engine:
     """One (engine, file): pecca.load or llama_cpp.Llama, timed the same way."""
 
-    def __init__(self, label, kind, path, n_p, n_g):
+    def __init__(self, label, kind, path, n_p, n_g, kv_type="f16"):
         self.label, self.kind, self.path, self.n_p, self.n_g = label, kind, path, n_p, n_g
-        self.m = pecca.load(str(path), threads=1)  # also for llama.cpp: the byte count
+        self.m = pecca.load(str(path), threads=1, kv_type=kv_type)  # also for llama.cpp: the byte count
         self.bytes_per_token = self.m.loaded.weights.nbytes
         self.vocab = self.m.config.vocab_size
         self.llm = load_llama(path, n_ctx=n_p + n_g + 16, n_batch=max(n_p, 32)) if kind == "llama.cpp" else None
@@ -202,7 +205,7 @@ def summarize(case, engines, threads, samples, redone, bandwidth):
     return rows
 
 
-def format_table(rows, n_p, n_g, reps) -> str:
+def format_table(rows, n_p, n_g, reps, kv_type="f16") -> str:
     out = [f"tok/s, mean ± std of {reps} alternating reps; pp{n_p} prefill, tg{n_g} greedy decode",
            f"{'case':<10} {'thr':>3}  {'engine':<9} {'weights':<20} {'pp tok/s':>16} {'tg tok/s':>14} "
            f"{'GB/s':>6} {'of BW':>10}  tg ratios (paired)", "-" * 134]
@@ -222,7 +225,7 @@ def format_table(rows, n_p, n_g, reps) -> str:
 
     paths = rows[0].get("pecca_kernels", kernel_paths()) if rows else kernel_paths()
     out.append(f"llama-cpp-python {llama_cpp.__version__} (prebuilt wheel, f16 KV cache); pecca "
-               f"{pecca.__version__}: {paths}, f32 KV cache")
+               f"{pecca.__version__}: {paths}, {kv_type} KV cache")
     return "\n".join(out)
 
 
@@ -241,6 +244,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--layers", type=int, default=4, help="7B-layers: how many layers")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "f32"], help="pecca's KV cache")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -265,15 +269,15 @@ def main(argv=None) -> int:
         log(f"{case}: preparing files")
         files = CASES[case](args.out_dir, args)
         os.sync()
-        engines = [Engine(*f, args.prompt_tokens, args.gen_tokens) for f in files]
+        engines = [Engine(*f, args.prompt_tokens, args.gen_tokens, args.kv_type) for f in files]
         for t in args.threads:
             samples, bandwidth, redone = bench_threads(case, engines, t, args.reps)
             rows += summarize(case, engines, t, samples, redone, bandwidth)
         del engines
-    result = {"rows": rows}
+    result = {"rows": rows, "pecca_kv_type": args.kv_type}
     (args.out_dir / "compare.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if args.json else
-          format_table(rows, args.prompt_tokens, args.gen_tokens, args.reps))
+          format_table(rows, args.prompt_tokens, args.gen_tokens, args.reps, args.kv_type))
     return 0
 
 
