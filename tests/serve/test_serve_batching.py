@@ -61,61 +61,53 @@ def test_rows_do_not_depend_on_the_batch(any_precision, kv_type):
         assert np.array_equal(single, alone[0])
 
 
-def test_engine_equals_llm_generate_greedy_and_seeded(llm):
+def replies_equal_llm_generate(engine, llm, prompts, n, temperature, seed):
+    """Submit every prompt to the engine at once; each reply is what llm.generate gives alone."""
     from pecca.generate import GenerationOptions, prompt_tokens
-    from pecca.serve.engine import Engine, Job
+    from pecca.serve.engine import Job
+
+    jobs = []
+    for prompt in prompts:
+        opts = GenerationOptions(n, temperature, 0.9, 0, 0.0, 1.0, 64, seed, ())
+        out, done = [], threading.Event()
+
+        def sink(event, out=out, done=done):
+            out.append(event)
+            if event[0] != "text":
+                done.set()
+
+        jobs.append((prompt, out, done))
+        engine.submit(Job(prompt_tokens(llm.tokenizer, prompt), opts.sampler(512), n, [], sink))
+    for prompt, out, done in jobs:
+        assert done.wait(30)
+        text = "".join(e[1] for e in out if e[0] == "text")
+        assert text == llm.generate(prompt, max_tokens=n, temperature=temperature, seed=seed)
+        assert out[-1][2].completion_tokens == llm.last_stats.generated_tokens
+
+
+def test_engine_equals_llm_generate_greedy_and_seeded(llm):
+    from pecca.serve.engine import Engine
 
     engine = Engine(llm, parallel=4, ctx_size=512).start()
     try:
         for temperature, seed in ((0.0, None), (1.0, 42)):
-            jobs = []
-            for prompt in OPENINGS[:6]:  # 6 jobs on 4 slots: two wait, then join
-                opts = GenerationOptions(80, temperature, 0.9, 0, 0.0, 1.0, 64, seed, ())
-                out, done = [], threading.Event()
-
-                def sink(event, out=out, done=done):
-                    out.append(event)
-                    if event[0] != "text":
-                        done.set()
-
-                jobs.append((prompt, out, done))
-                engine.submit(Job(prompt_tokens(llm.tokenizer, prompt), opts.sampler(512), 80, [], sink))
-            for prompt, out, done in jobs:
-                assert done.wait(30)
-                text = "".join(e[1] for e in out if e[0] == "text")
-                assert text == llm.generate(prompt, max_tokens=80, temperature=temperature, seed=seed)
-                assert out[-1][2].completion_tokens == llm.last_stats.generated_tokens
+            # 6 jobs on 4 slots: two wait, then join
+            replies_equal_llm_generate(engine, llm, OPENINGS[:6], 80, temperature, seed)
     finally:
         engine.close()
     assert engine.status()["slots_busy"] == 0
 
 
 def test_engine_with_an_f16_cache_equals_llm_generate(files):
-    """The slots' caches take the LLM's KV type: greedy replies equal pecca.load(kv_type="f16")'s."""
+    """The slots' caches take the LLM's KV type: replies equal pecca.load(kv_type="f16")'s."""
     import pecca
-    from pecca.generate import GenerationOptions, prompt_tokens
-    from pecca.serve.engine import Engine, Job
+    from pecca.serve.engine import Engine
 
     llm = pecca.load(str(files[0]), threads=1, kv_type="f16")
     engine = Engine(llm, parallel=3, ctx_size=256).start()
     try:
         assert engine.pool.key_cache.dtype == np.uint16
-        jobs = []
-        for prompt in OPENINGS[:4]:
-            out, done = [], threading.Event()
-
-            def sink(event, out=out, done=done):
-                out.append(event)
-                if event[0] != "text":
-                    done.set()
-
-            jobs.append((prompt, out, done))
-            opts = GenerationOptions(60, 0.0, 0.9, 0, 0.0, 1.0, 64, None, ())
-            engine.submit(Job(prompt_tokens(llm.tokenizer, prompt), opts.sampler(512), 60, [], sink))
-        for prompt, out, done in jobs:
-            assert done.wait(30)
-            text = "".join(e[1] for e in out if e[0] == "text")
-            assert text == llm.generate(prompt, max_tokens=60, temperature=0)
+        replies_equal_llm_generate(engine, llm, OPENINGS[:4], 60, 0.0, None)
     finally:
         engine.close()
 
