@@ -12,6 +12,7 @@ take matvec_same_input's one-call path (Q8_0, Q4_0, Q4_1, q4g q/k/v and gate/up)
 uninstrumented tok/s does.
 
 Usage: python bench/profile_decode.py MODEL [--threads 2] [--tokens 64] [--prompt-tokens 16]
+       [--kv-type f32|f16]
 """
 import argparse
 import sys
@@ -110,8 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--kv-type", default="f32", choices=["f32", "f16"])
     args = p.parse_args(argv)
-    m = pecca.load(args.model, threads=args.threads)
+    m = pecca.load(args.model, threads=args.threads, kv_type=args.kv_type)
     precision = m.info()["precision"]
     plain, wall, shares = profile(m, args.prompt_tokens, args.tokens)
     print(f"{Path(args.model).name}: {precision}, threads {args.threads}, "

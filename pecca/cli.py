@@ -76,7 +76,7 @@ def generate(
     out.flush()
     _err(f"load: {m.load_seconds * 1000:.0f} ms | prefill: {stats.prompt_tokens} tokens, "
          f"{stats.prefill_tok_s:.1f} tok/s | decode: {stats.generated_tokens} tokens, "
-         f"{stats.decode_tok_s:.1f} tok/s | threads {m.threads}, {runtime.simd_path()}")
+         f"{stats.decode_tok_s:.1f} tok/s | threads {m.threads}, {runtime.simd_path()}, {m.model.kv_type} KV cache")
     if stats.stop_reason == "context":
         _err(f"stopped: the context of {m.model.seq_len} positions is full")
 
@@ -200,6 +200,7 @@ def perplexity(
     ctx: int = typer.Option(0, "--ctx", help="window length in tokens (default: the model's context)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-z"),
+    kv_type: str = typer.Option("f32", "--kv-type", help=KV_HELP),
 ):
     """Perplexity of MODEL on TEXTFILE, in windows of --ctx tokens (compare quantizations)."""
     from pecca.perplexity import perplexity as compute
@@ -209,7 +210,7 @@ def perplexity(
             text = f.read()
     except UnicodeDecodeError as e:
         raise InvalidArgumentError(f"{textfile}: not UTF-8 text ({e.reason})") from None
-    m = pecca.load(model, threads=threads, tokenizer=tokenizer)
+    m = pecca.load(model, threads=threads, tokenizer=tokenizer, kv_type=kv_type)
     r = compute(m, text, ctx)
     print(f"perplexity: {r.perplexity:.4f} over {r.tokens} tokens ({r.windows} windows of up to "
           f"{r.ctx} positions)")
