@@ -74,10 +74,15 @@ class RunState:
     def store_kv(self, l: int, p0: int, k, v) -> None:
         """Keys (rotated) and values from `kv_targets` into the cache (nothing to do for float32:
         they were computed there)."""
-        if self.key_cache.dtype != np.float32:
-            n = k.size // self.key_cache.shape[2]
-            ops.to_f16(self.key_cache[l, p0:p0 + n].reshape(-1), k.reshape(-1))
-            ops.to_f16(self.value_cache[l, p0:p0 + n].reshape(-1), v.reshape(-1))
+        if self.key_cache.dtype == np.float32:
+            return
+        if k.ndim == 1:  # one token: no reshapes (a decode step calls this once a layer)
+            ops.to_f16(self.key_cache[l, p0], k)
+            ops.to_f16(self.value_cache[l, p0], v)
+            return
+        n = len(k)
+        ops.to_f16(self.key_cache[l, p0:p0 + n].reshape(-1), k.reshape(-1))
+        ops.to_f16(self.value_cache[l, p0:p0 + n].reshape(-1), v.reshape(-1))
 
 
 def rope_frequencies(c: ModelConfig) -> np.ndarray:
