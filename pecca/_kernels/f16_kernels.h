@@ -411,14 +411,14 @@ typedef void (*pecca_matvec_half_fn)(const uint16_t *w, const float *x, float *o
  * each block of 4 rows (fewer at the end) is widened into a float32 scratch block that stays
  * in L1/L2 while gemm_f32_rows runs it against every token. One token is a plain matvec (no
  * reuse to pay for the widening). The scratch is 16n bytes, up to 4 MiB for n = 65536: too
- * big for the stack, so it is malloc'd once per call (per thread); if that fails, each token
- * falls back to the matvec, which needs no memory. */
+ * big for the stack, so it is allocated (pecca_alloc_lines) once per call (per thread); if that
+ * fails, each token falls back to the matvec, which needs no memory. */
 static void gemm_half_rows(const uint16_t *w, const float *x, float *out, long n, long T,
                            long ldo, long r0, long r1, pecca_widen_rows_fn widen,
                            pecca_matvec_half_fn matvec) {
     if (r1 <= r0 || T <= 0) return;
     if (T >= PECCA_LANES_MIN_T && gemm_lanes_rows(w, widen, x, out, n, T, ldo, r0, r1)) return;
-    float *buf = T > 1 ? (float *)malloc((size_t)(4 * n) * sizeof(float)) : NULL;
+    float *buf = T > 1 ? (float *)pecca_alloc_lines((size_t)(4 * n) * sizeof(float)) : NULL;
     if (buf == NULL) {
         for (long t = 0; t < T; t++) matvec(w, x + t * n, out + t * ldo, n, r0, r1);
         return;
@@ -428,7 +428,7 @@ static void gemm_half_rows(const uint16_t *w, const float *x, float *out, long n
         widen(w, r * n, buf, k * n);
         gemm_f32_rows(buf, x, out + r, n, T, ldo, 0, k);
     }
-    free(buf);
+    pecca_free_lines(buf);
 }
 
 static void widen_f16_from(const void *w, long first, float *dst, long count) {

@@ -273,9 +273,10 @@ static int gemm_lanes_rows(const void *w, pecca_widen_rows_fn widen, const float
     int avx512 = level == PECCA_SIMD_AVX512;
     long width = avx512 ? 16 : 8, MR = avx512 ? LANES512_MR : LANES256_MR;
     long tp = (T + width - 1) / width * width, P = 2 * width;
-    float *xt = (float *)malloc((size_t)(n * ((T + P - 1) / P * P)) * sizeof(float));
-    float *wbuf = widen ? (float *)malloc((size_t)(MR * n) * sizeof(float)) : NULL;
-    if (xt == NULL || (widen && wbuf == NULL)) { free(xt); free(wbuf); return 0; }
+    /* on whole lines: every vector load of the tiles reads one line, not two */
+    float *xt = (float *)pecca_alloc_lines((size_t)(n * ((T + P - 1) / P * P)) * sizeof(float));
+    float *wbuf = widen ? (float *)pecca_alloc_lines((size_t)(MR * n) * sizeof(float)) : NULL;
+    if (xt == NULL || (widen && wbuf == NULL)) { pecca_free_lines(xt); pecca_free_lines(wbuf); return 0; }
     transpose_tokens(x, xt, n, T, P);
     for (long r = r0; r < r1; r += MR) {
         int mr = (int)(r1 - r < MR ? r1 - r : MR);
@@ -285,7 +286,7 @@ static int gemm_lanes_rows(const void *w, pecca_widen_rows_fn widen, const float
         if (avx512) lanes_tiles_avx512(mr, wr, n, xt, tp, out, ldo, r, T);
         else lanes_tiles_avx2(mr, wr, n, xt, tp, out, ldo, r, T);
     }
-    free(xt); free(wbuf);
+    pecca_free_lines(xt); pecca_free_lines(wbuf);
     return 1;
 #else
     (void)w; (void)widen; (void)x; (void)out; (void)n; (void)T; (void)ldo; (void)r0; (void)r1;
