@@ -280,7 +280,7 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     e = server.engine
     _err(f"pecca serve: '{server.model_name}' on http://{shown}:{sock.getsockname()[1]}/v1 | {e.parallel} slots "
-         f"of {e.ctx} positions | threads {server.llm.threads}, {runtime.simd_path()}"
+         f"of {e.ctx} positions, {server.llm.model.kv_type} KV cache | threads {server.llm.threads}, {runtime.simd_path()}"
          f" | chat template: {server.template.origin if server.template else 'none (chat answers 400)'}"
          f"{' | API key required' if api_key else ''}")
     server.run(sock=sock)

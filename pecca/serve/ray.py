@@ -75,7 +75,8 @@ INT_ARGS = ("parallel", "ctx_size", "max_queue", "threads", "num_replicas")
 
 def app_builder(args: dict):
     """For `serve run pecca.serve.ray:app_builder model=PATH [num_replicas=N] [num_cpus=C]
-    [parallel=N] [ctx_size=N] [threads=N] [api_key=KEY] [model_name=NAME] [chat_template=FILE]`:
+    [parallel=N] [ctx_size=N] [threads=N] [kv_type=f16] [api_key=KEY] [model_name=NAME]
+    [chat_template=FILE]`:
     Ray passes the key=value pairs (and a config file's `args:`) as strings."""
     args = dict(args)
     if "model" not in args:

@@ -1,5 +1,6 @@
 """`pecca serve` as a person starts it: a subprocess on 127.0.0.1, port 0 (the port it took is
-in its first line), --api-key enforced on /v1 and not on /health, Ctrl-C stops it."""
+in its first line, with the slots' KV-cache type), --api-key enforced on /v1 and not on /health,
+Ctrl-C stops it."""
 import re
 import signal
 import subprocess
@@ -18,9 +19,10 @@ def served(files):
     model, template = files
     proc = subprocess.Popen([sys.executable, "-m", "pecca", "serve", str(model), "--port", "0", "--parallel", "2",
                              "--ctx-size", "256", "--threads", "1", "--api-key", "s3cret", "--chat-template",
-                             str(template), "--model-name", "tiny"], stderr=subprocess.PIPE, text=True)
+                             str(template), "--model-name", "tiny", "--kv-type", "f16"], stderr=subprocess.PIPE,
+                            text=True)
     line = proc.stderr.readline()
-    m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1 \| 2 slots of 256 positions", line)
+    m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1 \| 2 slots of 256 positions, f16 KV cache", line)
     if m is None:
         proc.kill()
         pytest.fail(f"unexpected first line: {line!r} {proc.stderr.read()[-2000:]}")
