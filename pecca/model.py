@@ -60,7 +60,6 @@ class RunState:
         self.rope_sin = aligned_zeros(c.head_size // 2, f)
         self.rope_freqs = rope_frequencies(c)
 
-
     def kv_targets(self, l: int, p0: int, k, v):
         """Where the keys and values of layer l at position p0 (k, v: (kv_dim,) buffers) or
         positions p0..p0+n-1 (k, v: (n, kv_dim)) are computed: straight into a float32 cache's
