@@ -230,6 +230,29 @@ class GGUFSource:
         self.path = path
 
     def tensor(self, name: str) -> RawTensor:
+        """The tensor as the model computes it; in a GPTQ export's layers with a folded ffn_down
+        permutation (export.gptq), ffn_gate / ffn_up's rows and ffn_down's columns go back to the
+        checkpoint's order."""
+        t = self._tensor(name)
+        parts = name.split(".")
+        if parts[0] != "blk" or len(parts) < 3 or parts[2] not in ("ffn_gate", "ffn_up", "ffn_down"):
+            return t
+        fold = self.tensors.get(f"blk.{parts[1]}.ffn_down.gptq_fold")
+        if fold is None:
+            return t
+        fold = np.asarray(fold.data, np.int64)
+        hidden = t.data.shape[1 if parts[2] == "ffn_down" else 0]
+        if fold.shape != (hidden,) or np.bincount(np.clip(fold, 0, hidden), minlength=hidden + 1)[:hidden].min() != 1:
+            raise ModelFormatError(f"{self.path}: blk.{parts[1]}.ffn_down.gptq_fold is not a permutation of "
+                                   f"0..{hidden - 1}")
+        out = np.empty_like(t.data)
+        if parts[2] == "ffn_down":
+            out[:, fold] = t.data
+        else:
+            out[fold] = t.data
+        return RawTensor(out, t.dtype)
+
+    def _tensor(self, name: str) -> RawTensor:
         from pecca.quant import dequantize_blocks
 
         t = self.tensors.get(name)

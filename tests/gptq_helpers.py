@@ -47,6 +47,19 @@ class NumpyGPTQ(W.F32Linear):
         super().__init__(np.ascontiguousarray(w if out_perm is None else w[out_perm]))
 
 
+def assert_routes_agree(gguf_path, la, lb):
+    """Logits of a GPTQ GGUF (la) and of its checkpoint directory (lb), both through NumPy's exact
+    dequantization: equal, except for the order in which ffn_down sums its inputs where the
+    export folded its act-order permutation into ffn_gate / ffn_up's rows (export.gptq)."""
+    from export import open_source
+
+    if any(n.endswith(".gptq_fold") for n in open_source(str(gguf_path)).tensors):
+        err = np.abs(la - lb).max() / np.abs(lb).max()
+        assert err <= 1e-5, f"max |d| / scale = {err:.2e}"
+    else:
+        assert np.array_equal(la, lb)
+
+
 def use_numpy_linears(monkeypatch):
     monkeypatch.setattr(W, "Q4GLinear", NumpyQ4G, raising=False)
     monkeypatch.setattr(W, "GPTQLinear", NumpyGPTQ, raising=False)

@@ -10,7 +10,8 @@ import pytest
 import pecca
 from export import export, open_source
 from export.gptq import Q4G_BLOCK, dequantize, dequantize_q4g, repack, unpack_codes, unpack_zeros
-from gptq_helpers import HAVE_KERNELS, STORIES, bench_script, checkpoints, set_float_act, use_numpy_linears
+from gptq_helpers import (HAVE_KERNELS, STORIES, assert_routes_agree, bench_script, checkpoints, set_float_act,
+                          use_numpy_linears)
 from pecca.errors import ModelFormatError, UnsupportedModelError
 from pecca.formats import open_model
 from pecca.formats.gptq import GPTQCheckpoint, GPTQTensors, linear_shapes, q_k_heads
@@ -277,7 +278,11 @@ def test_gguf_metadata_and_info(variant, tmp_path):
     assert list(names["blk.0.ffn_down.gptq_qs"].data.shape) == [64, 192 // 8]
     assert names["blk.0.ffn_down.gptq_scales"].tensor_type.name == "F16"
     assert list(names["blk.0.ffn_down.gptq_zeros"].data.shape) == [64, 6]
-    assert names["blk.0.ffn_down.gptq_perm"].tensor_type.name == "I32"
+    assert names["blk.0.attn_q.gptq_perm"].tensor_type.name == "I32"  # act-order
+    # ffn_down's permutation is folded into ffn_gate / ffn_up's rows (export.gptq)
+    assert "blk.0.ffn_down.gptq_perm" not in names and "blk.0.ffn_gate.gptq_perm" in names
+    assert names["blk.0.ffn_down.gptq_fold"].tensor_type.name == "I32"
+    assert list(names["blk.0.ffn_down.gptq_fold"].data.shape) == [192]
     assert "blk.0.attn_q.weight" not in names and "output.weight" not in names
     assert names["token_embd.weight"].tensor_type.name == "F16"  # the default for GPTQ's others
     meta = {k: r.fields[k].contents() for k in r.fields if k.startswith("pecca.gptq")}
@@ -296,6 +301,55 @@ def test_tokenizer_is_found_inside_the_directory():
     assert m.tokenizer.encode("Once upon a time") == [1, 403, 407, 261, 378]
 
 
+def test_ffn_down_permutation_folded_into_gate_and_up_rows(tmp_path):
+    """In the GGUF, ffn_down has no input permutation: its columns are the checkpoint's in the
+    act-order (fold), and ffn_gate / ffn_up's rows come in that order, so SwiGLU's output is
+    already ffn_down's permuted input. Exactly the checkpoint's weights, reordered."""
+    import gguf
+
+    src = shared_file("models", "gptq", "stories260K-gptq-4bit-g32-actorder")
+    out = tmp_path / "m.gguf"
+    export(str(src), str(out))
+    t = {x.name: x.data for x in gguf.GGUFReader(str(out)).tensors}
+    ck = GPTQCheckpoint(str(src))
+    c = ck.config
+    for i in range(c.n_layers):
+        fold = np.asarray(t[f"blk.{i}.ffn_down.gptq_fold"])
+        g_idx = ck.module(f"model.layers.{i}.mlp.down_proj", (c.dim, c.hidden_dim)).g_idx
+        assert np.array_equal(fold, np.argsort(g_idx, kind="stable"))  # the group order
+        part = lambda name: [t[f"blk.{i}.{name}.gptq_{p}"] for p in ("qs", "scales", "zeros")]
+
+        def gguf_w(name, perm=None):
+            qs, sc, z = part(name)
+            return dequantize_q4g(np.asarray(qs).view(np.uint8), np.asarray(sc), np.asarray(z), perm)
+
+        down = dequantize(ck.module(f"model.layers.{i}.mlp.down_proj", (c.dim, c.hidden_dim)))
+        assert np.array_equal(gguf_w("ffn_down"), down[:, fold])
+        for name, hf in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj")):
+            m = ck.module(f"model.layers.{i}.mlp.{hf}", (c.hidden_dim, c.dim))
+            perm = np.asarray(t[f"blk.{i}.{name}.gptq_perm"]) if f"blk.{i}.{name}.gptq_perm" in t else None
+            assert np.array_equal(gguf_w(name, perm), dequantize(m)[fold])
+
+
+def test_gguf_re_export_refuses_a_bad_fold(tmp_path, monkeypatch):
+    """A gptq_fold that is not a permutation: re-export says so (the runtime never reads it)."""
+    import gguf
+
+    use_numpy_linears(monkeypatch)
+    src = shared_file("models", "gptq", "stories260K-gptq-4bit-g32-actorder")
+    out = tmp_path / "m.gguf"
+    export(str(src), str(out))
+    fold = next(t for t in gguf.GGUFReader(str(out)).tensors if t.name == "blk.1.ffn_down.gptq_fold")
+    data = bytearray(out.read_bytes())
+    at = int(fold.data_offset)
+    data[at:at + 4] = data[at + 4:at + 8]  # fold[0] = fold[1]: a repeat
+    out.write_bytes(bytes(data))
+    ids = [1, 403, 407]
+    assert np.all(np.isfinite(pecca.load(str(out)).model.logits_all(ids)))  # not used at run time
+    with pytest.raises(ModelFormatError, match="blk.1.ffn_down.gptq_fold is not a permutation"):
+        export(str(out), str(tmp_path / "f.gguf"), "f32")
+
+
 def test_gguf_re_export_dequantizes(tmp_path, monkeypatch):
     """A GPTQ GGUF exported again as f32 holds the exact dequantized weights."""
     use_numpy_linears(monkeypatch)
@@ -311,7 +365,9 @@ def test_gguf_re_export_dequantizes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("group_size,fmt", [(-1, "gptq"), (32, "gptq_v2")])
 def test_random_checkpoints_gguf_equals_directory(tmp_path, group_size, fmt):
     """Sharded files, a quantized lm_head, group size -1 and v2 zeros: the GGUF route and the
-    directory route compute the same model (exactly, through NumPy's dequantization)."""
+    directory route compute the same model (through NumPy's dequantization: exactly, but for
+    the order in which ffn_down sums its inputs where the export folded its act-order
+    permutation into ffn_gate / ffn_up's rows)."""
     from gptq_helpers import NumpyGPTQ, NumpyQ4G
     import pecca.weights as W
 
@@ -328,7 +384,8 @@ def test_random_checkpoints_gguf_equals_directory(tmp_path, group_size, fmt):
         ids = a.tokenizer.encode("Hello world")
         assert ids == b.tokenizer.encode("Hello world")
         la, lb = a.model.logits_all(ids), b.model.logits_all(ids)
-    assert np.array_equal(la, lb) and np.all(np.isfinite(la)) and la.std() > 0.1
+    assert_routes_agree(tmp_path / "m.gguf", la, lb)
+    assert np.all(np.isfinite(la)) and la.std() > 0.1
     if HAVE_KERNELS:  # and the kernels on both routes
         a, b = pecca.load(str(tmp_path / "m.gguf")), pecca.load(str(d))
         ref = np.abs(la).max()
