@@ -2,6 +2,7 @@
 size it needs, or clamped with ctx; a file's header claims never allocated), one generation
 at a time from several threads, Ctrl-C leaves the model usable, NaN weights stop generation
 with a clear error."""
+import os
 import shutil
 import struct
 import threading
@@ -85,6 +86,39 @@ def test_model_buffers_start_on_cache_lines():
         arrays = {k: v for k, v in vars(state).items() if isinstance(v, np.ndarray) and v.size}
         assert {"x", "xb", "q", "att"} <= arrays.keys()
         assert not [k for k, v in arrays.items() if v.ctypes.data % 64], arrays.keys()
+
+
+def mapping_flags(path) -> list:
+    """VmFlags of this process's mappings of `path` (Linux's /proc/self/smaps)."""
+    flags, cur = [], False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+                cur = line.rstrip().endswith(str(path))
+            elif cur and line.startswith("VmFlags:"):
+                flags.append(line.split()[1:])
+    return flags
+
+
+@pytest.mark.parametrize("fmt", ["llama2c", "gguf", "safetensors"])  # safetensors: a GPTQ directory
+def test_weights_are_mapped_with_huge_page_advice(fmt, tmp_path):
+    """Every reader maps its file through map_readonly: read-only, advised for huge pages (the
+    pages that come in at the first token come as 2 MiB folios; see pecca.formats.tensors)."""
+    import mmap
+
+    if not os.path.exists("/proc/self/smaps") or not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no /proc/self/smaps or MADV_HUGEPAGE on this system")
+    path = {"llama2c": llama2c_model(), "safetensors": shared_file("models", "gptq", "stories260K-gptq-4bit-g32",
+                                                                  "model.safetensors")}.get(fmt)
+    if fmt == "gguf":
+        from export import export
+
+        path = tmp_path / "m.gguf"
+        export(str(llama2c_model()), str(path), "f32", str(llama2c_model("tok512.bin")))
+    m = pecca.load(str(path if fmt != "safetensors" else path.parent))
+    flags = mapping_flags(os.path.realpath(path))
+    assert flags and all("rd" in f and "wr" not in f and "hg" in f for f in flags), flags
+    assert m.model.forward(1, 0).shape == (m.config.vocab_size,)
 
 
 def test_allocation_failure_becomes_a_pecca_error(monkeypatch):

@@ -24,6 +24,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from pecca.errors import ModelFormatError
+from pecca.formats.tensors import map_readonly
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -149,7 +150,7 @@ def open_gguf(path: str) -> GGUFFile:
         size = os.path.getsize(path)
         if size < 4 + 4 + 8 + 8:
             raise ModelFormatError(f"{path}: not a valid GGUF file: {size} bytes is too short for a header")
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        mm = map_readonly(path)
     except OSError as e:
         raise ModelFormatError(f"{path}: cannot be read ({e})") from None
     buf = memoryview(mm)

@@ -24,6 +24,7 @@ import numpy as np
 from pecca.config import ModelConfig, check_heads
 from pecca.errors import ModelFormatError, UnsupportedModelError
 from pecca.formats import LoadedModel
+from pecca.formats.tensors import map_readonly
 from pecca.weights import F32Linear, LayerWeights, Weights
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32 (bytes on disk: "24ka")
@@ -124,7 +125,7 @@ def _map(path, size, c: ModelConfig, shared: bool, version: int) -> LoadedModel:
             f"dim={c.dim} hidden_dim={c.hidden_dim} n_layers={c.n_layers} n_heads={c.n_heads} "
             f"n_kv_heads={c.n_kv_heads} vocab_size={c.vocab_size} seq_len={c.seq_len} "
             f"({'shared' if shared else 'unshared'} classifier, version {version})")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    mm = map_readonly(path)
     cur = _Cursor(mm, header)
     d, h, L, kv, V = c.dim, c.hidden_dim, c.n_layers, c.kv_dim, c.vocab_size
     if version == 0:
@@ -175,7 +176,7 @@ def _map_q8(path, size, c: ModelConfig, shared: bool, gs: int) -> LoadedModel:
         raise ModelFormatError(f"{path}: file is {what}: {size} bytes, expected {expected} for "
                                f"dim={d} hidden_dim={h} n_layers={L} n_kv_heads={c.n_kv_heads} "
                                f"vocab_size={V} group_size={gs} (version 2)")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    mm = map_readonly(path)
     cur = _Cursor(mm, V1_HEADER)
     att_norm, ffn_norm, norm = cur.take(L, d), cur.take(L, d), cur.take(d)
 

