@@ -242,7 +242,7 @@ class GGUFSource:
             return t
         fold = np.asarray(fold.data, np.int64)
         hidden = t.data.shape[1 if parts[2] == "ffn_down" else 0]
-        if fold.shape != (hidden,) or np.bincount(np.clip(fold, 0, hidden), minlength=hidden + 1)[:hidden].min() != 1:
+        if fold.shape != (hidden,) or not np.array_equal(np.sort(fold), np.arange(hidden)):
             raise ModelFormatError(f"{self.path}: blk.{parts[1]}.ffn_down.gptq_fold is not a permutation of "
                                    f"0..{hidden - 1}")
         out = np.empty_like(t.data)

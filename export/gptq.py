@@ -16,8 +16,9 @@ make_sequential). ffn_down's permutation is folded into the rows that make its i
 and ffn_up (quantized or not) are written with their rows in that order, so SwiGLU hands
 ffn_down its inputs already permuted and no product gathers them (the gather of 11008 inputs
 cost ~50 us of a ~800 us 7B-shaped ffn_down product from memory, at every token); gptq_fold
-records the order (row r of ffn_gate / ffn_up is the checkpoint's row fold[r]) for re-export. q/k rows go to Meta's order like every pecca GGUF. Metadata pecca.gptq.*
-records the checkpoint's settings. Modules left in floating point, embeddings and norms are
+records the order (row r of ffn_gate / ffn_up is the checkpoint's row fold[r]) for re-export.
+q/k rows go to Meta's order like every pecca GGUF. Metadata pecca.gptq.* records the
+checkpoint's settings. Modules left in floating point, embeddings and norms are
 written like any HF tensor (in --dtype, default f16 here). Memory: one module at a time.
 """
 from dataclasses import dataclass
