@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import pecca  # noqa: E402
 from compare_llama2c import (cpu_seconds, fmt, foreign_load, log, mean_std,  # noqa: E402
-                             read_bandwidth, shared_dir)
+                             read_bandwidth, refresh_page_cache, shared_dir)
 from compare_q8 import load_llama, set_llama_threads, time_llama  # noqa: E402
 from export import export  # noqa: E402
 from pecca.bench import time_model  # noqa: E402
@@ -122,18 +122,6 @@ def stories15m_files(out: Path, args) -> list:
 
 
 CASES = {"smollm2": smollm2_files, "7B-layers": seven_b_files, "stories15M": stories15m_files}
-
-
-def refresh_page_cache(path) -> None:
-    """Drop the file's cached pages (those no process maps) and read it front to back: readahead
-    then brings it in as large folios, the same for every engine and every session."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        while os.read(fd, 16 << 20):
-            pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- engines

@@ -256,6 +256,7 @@ def bench_model(name, exe, tok_path, args):
     c = STORIES_SHAPES[name]
     log(f"{name}: writing random weights")
     path = write_model(name, args.out_dir, args.seed)
+    refresh_page_cache(path)  # large folios whatever brought the file in (compare.py's docstring)
     m = pecca.load(str(path), threads=1, tokenizer=str(tok_path))
     n_p = max(2, min(args.prompt_tokens, c.seq_len - 1))
     n_g = max(1, min(args.gen_tokens, c.seq_len - n_p))
@@ -271,6 +272,18 @@ def bench_model(name, exe, tok_path, args):
 
 
 # ---------------------------------------------------------------- output
+
+def refresh_page_cache(path) -> None:
+    """Drop the file's cached pages (those no process maps) and read it front to back: readahead
+    then brings it in as large folios, the same for every engine and every session."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, 16 << 20):
+            pass
+    finally:
+        os.close(fd)
+
 
 def read_bandwidth(threads, mib: int = 512, reps: int = 5) -> float:
     """STREAM-style read bandwidth, GB/s: pecca's f32 matvec over a matrix far larger than

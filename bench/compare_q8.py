@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import pecca  # noqa: E402
 from compare_llama2c import (bos_safe_weights, cpu_seconds, fmt, foreign_load,  # noqa: E402
                              greedy_agreement, log, mean_std, prompt_with_tokens,
-                             read_bandwidth, run_c, run_c_rates, shared_dir)
+                             read_bandwidth, refresh_page_cache, run_c, run_c_rates, shared_dir)
 from export.gguf import write_gguf  # noqa: E402
 from export.llama2c import STORIES_SHAPES, Llama2cSource, write_llama2c  # noqa: E402
 from pecca.bench import time_model  # noqa: E402
@@ -199,6 +199,8 @@ class Case:
         self.name, self.c, self.gs, self.paths = name, c, gs, paths
         self.tok_path, self.n_p, self.n_g = tok_path, n_p, n_g
         self.runq_exe, self.runq_exact = runq_exes
+        for p in paths.values():  # large folios whatever brought the files in (compare.py's docstring)
+            refresh_page_cache(p)
         self.q8 = pecca.load(str(paths["q8"]), threads=1, tokenizer=str(tok_path))
         self.q8_0 = pecca.load(str(paths["q8_0"]), threads=1)
         self.f32 = pecca.load(str(paths["f32"]), threads=1, tokenizer=str(tok_path))
