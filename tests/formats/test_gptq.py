@@ -331,6 +331,21 @@ def test_ffn_down_permutation_folded_into_gate_and_up_rows(tmp_path):
             assert np.array_equal(gguf_w(name, perm), dequantize(m)[fold])
 
 
+def test_fold_reorders_float_gate_and_up_rows_too():
+    """A layer whose ffn_down is act-order-quantized while ffn_gate / ffn_up stayed in floating
+    point: the float rows are written in the fold's order as well (here on the attention-only
+    checkpoint's float MLP, with a fold put in by hand)."""
+    src = open_source(str(shared_file("models", "gptq", "stories260K-gptq-4bit-g32-attnonly")))
+    want = {n: src.tensor(f"blk.0.{n}.weight").data.copy() for n in ("ffn_gate", "ffn_up", "ffn_down")}
+    fold = np.random.default_rng(0).permutation(src.config.hidden_dim).astype(np.int32)
+    src.folds = {0: fold}
+    for n in ("ffn_gate", "ffn_up"):
+        assert np.array_equal(src.tensor(f"blk.0.{n}.weight").data, want[n][fold])
+    assert np.array_equal(src.tensor("blk.0.ffn_down.weight").data, want["ffn_down"])  # float: not folded
+    other = open_source(str(shared_file("models", "gptq", "stories260K-gptq-4bit-g32-attnonly")))
+    assert np.array_equal(src.tensor("blk.1.ffn_gate.weight").data, other.tensor("blk.1.ffn_gate.weight").data)
+
+
 def test_gguf_re_export_refuses_a_bad_fold(tmp_path, monkeypatch):
     """A gptq_fold that is not a permutation: re-export says so (the runtime never reads it)."""
     import gguf
