@@ -139,16 +139,8 @@ class BatchDecoder:
         if (self.multiple, self.minimum) == (1, 1):
             self._pad_where_faster(max_rows)
         R = max(self.rows_layers + self.rows_output)
-        self.x = aligned_zeros((R, c.dim), f)
-        self.xb = aligned_zeros((R, c.dim), f)
-        self.xb2 = aligned_zeros((R, c.dim), f)
-        self.q = aligned_zeros((R, c.dim), f)
-        self.k = aligned_zeros((R, c.kv_dim), f)
-        self.v = aligned_zeros((R, c.kv_dim), f)
-        self.hb = aligned_zeros((R, c.hidden_dim), f)
-        self.hb2 = aligned_zeros((R, c.hidden_dim), f)
+        self.rows = BatchState(c, R, self.seq_len, self.threads)  # a prefill's buffers, R rows
         self.logits = aligned_zeros((R, c.vocab_size), f)
-        self.att = aligned_zeros((self.threads, c.n_heads, self.seq_len), f)  # one slab per thread
         self.slots = np.zeros(max_rows, np.int32)
         self.positions = np.zeros(max_rows, np.int32)
         self.cos, self.sin = rope_tables(m0.state.rope_freqs, self.seq_len)
@@ -160,23 +152,24 @@ class BatchDecoder:
         nt = governor.threads(self.threads)  # fewer while other processes hold cores
         B = len(rows)
         R, Ro = self.rows_layers[B], self.rows_output[B]
-        x, xb, xb2, q, k, v = (a[:R] for a in (self.x, self.xb, self.xb2, self.q, self.k, self.v))
-        hb, hb2 = self.hb[:R], self.hb2[:R]
+        bs = self.rows
+        x, xb, xb2, q, k, v = (a[:R] for a in (bs.x, bs.xb, bs.xb2, bs.q, bs.k, bs.v))
+        hb, hb2 = bs.hb[:R], bs.hb2[:R]
         embed(w.token_embedding, [t for _, t, _ in rows], x[:B])
-        self.x[B:max(R, Ro)] = 0  # padding rows stay zero through every layer
+        bs.x[B:max(R, Ro)] = 0  # padding rows stay zero through every layer
         slots, positions = self.slots[:B], self.positions[:B]
         for b, (s, _, pos) in enumerate(rows):
             slots[b], positions[b] = s, pos
         args = (pool.key_cache, pool.value_cache)
-        cos, sin, att, nh, nkv = self.cos, self.sin, self.att, c.n_heads, c.n_kv_heads
+        cos, sin, att, nh, nkv = self.cos, self.sin, bs.att, c.n_heads, c.n_kv_heads
 
         def attend(l, k, v):  # each row at its own position, in its own slot's cache
             ops.attend_slots(xb, q, k, v, *args, l, slots, positions, cos, sin, att, nh, nkv, nt)
 
         for l, layer in enumerate(w.layers):
             block_rows(c, layer, l, x, xb, xb2, q, k, v, hb, hb2, nt, attend)
-        ops.rmsnorm_rows(self.xb[:Ro], self.x[:Ro], w.norm, c.norm_eps)
-        w.output.batch(self.xb[:Ro], self.logits[:Ro], nt)
+        ops.rmsnorm_rows(bs.xb[:Ro], bs.x[:Ro], w.norm, c.norm_eps)
+        w.output.batch(bs.xb[:Ro], self.logits[:Ro], nt)
         return self.logits[:B]
 
     def _pad_where_faster(self, max_rows: int) -> None:
