@@ -52,8 +52,9 @@ class RunState:
         self.q = aligned_zeros(c.dim, f)
         self.att = aligned_zeros((c.n_heads, seq_len), f)  # attention scores
         self.logits = aligned_zeros(c.vocab_size, f)
-        self.key_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), kv_dtype(kv_type))
-        self.value_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), kv_dtype(kv_type))
+        kv = kv_dtype(kv_type)
+        self.key_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), kv)
+        self.value_cache = aligned_zeros((c.n_layers, seq_len, c.kv_dim), kv)
         self.k = aligned_zeros(c.kv_dim, f)  # this token's key and value, before an f16 cache
         self.v = aligned_zeros(c.kv_dim, f)  # stores them
         self.rope_cos = aligned_zeros(c.head_size // 2, f)
