@@ -229,36 +229,48 @@ class Q4GLinear:
     0..15), both (out_features, G), and ``perm`` int32 (in_features,) or None (act-order: the
     kernels use x[perm[i]] as input i). W[n, perm[i]] = scales[n, i // gs] * (code(n, i) -
     zeros[n, i // gs]), gs = in_features / G. x is quantized to int8 per block of 32 for each
-    product, unless ``float_act`` is set or gs % 32 != 0 (see pecca._kernels.q4)."""
+    product, unless ``float_act`` is set or gs % 32 != 0 (see pecca._kernels.q4).
+
+    Column slices (long rows, see export.gptq): qs (S, out_features, in_features / S / 2),
+    scales and zeros (S, out_features, G), slice j holding inputs j K/S .. (j + 1) K/S - 1 (in
+    perm's order) with its own G groups; W is the slices side by side."""
 
     kind = "gptq4"
 
     def __init__(self, qs: np.ndarray, scales: np.ndarray, zeros: np.ndarray, perm=None):
         name = "Q4GLinear"
-        _check_array(name, "qs", qs, np.uint8, (None, None))
-        n, k = qs.shape[0], 2 * qs.shape[1]
-        if k % 32 != 0:
-            raise ValueError(f"{name}: in_features {k} (qs rows of {qs.shape[1]} bytes) is not a multiple of 32")
-        _check_array(name, "scales", scales, np.float16, (n, None))
-        g = scales.shape[1]
-        if g < 1 or k % g != 0:
-            raise ValueError(f"{name}: {g} groups per row do not divide in_features {k}")
-        _check_array(name, "zeros", zeros, np.int8, (n, g))
+        sliced = isinstance(qs, np.ndarray) and qs.ndim == 3
+        lead = (qs.shape[0],) if sliced else ()
+        _check_array(name, "qs", qs, np.uint8, lead + (None, None))
+        s, n, ks = (qs.shape if sliced else (1,) + qs.shape)
+        k = 2 * ks * s
+        if s < 1:
+            raise ValueError(f"{name}: qs holds no column slices (shape {qs.shape})")
+        if ks % 16 != 0:
+            raise ValueError(f"{name}: in_features {2 * ks} (qs rows of {ks} bytes) is not a multiple of 32")
+        _check_array(name, "scales", scales, np.float16, lead + (n, None))
+        g = scales.shape[-1]
+        if g < 1 or 2 * ks % g != 0:
+            raise ValueError(f"{name}: {g} groups per row do not divide in_features {2 * ks}")
+        _check_array(name, "zeros", zeros, np.int8, lead + (n, g))
         if zeros.size and (zeros.min() < 0 or zeros.max() > 15):
             raise ValueError(f"{name}: zero points must be in 0..15, got {zeros.min()}..{zeros.max()}")
         if perm is not None:
             _check_array(name, "perm", perm, np.int32, (k,))
             _check_permutation(name, "perm", perm, k)
-        self.qs, self.scales, self.zeros, self.perm = qs, scales, zeros, perm
-        self._scale_bits = scales.view(np.uint16)
-        self.group_size = k // g
+        # the kernels take a sliced matrix as its slices' rows one after another (2-D views)
+        self.qs, self.scales, self.zeros, self.perm = (qs.reshape(s * n, ks), scales.reshape(s * n, g),
+                                                       zeros.reshape(s * n, g), perm)
+        self.slices = s
+        self._scale_bits = self.scales.view(np.uint16)
+        self.group_size = 2 * ks // g
         self.out_features, self.in_features = n, k
         self.float_act = False
 
     def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (out_features,) = W x, x (in_features,)"""
         q4.matvec_q4g(self.qs, self._scale_bits, self.zeros, self.perm, x, out, threads,
-                      self.float_act)
+                      self.float_act, self.slices)
 
     @staticmethod
     def many_plan(linears):
@@ -269,17 +281,17 @@ class Q4GLinear:
         first = linears[0]
         for lin in linears:
             if (lin.float_act or lin.group_size != first.group_size or first.group_size % 32
-                    or (lin.perm is None) != (first.perm is None)
+                    or lin.slices != first.slices or (lin.perm is None) != (first.perm is None)
                     or (lin.perm is not None and not np.array_equal(lin.perm, first.perm))):
                 return None
         return partial(q4.matvec_q4g_many, [lin.qs for lin in linears],
                        [lin._scale_bits for lin in linears], [lin.zeros for lin in linears],
-                       first.perm)
+                       first.perm, slices=first.slices)
 
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
         q4.matmul_q4g(self.qs, self._scale_bits, self.zeros, self.perm, x, out, threads,
-                      self.float_act)
+                      self.float_act, self.slices)
 
     @property
     def nbytes(self) -> int:

@@ -292,9 +292,12 @@ def read_weights(path, c: ModelConfig, tensors) -> Weights:
     return Weights(emb, layers, _vector(path, need("output_norm.weight"), d), output, shared)
 
 
-# pecca's GPTQ tensors (export.gptq): suffix -> (GGUF type, numpy shape from (N, K, G))
-Q4G_PARTS = {"qs": ("I32", lambda n, k, g: (n, k // 8)), "scales": ("F16", lambda n, k, g: (n, g)),
-             "zeros": ("I8", lambda n, k, g: (n, g)), "perm": ("I32", lambda n, k, g: (k,))}
+# pecca's GPTQ tensors (export.gptq): suffix -> (GGUF type, numpy shape from (N, K, G, S)); a
+# matrix in S > 1 column slices has 3-D qs, scales and zeros
+Q4G_PARTS = {"qs": ("I32", lambda n, k, g, s: (s, n, k // s // 8) if s > 1 else (n, k // 8)),
+             "scales": ("F16", lambda n, k, g, s: (s, n, g) if s > 1 else (n, g)),
+             "zeros": ("I8", lambda n, k, g, s: (s, n, g) if s > 1 else (n, g)),
+             "perm": ("I32", lambda n, k, g, s: (k,))}
 
 
 def _q4g_linear(path, tensors, base, shape):
@@ -302,11 +305,12 @@ def _q4g_linear(path, tensors, base, shape):
     from pecca.weights import Q4GLinear
 
     n, k = shape
-    sc = tensors.get(base + ".gptq_scales")
-    g = int(sc.data.shape[-1]) if sc is not None and sc.data.ndim == 2 else 0
-    if k % 32 or not 0 < g <= k or k % g:
-        raise ModelFormatError(f"{path}: {base}.gptq_scales: {g} groups do not divide the {k} inputs "
-                               "(in blocks of 32)")
+    qs, sc = tensors.get(base + ".gptq_qs"), tensors.get(base + ".gptq_scales")
+    s = int(qs.data.shape[0]) if qs is not None and qs.data.ndim == 3 else 1
+    g = int(sc.data.shape[-1]) if sc is not None and sc.data.ndim in (2, 3) else 0
+    if s < 1 or k % (32 * s) or not 0 < g <= k // s or (k // s) % g:
+        raise ModelFormatError(f"{path}: {base}.gptq_scales: {g} groups do not divide the {k // max(s, 1)} "
+                               f"inputs of a row{f' slice' if s > 1 else ''} (in blocks of 32)")
     parts = {}
     for part, (kind, shape_of) in Q4G_PARTS.items():
         t = tensors.get(f"{base}.gptq_{part}")
@@ -314,7 +318,7 @@ def _q4g_linear(path, tensors, base, shape):
             if part == "perm":
                 continue
             raise ModelFormatError(f"{path}: tensor {base}.gptq_{part} is missing")
-        want = shape_of(n, k, g)
+        want = shape_of(n, k, g, s)
         if t.tensor_type.name != kind or tuple(t.data.shape) != want or t.n_bytes != t.data.nbytes:
             raise ModelFormatError(f"{path}: tensor {t.name} is {t.tensor_type.name} {list(t.data.shape)}, "
                                    f"expected {kind} {list(want)}")

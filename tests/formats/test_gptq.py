@@ -9,7 +9,8 @@ import pytest
 
 import pecca
 from export import export, open_source
-from export.gptq import Q4G_BLOCK, dequantize, dequantize_q4g, repack, unpack_codes, unpack_zeros
+from export.gptq import (Q4G_BLOCK, column_slices, dequantize, dequantize_q4g, repack, slice_columns,
+                         unpack_codes, unpack_zeros)
 from gptq_helpers import (HAVE_KERNELS, STORIES, assert_routes_agree, bench_script, checkpoints, set_float_act,
                           use_numpy_linears)
 from pecca.errors import ModelFormatError, UnsupportedModelError
@@ -110,6 +111,41 @@ def test_q4g_layout_is_the_spec_s():
     assert np.array_equal(q.zeros, zeros.T.astype(np.int8))
     assert repack(GPTQTensors("m", "f", m.qweight, m.qzeros, scales, np.arange(k, dtype=np.int32) // gs,
                               None, gs, 0)).perm is None  # contiguous groups: no perm tensor
+
+
+@pytest.mark.parametrize("k,groups,want", [
+    (4096, 32, 1), (5120, 40, 1), (8192, 64, 2), (8192, 1, 2), (11008, 86, 2), (11008, 1, 2),
+    (13824, 108, 3), (14336, 112, 4), (28672, 224, 7), (28672, 896, 7), (8192, 2, 2), (8192, 4, 2),
+    (8224, 257, 1), (12288, 3, 3), (10240, 5, 5)])
+def test_column_slices_choice(k, groups, want):
+    """Long rows (K >= 8192: 7B's ffn_down, Llama-2-13B's, Llama 3's, every 70B matrix) go in the
+    fewest slices of at most 6144 inputs made of whole groups and blocks (one group per row is
+    repeated in each); none where no such split exists (8224 = 257 blocks, prime)."""
+    s = column_slices(k, groups)
+    assert s == want
+    if s > 1:
+        ks = k // s
+        assert k % s == 0 and 2048 <= ks <= 6144 and ks % 32 == 0 and (groups == 1 or ks % (k // groups) == 0)
+
+
+@pytest.mark.parametrize("groups", [1, 86])
+def test_slice_columns_keeps_the_matrix(groups):
+    """The sliced tensors dequantize to the same matrix, exactly, act-order or not."""
+    rng = np.random.default_rng(groups)
+    n, k = 40, 11008
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    qs = np.ascontiguousarray((codes.reshape(n, k // 32, 2, 16)[:, :, 0]
+                               | (codes.reshape(n, k // 32, 2, 16)[:, :, 1] << 4)).reshape(n, k // 2))
+    scales = (rng.standard_normal((n, groups)) * 0.01).astype(np.float16)
+    zeros = rng.integers(0, 16, (n, groups), dtype=np.int8)
+    for perm in (None, rng.permutation(k).astype(np.int32)):
+        from export.gptq import Q4G
+        q = Q4G(qs, scales, zeros, perm)
+        sl = slice_columns(q, column_slices(k, groups))
+        assert sl.qs.shape == (2, n, k // 4) and sl.scales.shape == sl.zeros.shape == (2, n, max(1, groups // 2))
+        assert sl.qs.flags.c_contiguous and sl.perm is perm
+        assert np.array_equal(dequantize_q4g(sl.qs, sl.scales, sl.zeros, perm), dequantize_q4g(qs, scales, zeros, perm))
+        assert set(sl.parts()) == set(q.parts()) and sl.parts()["qs"].shape == (2, n, k // 16)
 
 
 # --- bad input: a small random checkpoint from the bench script, broken one way at a time ---
@@ -377,20 +413,23 @@ def test_gguf_re_export_dequantizes(tmp_path, monkeypatch):
     assert np.array_equal(a.model.logits_all(ids), b.model.logits_all(ids))
 
 
-@pytest.mark.parametrize("group_size,fmt", [(-1, "gptq"), (32, "gptq_v2")])
-def test_random_checkpoints_gguf_equals_directory(tmp_path, group_size, fmt):
-    """Sharded files, a quantized lm_head, group size -1 and v2 zeros: the GGUF route and the
-    directory route compute the same model (through NumPy's dequantization: exactly, but for
-    the order in which ffn_down sums its inputs where the export folded its act-order
-    permutation into ffn_gate / ffn_up's rows)."""
+@pytest.mark.parametrize("group_size,fmt,hidden", [(-1, "gptq", 512), (32, "gptq_v2", 512),
+                                                   (128, "gptq", 8192), (-1, "gptq_v2", 8192)])
+def test_random_checkpoints_gguf_equals_directory(tmp_path, group_size, fmt, hidden):
+    """Sharded files, a quantized lm_head, group size -1 and v2 zeros, an ffn_down of 8192 inputs
+    (written in 2 column slices): the GGUF route and the directory route compute the same model
+    (through NumPy's dequantization: exactly, but for the order in which ffn_down sums its inputs
+    where the export folded its act-order permutation into ffn_gate / ffn_up's rows)."""
     from gptq_helpers import NumpyGPTQ, NumpyQ4G
     import pecca.weights as W
 
     d = tmp_path / "ck"
-    bench_script().make_checkpoint(d, layers=2, dim=256, hidden=512, heads=4, kv_heads=2, vocab=600,
+    bench_script().make_checkpoint(d, layers=2, dim=256, hidden=hidden, heads=4, kv_heads=2, vocab=600,
                                    group_size=group_size, sym=False, fmt=fmt, shard_gb=0.0004, lm_head=True)
     assert (d / "model.safetensors.index.json").is_file()
     export(str(d), str(tmp_path / "m.gguf"))
+    down = open_source(str(tmp_path / "m.gguf")).tensors["blk.1.ffn_down.gptq_qs"]
+    assert list(down.data.shape) == ([2, 256, hidden // 16] if hidden >= 8192 else [256, hidden // 8])
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(W, "Q4GLinear", NumpyQ4G, raising=False)
         mp.setattr(W, "GPTQLinear", NumpyGPTQ, raising=False)

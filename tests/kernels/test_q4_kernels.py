@@ -275,6 +275,137 @@ def test_q4g(simd, n, k, gs):
             np.testing.assert_array_equal(out_a, out_b)
 
 
+def slice_q4g(qs, scales, zeros, s):
+    """A q4g matrix as s column slices in the kernels' 2-D form: slice j's N rows (its inputs
+    j K/s .. (j + 1) K/s - 1) after slice j - 1's; one group per row is repeated in each slice."""
+    n = qs.shape[0]
+
+    def split(a):
+        w = a.shape[1] // s
+        return np.ascontiguousarray(a.reshape(n, s, w).transpose(1, 0, 2)).reshape(s * n, w)
+
+    if scales.shape[1] == 1:
+        return split(qs), np.tile(scales, (s, 1)), np.tile(zeros, (s, 1))
+    return split(qs), split(scales), split(zeros)
+
+
+# (K, gs, slices): int8 activations (gs % 32 == 0) and float ones (gs 16; 24 on a slice of 96),
+# one group per row repeated in every slice (-1), 7B's ffn_down (11008 = 2 x 5504), slices of
+# one block (96 = 3 x 32), K >= 8192 (the VNNI matvec's chunked form for the unsliced rows)
+Q4G_SLICED = [(256, 32, 2), (96, -1, 3), (288, 24, 3), (384, 16, 3), (4096, 128, 2), (8192, 64, 4),
+              (8320, -1, 2), (11008, 128, 2)]
+
+
+@pytest.mark.parametrize("k,gs,s", Q4G_SLICED)
+@pytest.mark.parametrize("n", ROWS)
+def test_q4g_column_slices(simd, n, k, gs, s):
+    """A matrix in column slices (export.gptq's layout for long rows): the product of the whole
+    matrix against the float64 references, matmul rows equal to matvec, 1 and 2 threads equal."""
+    rng = np.random.default_rng(n * 7 + k + gs + s)
+    gs = k if gs == -1 else gs
+    m = k // 32 + k // gs + s
+    xs = token_batches(k, rng)[:2]
+    for sym, act in [(False, False), (True, True), (False, True)]:
+        qs, scales, zeros, perm, w, mag = random_q4g(n, k, gs, rng, sym, act)
+        sq, ssc, sz = slice_q4g(qs, scales, zeros, s)
+        sb = ssc.view(np.uint16)
+        gs_slice = k // s // sz.shape[1]
+        for float_act in ([False, True] if gs_slice % 32 == 0 else [True]):
+            def mv(x, out, nt):
+                q4.matvec_q4g(sq, sb, sz, perm, x, out, nt, float_act, s)
+
+            def mm(x, out, nt):
+                q4.matmul_q4g(sq, sb, sz, perm, x, out, nt, float_act, s)
+
+            if float_act:
+                def check(out, x):
+                    check_float(out, w, mag, x, m)
+            else:
+                def check(out, x):
+                    check_int8_perm(out, w, mag, x, perm, m)
+            run_both(mv, mm, n, random_x(k, rng), xs, check)
+
+
+@pytest.mark.parametrize("k,gs,s", [(512, 64, 2), (8192, -1, 2), (11008, 128, 2)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_matvec_q4g_many_column_slices(simd, k, gs, s, act_order):
+    """Sliced q, k, v in one call: the same bits as a sliced matvec each, at 1 and 2 threads."""
+    rng = np.random.default_rng(k + gs + act_order)
+    gs = k if gs == -1 else gs
+    rows = (264, 1, 7)
+    mats = [random_q4g(n, k, gs, rng, False, act_order) for n in rows]
+    perm = mats[0][3]
+    sliced = [slice_q4g(m[0], m[1], m[2], s) for m in mats]
+    x = random_x(k, rng)
+    for nt in (1, 2):
+        ref = []
+        for (sq, ssc, sz), n in zip(sliced, rows):
+            ref.append(np.full(n, np.nan, np.float32))
+            q4.matvec_q4g(sq, ssc.view(np.uint16), sz, perm, x, ref[-1], nt, False, s)
+        outs = [np.full(n, np.nan, np.float32) for n in rows]
+        q4.matvec_q4g_many([a[0] for a in sliced], [a[1].view(np.uint16) for a in sliced],
+                           [a[2] for a in sliced], perm, x, outs, nt, slices=s)
+        for r, o in zip(ref, outs):
+            np.testing.assert_array_equal(o, r)
+
+
+def test_q4g_column_slices_bad_shapes():
+    rng = np.random.default_rng(5)
+    qs, scales, zeros, perm, _, _ = random_q4g(6, 256, 32, rng, False, True)
+    sq, ssc, sz = slice_q4g(qs, scales, zeros, 2)
+    sb, x, out = ssc.view(np.uint16), random_x(256, rng), np.zeros(6, np.float32)
+    q4.matvec_q4g(sq, sb, sz, perm, x, out, 1, False, 2)  # the valid call
+    for call, words in [
+            (lambda: q4.matvec_q4g(sq, sb, sz, perm, x, out, 1, False, 5), "not 5 column slices"),
+            (lambda: q4.matvec_q4g(sq, sb, sz, perm, x, out, 1, False, 0), "not 0 column slices"),
+            (lambda: q4.matvec_q4g(sq, sb, sz, None, x, out, 1, False, 4), "x has 256"),  # 3 rows x 512
+            (lambda: q4.matvec_q4g(sq, sb, sz, perm, x, out, 1, False, 4), "perm has 256 entries, expected 512"),
+            (lambda: q4.matvec_q4g(sq, sb, sz, None, x[:128], out, 1, False, 1), "W is 12x128"),
+            (lambda: q4.matmul_q4g(sq, sb, sz, perm, x[None], out[None], 1, False, 7), "not 7 column slices"),
+            (lambda: q4.matvec_q4g_many([sq], [sb], [sz], perm, x, [out], 1, slices=4), "matrix 0 is 3x512")]:
+        with pytest.raises(ValueError, match=words):
+            call()
+
+
+def test_q4g_linear_column_slices():
+    """Q4GLinear over 3-D (slices, N, ...) arrays: its features, its products equal the kernel's
+    on the slices, and one many_plan only for Linears of the same slicing."""
+    rng = np.random.default_rng(6)
+    k, s = 512, 2
+    mats = [random_q4g(n, k, 64, rng, False, True) for n in (12, 20)]
+    perm = mats[0][3]
+    lins = []
+    for qs, scales, zeros, _, _, _ in mats:
+        sq, ssc, sz = slice_q4g(qs, scales, zeros, s)
+        n = qs.shape[0]
+        lins.append(Q4GLinear(sq.reshape(s, n, -1), ssc.reshape(s, n, -1), sz.reshape(s, n, -1), perm))
+    a = lins[0]
+    assert (a.out_features, a.in_features, a.group_size, a.slices) == (12, k, 64, s)
+    x = random_x(k, rng)
+    out, ref = np.zeros(12, np.float32), np.zeros(12, np.float32)
+    a(x, out, 2)
+    q4.matvec_q4g(a.qs, a._scale_bits, a.zeros, perm, x, ref, 2, False, s)
+    np.testing.assert_array_equal(out, ref)
+    check_int8_perm(out, mats[0][4], mats[0][5], x, perm, k // 32 + k // 64 + s)
+    batch = np.zeros((3, 12), np.float32)
+    a.batch(np.stack([x, x, x]), batch, 2)
+    np.testing.assert_array_equal(batch[1], out)
+    plain = Q4GLinear(*mats[1][:4])
+    assert Q4GLinear.many_plan(lins) is not None and Q4GLinear.many_plan([a, plain]) is None
+    outs = [np.zeros(12, np.float32), np.zeros(20, np.float32)]
+    matvec_same_input([a, plain], x, outs, 2)
+    np.testing.assert_array_equal(outs[0], out)
+    n = 12
+    qs3 = a.qs.reshape(s, n, -1)
+    for args, words in [((qs3, a.scales.view(np.float16).reshape(s, n, -1)[:1], a.zeros.reshape(s, n, -1), perm), "scales has shape"),
+                        ((qs3, a.scales.view(np.float16).reshape(s, n, -1), a.zeros.reshape(s * n, -1), perm), "zeros has shape"),
+                        ((np.ascontiguousarray(qs3[:, :, :24]), a.scales.view(np.float16).reshape(s, n, -1), a.zeros.reshape(s, n, -1), None), "multiple of 32"),
+                        ((qs3[:0], a.scales.view(np.float16).reshape(s, n, -1)[:0], a.zeros.reshape(s, n, -1)[:0], None), "no column slices"),
+                        ((qs3, a.scales.view(np.float16).reshape(s, n, -1), a.zeros.reshape(s, n, -1), perm[:256]), "perm has shape")]:
+        with pytest.raises(ValueError, match=words):
+            Q4GLinear(*args)
+
+
 def test_q4g_perm_none_or_empty(simd):
     rng = np.random.default_rng(1)
     qs, scales, zeros, _, w, mag = random_q4g(9, 256, 64, rng, False, False)
