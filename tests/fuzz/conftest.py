@@ -39,7 +39,8 @@ def fuzzers(fuzz_root):
 @pytest.fixture(scope="session")
 def seeds(fuzz_root, bytelevel_tokenizer):
     """Valid files made once from ../shared: GGUF exports of stories260K (f32, q8_0, q4_0, with
-    a byte-level `gpt2` vocabulary, and the q4g layout of its GPTQ checkpoint)."""
+    a byte-level `gpt2` vocabulary, and the q4g layout of its GPTQ checkpoint), and the q4g
+    export of a random checkpoint with an ffn_down in column slices."""
     from export import export
 
     d = fuzz_root / "seeds"
@@ -54,6 +55,13 @@ def seeds(fuzz_root, bytelevel_tokenizer):
     export(str(hf), str(out["gguf-gpt2"]), tokenizer=str(bytelevel_tokenizer))
     out["gguf-q4g"] = d / "stories260K-q4g.gguf"
     export(str(gptq), str(out["gguf-q4g"]))
+    # a random GPTQ checkpoint whose ffn_down (8192 inputs) is written in column slices
+    from gptq_helpers import bench_script
+
+    bench_script().make_checkpoint(d / "gptq-sliced", layers=1, dim=128, hidden=8192, heads=4, kv_heads=2,
+                                   vocab=600, group_size=128, act_order=True, sym=False)
+    out["gguf-q4g-sliced"] = d / "gptq-sliced.gguf"
+    export(str(d / "gptq-sliced"), str(out["gguf-q4g-sliced"]))
     return out
 
 

@@ -350,7 +350,7 @@ KV_VALUES = [(U32, 0, None), (U32, 1, None), (U32, (1 << 32) - 1, None), (U32, 1
              (ARRAY, [b"\xff"], STRING), (99, 0, None)]
 TYPE_CODES = [0, 1, 2, 3, 6, 7, 8, 9, 10, 16, 24, 25, 26, 27, 28, 29, 30, 31, 39, 99, (1 << 32) - 1]
 TENSOR_NAMES = ["token_embd.weight", "output.weight", "output_norm.weight", "rope_freqs.weight",
-                "blk.0.attn_q.weight", "blk.9.attn_q.weight", "blk.0.attn_q.gptq_perm", "blk.0.attn_q.gptq_qs",
+                "blk.0.attn_q.weight", "blk.9.attn_q.weight", "blk.0.attn_q.gptq_perm", "blk.0.attn_q.gptq_qs", "blk.0.ffn_down.gptq_qs",
                 "x", ""]
 
 

@@ -1,5 +1,5 @@
 """GGUF files (pecca's exports of stories260K: f32, q8_0, q4_0, one with a byte-level `gpt2`
-vocabulary, and the q4g layout of its GPTQ checkpoint), mutated: keys given other types and
+vocabulary, and the q4g layout of its GPTQ checkpoint; a q4g file with column slices), mutated: keys given other types and
 values or removed, arrays cut and grown, tensors retyped, reshaped, renamed, dropped, moved,
 their data overwritten with NaN and out-of-range indices; then the container's counts,
 lengths, dims and offsets set to 0, -1, 2^31, 2^63 ..., truncated at every region boundary."""
@@ -14,7 +14,7 @@ from mutate import apply_gguf, apply_raw, gguf_edit, parse_gguf, raw_edits, writ
 @pytest.fixture(scope="module")
 def parsed(seeds):
     out = Quiet()
-    for name in ("gguf-f32", "gguf-q8_0", "gguf-q4_0", "gguf-gpt2", "gguf-q4g"):
+    for name in ("gguf-f32", "gguf-q8_0", "gguf-q4_0", "gguf-gpt2", "gguf-q4g", "gguf-q4g-sliced"):
         data = seeds[name].read_bytes()
         m = parse_gguf(data)
         assert write_gguf(m)[0] == data  # the test's writer reproduces pecca's export exactly
@@ -42,4 +42,5 @@ def test_gguf_mutations_load_or_refuse(data, parsed, fuzzers):
 @fuzz_settings()
 @given(data=st.data())
 def test_gguf_q4g_mutations_load_or_refuse(data, parsed, fuzzers):
-    fuzz_gguf(data, parsed["gguf-q4g"], fuzzers["gguf-q4g"])
+    seed = data.draw(st.sampled_from(["gguf-q4g", "gguf-q4g-sliced"]), label="seed")
+    fuzz_gguf(data, parsed[seed], fuzzers["gguf-q4g"])
