@@ -242,6 +242,26 @@ def token_batches(k, rng):
 
 # ---------------- q4g ----------------
 
+def run_q4g(qs, sb, zeros, perm, w, mag, m, xs, rng, float_acts, slices=1):
+    """run_both for a q4g matrix (in `slices` column slices) with each float_act setting,
+    against the float64 references of W (w, mag: dense (N, K), m partial sums)."""
+    n, k = w.shape
+    for float_act in float_acts:
+        def mv(x, out, nt):
+            q4.matvec_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices)
+
+        def mm(x, out, nt):
+            q4.matmul_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices)
+
+        if float_act:
+            def check(out, x):
+                check_float(out, w, mag, x, m)
+        else:
+            def check(out, x):
+                check_int8_perm(out, w, mag, x, perm, m)
+        run_both(mv, mm, n, random_x(k, rng), xs, check)
+
+
 @pytest.mark.parametrize("k,gs", Q4G_CASES)
 @pytest.mark.parametrize("n", ROWS)
 def test_q4g(simd, n, k, gs):
@@ -253,20 +273,7 @@ def test_q4g(simd, n, k, gs):
     for sym, act in [(True, False), (False, False), (True, True), (False, True)]:
         qs, scales, zeros, perm, w, mag = random_q4g(n, k, gs, rng, sym, act)
         sb = scales.view(np.uint16)
-        for float_act in ([False, True] if gs % 32 == 0 else [True]):
-            def mv(x, out, nt):
-                q4.matvec_q4g(qs, sb, zeros, perm, x, out, nt, float_act)
-
-            def mm(x, out, nt):
-                q4.matmul_q4g(qs, sb, zeros, perm, x, out, nt, float_act)
-
-            if float_act:
-                def check(out, x):
-                    check_float(out, w, mag, x, m)
-            else:
-                def check(out, x):
-                    check_int8_perm(out, w, mag, x, perm, m)
-            run_both(mv, mm, n, random_x(k, rng), xs, check)
+        run_q4g(qs, sb, zeros, perm, w, mag, m, xs, rng, [False, True] if gs % 32 == 0 else [True])
         if gs % 32 != 0:  # float_act=False still takes the float path
             out_a, out_b = np.zeros(n, np.float32), np.zeros(n, np.float32)
             x = random_x(k, rng)
@@ -310,20 +317,7 @@ def test_q4g_column_slices(simd, n, k, gs, s):
         sq, ssc, sz = slice_q4g(qs, scales, zeros, s)
         sb = ssc.view(np.uint16)
         gs_slice = k // s // sz.shape[1]
-        for float_act in ([False, True] if gs_slice % 32 == 0 else [True]):
-            def mv(x, out, nt):
-                q4.matvec_q4g(sq, sb, sz, perm, x, out, nt, float_act, s)
-
-            def mm(x, out, nt):
-                q4.matmul_q4g(sq, sb, sz, perm, x, out, nt, float_act, s)
-
-            if float_act:
-                def check(out, x):
-                    check_float(out, w, mag, x, m)
-            else:
-                def check(out, x):
-                    check_int8_perm(out, w, mag, x, perm, m)
-            run_both(mv, mm, n, random_x(k, rng), xs, check)
+        run_q4g(sq, sb, sz, perm, w, mag, m, xs, rng, [False, True] if gs_slice % 32 == 0 else [True], s)
 
 
 @pytest.mark.parametrize("k,gs,s", [(512, 64, 2), (8192, -1, 2), (11008, 128, 2)])
