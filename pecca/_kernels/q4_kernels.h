@@ -65,8 +65,8 @@
  *  are laid out per quad once per tile (scratch from the caller). Tiles of 4 rows x up to 4
  *  tokens (each row's codes loaded once for all of them); matvec prefetches the rows 3 quads
  *  ahead (1 quad ahead lost 10-25% at 1 thread, 8-row tiles lost ~8% at 2), q4g's scales and
- *  zero points one quad ahead; for K >= 8192 the matvec instead takes panels of 4 quads through
- *  K in chunks of 8 steps, so that the token's activations stay in L1 (q4_mv_chunked_vnni);
+ *  zero points one quad ahead; for K >= 8192 the matvec instead takes panels of 2 quads through
+ *  K in chunks of 4 steps, so that the token's activations stay in L1 (q4_mv_chunked_vnni);
  *  matmul runs panels of 64 rows (in L2) against each group of 4 tokens. The AVX-512 level
  *  without VNNI runs the AVX2 code, like q8. Integer sums are exact;
  *  only the float accumulation rounds (~1e-6 relative). A (row, token) gets the same operations
@@ -108,8 +108,8 @@
 #define Q4_1_BYTES 20
 #define Q4_STEP 128
 
-#define Q4_MV_PQ 4   /* chunked VNNI matvec: quads per panel (q4_mv_chunked_vnni) */
-#define Q4_MV_CS 8   /* chunked VNNI matvec: steps per chunk of K (2.5 KB of activations) */
+#define Q4_MV_PQ 2   /* chunked VNNI matvec: quads per panel (q4_mv_chunked_vnni) */
+#define Q4_MV_CS 4   /* chunked VNNI matvec: steps per chunk of K (1.3 KB of activations) */
 
 #define Q4_FMT_G 0
 #define Q4_FMT_0 1
@@ -1665,7 +1665,10 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
  * is prefetched linearly, 4 sb bytes per quad step. q4g's group scales of a panel (Q4_MV_PQ * 4
  * G floats) get their own allocation: a larger scratch for every call slowed SmolLM2's short
  * products by 5-10%, as did inlining this into q4_gemm_vnni. Returns 0 (nothing done) when that
- * allocation fails. */
+ * allocation fails. Panels of 2 quads (8 row streams) in chunks of 4 steps ran 3-12% faster
+ * than session 7's 4 quads (16 streams) in chunks of 8 (harness, 1 thread, 4096 x 11008: Q4_0
+ * +7%, Q4_1 +12%, q4g +3%; 4096 x 14336 +3%, 8192 x 8192 +4%); 1 quad, or 4 quads in chunks of
+ * 4, less so. */
 __attribute__((target(PECCA_Q4_VNNI), noinline))
 static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
                               const int8_t *zp, long K, long G, const uint8_t *a, float *out,

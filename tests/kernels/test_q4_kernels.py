@@ -36,8 +36,8 @@ ROWS = [1, 7, 264]
 TOKENS = [1, 3, 17]
 # (K, group sizes): gs = -1 is K; multiples of 32 use int8 activations, the others (16, 8, 24:
 # AVX2 float code; 12: portable float code) float ones. K = 96 and 288 leave a partial SIMD step.
-# K >= 8192 takes the VNNI matvec's chunked form (q4_mv_chunked_vnni: panels of 4 quads, K in
-# chunks of 8 steps): 8320 = 65 steps (a last chunk of one step), 8224 = 257 blocks (a last
+# K >= 8192 takes the VNNI matvec's chunked form (q4_mv_chunked_vnni: panels of 2 quads, K in
+# chunks of 4 steps): 8320 = 65 steps (a last chunk of one step), 8224 = 257 blocks (a last
 # step of one block); gs 128 / -1 / 32 / 64 at 8320 and -1 at 8224 give each q4g scale form.
 Q4G_SHAPES = [(32, [32, 16, 8]), (96, [32, 96, 24, 12, 8]), (256, [32, 64, 128, -1, 16]),
               (288, [32, 96, -1, 16, 24, 12]), (4096, [32, 128, -1, 16]),
