@@ -114,9 +114,9 @@ class BatchState:
 def embed(table: np.ndarray, tokens, out: np.ndarray) -> None:
     """Rows `tokens` of the token embedding into float32 `out`. The table is float32,
     float16, uint16 holding bfloat16 bits (numpy has no bfloat16), or a quantized table
-    with a `rows(tokens)` method (pecca.quant)."""
+    with a `rows_into(tokens, out)` method (pecca.quant)."""
     if not isinstance(table, np.ndarray):
-        out[...] = table.rows(tokens)
+        table.rows_into(tokens, out)
         return
     rows = table[tokens]
     if table.dtype == np.uint16:

@@ -1,5 +1,6 @@
-"""Quantized tensors outside the kernels: NumPy (de)quantization for export, tests and the
-token-embedding lookup (one row per token, so NumPy is fast enough).
+"""Quantized tensors outside the matrix kernels: NumPy (de)quantization for export and tests, and
+the token-embedding lookup (GGUF blocks through ops.dequantize_rows; llama2.c's int8 groups in
+NumPy).
 
 Two int8 layouts:
 - llama2.c version 2 ("q8"): int8 values plus one float32 scale per group of `gs` consecutive
@@ -12,6 +13,8 @@ and the GGUF 4-bit blocks of 32 values, Q4_0 (f16 d, 16 bytes of nibbles; d * (q
 Q4_1 (f16 d, f16 m, 16 bytes; d * q + m), through the same `gguf` functions.
 """
 import numpy as np
+
+from pecca._kernels import ops
 
 Q8_0_BLOCK, Q8_0_BYTES = 32, 34
 # GGUF block types pecca reads and writes: values per block and bytes per block
@@ -71,26 +74,24 @@ class BlockRows:
         self.shape = (blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[kind] * BLOCK_VALUES)
 
     def rows(self, tokens) -> np.ndarray:
-        return dequantize_rows(self.blocks[tokens], self.type)
+        out = np.empty(np.shape(tokens) + (self.shape[1],), np.float32)
+        self.rows_into(tokens, out)
+        return out
+
+    def rows_into(self, tokens, out: np.ndarray) -> None:
+        """out (float32, C-contiguous, len(tokens) x n or n for one token) = those rows."""
+        ops.dequantize_rows(self.blocks, tokens, self.type, out.reshape(-1))
 
 
 def dequantize_rows(blocks: np.ndarray, kind: str) -> np.ndarray:
-    """dequantize_blocks for a few rows, without the `gguf` package's per-call overhead (~0.1 ms:
-    2.5% of a SmolLM2 decode step for its one embedding row). The same arithmetic as gguf's
-    numpy code (and llama.cpp's C): float32 of the f16 scales times float32 of the codes."""
-    n_blocks = blocks.shape[-1] // BLOCK_BYTES[kind]
-    b = np.ascontiguousarray(blocks).reshape(-1, n_blocks, BLOCK_BYTES[kind])
-    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)
-    if kind == "Q8_0":
-        vals = d * b[..., 2:].copy().view(np.int8).astype(np.float32)
-    else:
-        qs = b[..., 4 if kind == "Q4_1" else 2:]
-        codes = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32)
-        if kind == "Q4_0":
-            vals = d * (codes - np.float32(8))
-        else:
-            vals = d * codes + b[..., 2:4].copy().view(np.float16).astype(np.float32)
-    return vals.reshape(blocks.shape[:-1] + (n_blocks * BLOCK_VALUES,))
+    """dequantize_blocks for a few rows (any leading shape), without the `gguf` package's
+    per-call overhead (~0.1 ms: 2.5% of a SmolLM2 decode step for its one embedding row). The
+    same arithmetic as gguf's numpy code (and llama.cpp's C): float32 of the f16 scales times
+    float32 of the codes (ops.dequantize_rows)."""
+    table = np.ascontiguousarray(blocks).reshape(-1, blocks.shape[-1])
+    out = np.empty(blocks.shape[:-1] + (blocks.shape[-1] // BLOCK_BYTES[kind] * BLOCK_VALUES,), np.float32)
+    ops.dequantize_rows(table, range(table.shape[0]), kind, out.reshape(-1))
+    return out
 
 
 class Q8GroupRows:
@@ -106,3 +107,6 @@ class Q8GroupRows:
     def rows(self, tokens) -> np.ndarray:
         q, s = self.q[tokens], self.scales[tokens]
         return dequantize_q8_groups(q, s, self.gs)
+
+    def rows_into(self, tokens, out: np.ndarray) -> None:
+        out[...] = self.rows(tokens)

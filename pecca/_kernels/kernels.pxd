@@ -34,6 +34,7 @@ cdef extern from "attention.h" nogil:
     void floats_to_f16(const float *x, uint16_t *out, long n) noexcept
 
 cdef extern from "f16_kernels.h" nogil:
+    float f16_to_f32(uint16_t h) noexcept
     void matvec_f16_rows(const uint16_t *w, const float *x, float *out,
                          long n, long r0, long r1) noexcept
     void matvec_bf16_rows(const uint16_t *w, const float *x, float *out,
