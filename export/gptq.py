@@ -36,6 +36,7 @@ import numpy as np
 from export.gguf import out_type, tensor_plan
 from export.hf import HFSource
 from pecca.errors import UnsupportedModelError
+from pecca.formats.gguf import Q4G_PARTS
 from pecca.formats.gptq import GPTQCheckpoint, GPTQTensors, linear_shapes, q_k_heads
 from pecca.formats.hf import HF_NAMES, unpermute
 from pecca.formats.tensors import RawTensor, release_pages
@@ -239,9 +240,9 @@ class GPTQSource(HFSource):
             m, perm = self.modules[base]
             n, k = shape
             s = column_slices(k, m.groups)
-            lead, g = ((s,), slice_groups(m.groups, s)) if s > 1 else ((), m.groups)
-            plan += [(base + ".gptq_qs", lead + (n, k // s // 8), "I32"),
-                     (base + ".gptq_scales", lead + (n, g), "F16"), (base + ".gptq_zeros", lead + (n, g), "I8")]
+            # the reader's description of each part (type, shape), so the two cannot drift apart
+            plan += [(f"{base}.gptq_{part}", shape_of(n, k, slice_groups(m.groups, s), s), kind)
+                     for part, (kind, shape_of) in Q4G_PARTS.items() if part != "perm"]
             if base.endswith(".ffn_down") and perm is not None:
                 plan.append((base + ".gptq_fold", (k,), "I32"))
             elif perm is not None:
