@@ -48,7 +48,7 @@ static float frand(void) { return (float)(rnd() % 20001) / 10000.0f - 1.0f; }
 
 typedef void (*rows_fn)(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp, long K,
                         long G, const uint8_t *act, long ab, long T, float *out, long ldo, long r0,
-                        long r1, float *st);
+                        long r1, long pf1, float *st);
 
 /* every matrix once, rows split over nth threads as 4-row quads */
 static void sweep(rows_fn f, int fmt, const uint8_t *W, const uint16_t *sc, const int8_t *zp,
@@ -59,7 +59,7 @@ static void sweep(rows_fn f, int fmt, const uint8_t *W, const uint16_t *sc, cons
         {
             int b = omp_get_thread_num();
             long q = N / 4, r0 = q * b / nth * 4, r1 = b == nth - 1 ? N : q * (b + 1) / nth * 4;
-            f(fmt, W + m * N * rb, sc + m * N * G, zp + m * N * G, K, G, act, ab, T, out, N, r0, r1,
+            f(fmt, W + m * N * rb, sc + m * N * G, zp + m * N * G, K, G, act, ab, T, out, N, r0, r1, N,
               st + b * sts);
         }
     }

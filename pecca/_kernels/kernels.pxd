@@ -6,8 +6,13 @@ cdef extern from "simd.h" nogil:
     long pecca_quad_share(long rows, long b, long nt) noexcept
     void *pecca_alloc_lines(size_t bytes) noexcept
     void pecca_free_lines(void *p) noexcept
+    ctypedef struct pecca_span:
+        pass
+    void pecca_steal_init(pecca_span *sp, long units, int nt) noexcept
+    int pecca_steal_next(pecca_span *sp, int id, int nt, long chunk, long *u0, long *u1) noexcept
 
 cdef extern from "f32_kernels.h" nogil:
+    enum: PECCA_STREAM_BYTES
     void swiglu_f32(float *h, const float *g, long n) noexcept
     long argmax_finite_f32(const float *x, long n) noexcept
     void softmax_portable(float *a, long n) noexcept
@@ -77,7 +82,7 @@ cdef extern from "q4_kernels.h" nogil:
     float *q4_thread_scratch(int nt, long G, long *stride) noexcept
     void q4_int8_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                       long K, long G, const uint8_t *act, long ab, long T, float *out,
-                      long ldo, long r0, long r1, float *scratch) noexcept
+                      long ldo, long r0, long r1, long pf1, float *scratch) noexcept
     void q4_f32_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                      long K, long G, const uint8_t *act, long ab, long T, float *out,
                      long ldo, long r0, long r1) noexcept

@@ -34,13 +34,18 @@ multiply-adds run serially. Each row of a matmul equals the matvec of that token
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
 from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, pecca_alloc_lines,
-                                     pecca_free_lines,
+                                     pecca_free_lines, pecca_span, pecca_steal_init,
+                                     pecca_steal_next, PECCA_STREAM_BYTES,
                                      q4_act_bytes, q4_actf_floats, q4_prepare_int8, q4_prepare_f32,
                                      q4_int8_rows, q4_f32_rows, q4_thread_scratch,
                                      gptq_prepare, gptq_acc_floats, gptq_cols)
 
 # below this many multiply-adds a product runs on one thread
 cdef long PARALLEL_MIN_WEIGHTS = 32768
+# work stealing (simd.h): threads claim their rows this many bytes at a time
+cdef long STEAL_CHUNK_BYTES = 65536
+# ... for matvecs of at least this many weight bytes per thread (their shares come from memory)
+cdef long STEAL_MIN_BYTES = PECCA_STREAM_BYTES
 # weight formats (q4_kernels.h)
 cdef int FMT_G = 0
 cdef int FMT_0 = 1
@@ -99,7 +104,7 @@ cdef inline void rows(int fmt, bint float_act, const uint8_t *w, const uint16_t 
     if float_act:
         q4_f32_rows(fmt, w, sc, zp, K, G, act, ab, T, out, N, r0, r1)
     else:
-        q4_int8_rows(fmt, w, sc, zp, K, G, act, ab, T, out, N, r0, r1, scratch)
+        q4_int8_rows(fmt, w, sc, zp, K, G, act, ab, T, out, N, r0, r1, N, scratch)
 
 
 cdef void slice_rows(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc,
@@ -136,11 +141,74 @@ cdef void rows_par(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc
                    scratch + b * sf if scratch != NULL else NULL)
 
 
+cdef inline long row_bytes(int fmt, long K, long G) noexcept nogil:
+    """Bytes of one row of K inputs (q4g: codes, f16 scales and int8 zeros of G groups)."""
+    if fmt == FMT_G:
+        return K // 2 + 3 * G
+    return K // 32 * (18 if fmt == FMT_0 else 20)
+
+
+cdef inline bint stealing(long bytes, int nt) noexcept nogil:
+    """Whether a matvec of this many weight bytes shares its rows by work stealing (simd.h):
+    when each thread's share comes from memory; in cache, static shares."""
+    return nt > 1 and bytes >= nt * STEAL_MIN_BYTES
+
+
+cdef void steal_part(int fmt, long nm, long S, const uint8_t **wp, const uint16_t **scp,
+                     const int8_t **zpp, const long *nrow, long Ks, long G, const uint8_t *act,
+                     long abs_, float **op, float *tmp, long total, const long *to,
+                     pecca_span *sp, long chunk, int id, int nt, float *scratch) noexcept nogil:
+    """Thread id's part of op[m] = W_m x (int8 activations, S column slices of Ks inputs), its
+    rows claimed by work stealing. The units are quads of rows of one slice of one matrix, in
+    the order matrix, slice, row; slice j > 0's products go to tmp + (j - 1) total + to[m]."""
+    cdef long u0, u1, base, m, j, q, a, c, r1
+    while pecca_steal_next(sp, id, nt, chunk, &u0, &u1):
+        base = 0
+        for m in range(nm):
+            q = (nrow[m] + 3) // 4
+            for j in range(S):
+                a = u0 if u0 > base else base
+                c = u1 if u1 < base + q else base + q
+                if a < c:
+                    r1 = 4 * (c - base)
+                    rows(fmt, False, wp[m] + j * nrow[m] * (Ks // 2),
+                         scp[m] + j * nrow[m] * G if j > 0 else scp[m],
+                         zpp[m] + j * nrow[m] * G if j > 0 else zpp[m], Ks, G, act + j * abs_,
+                         S * abs_, 1, op[m] if j == 0 else tmp + (j - 1) * total + to[m],
+                         nrow[m], 4 * (a - base), r1 if r1 < nrow[m] else nrow[m], scratch)
+                base += q
+
+
+cdef void steal_par(int fmt, long nm, long S, const uint8_t **wp, const uint16_t **scp,
+                    const int8_t **zpp, const long *nrow, long Ks, long G, const uint8_t *act,
+                    long abs_, float **op, float *tmp, long total, const long *to,
+                    pecca_span *sp, int nt, float *scratch, long sf) noexcept nogil:
+    """op[m] = W_m x for nm int8 matvecs (tmp: (S - 1) total floats), nt threads stealing."""
+    cdef long m, j, r, units = 0, chunk
+    cdef int b
+    for m in range(nm):
+        units += S * ((nrow[m] + 3) // 4)
+    chunk = STEAL_CHUNK_BYTES // (4 * row_bytes(fmt, Ks, G))
+    if chunk < 1:
+        chunk = 1
+    pecca_steal_init(sp, units, nt)
+    for b in prange(nt, schedule='static', num_threads=nt):
+        steal_part(fmt, nm, S, wp, scp, zpp, nrow, Ks, G, act, abs_, op, tmp, total, to, sp,
+                   chunk, b, nt, scratch + b * sf)
+    for m in range(nm):  # slice_rows' sums, in its order
+        for j in range(1, S):
+            for r in range(nrow[m]):
+                op[m][r] += tmp[(j - 1) * total + to[m] + r]
+
+
 cdef int run(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
              const int32_t *perm, const float *x, float *out, long N, long K, long G, long T,
              int num_threads, long S=1) except -1:
     """out (T, N) = x (T, K) @ W.T, W in S column slices (q4g; 1 otherwise) of G groups each;
     every shape already checked, N, K, T > 0."""
+    if T == 1 and not float_act:
+        int8_many(fmt, 1, &w, &sc, &zp, &N, K, G, perm, x, &out, num_threads, S)
+        return 0
     cdef long Ks = K // S
     cdef long abs_ = q4_actf_floats(Ks, G) * 4 if float_act else q4_act_bytes(Ks, G)
     cdef long ab = S * abs_
@@ -350,20 +418,31 @@ cdef int8_many(int fmt, long nm, const uint8_t **wp, const uint16_t **scp, const
         to[m] = total
         total += nrow[m]
     cdef int nt = team(total, total * K, num_threads)
+    cdef bint steal = stealing(total * S * row_bytes(fmt, Ks, G), nt)
     cdef uint8_t *act = <uint8_t *>pecca_alloc_lines(S * abs_)
     cdef float *scratch = q4_thread_scratch(nt, G, &sf)
     cdef float *work = <float *>pecca_alloc_lines(K * sizeof(float)) if perm != NULL else NULL
-    cdef float *tmp = <float *>pecca_alloc_lines(total * sizeof(float)) if S > 1 else NULL
-    if act == NULL or scratch == NULL or (perm != NULL and work == NULL) or (S > 1 and tmp == NULL):
+    cdef float *tmp = NULL
+    cdef pecca_span *sp = NULL
+    if S > 1:  # stealing: every slice after the first its own row of sums
+        tmp = <float *>pecca_alloc_lines((S - 1 if steal else 1) * total * sizeof(float))
+    if steal:
+        sp = <pecca_span *>pecca_alloc_lines(nt * sizeof(pecca_span))
+    if (act == NULL or scratch == NULL or (perm != NULL and work == NULL) or (S > 1 and tmp == NULL)
+            or (steal and sp == NULL)):
         pecca_free_lines(act)
         pecca_free_lines(scratch)
         pecca_free_lines(work)
         pecca_free_lines(tmp)
+        pecca_free_lines(sp)
         raise MemoryError("q4: no memory for the prepared activations")
     try:
         with nogil:
             prepare_slices(fmt, False, x, perm, work, act, abs_, K, S, G)
-            if nt <= 1:
+            if steal:
+                steal_par(fmt, nm, S, wp, scp, zpp, nrow, Ks, G, act, abs_, op, tmp, total, to,
+                          sp, nt, scratch, sf)
+            elif nt <= 1:
                 for m in range(nm):
                     if nrow[m] > 0:
                         slice_rows(fmt, False, wp[m], scp[m], zpp[m], Ks, G, S, act, abs_,
@@ -383,6 +462,7 @@ cdef int8_many(int fmt, long nm, const uint8_t **wp, const uint16_t **scp, const
         pecca_free_lines(scratch)
         pecca_free_lines(work)
         pecca_free_lines(tmp)
+        pecca_free_lines(sp)
 
 
 cdef long check_many(str name, long nm, long nouts) except -1:
@@ -579,6 +659,18 @@ def matmul_gptq(const int32_t[:, ::1] qweight, const int32_t[:, ::1] qzeros, uin
     gptq_product("matmul_gptq", qweight, qzeros, zero_add, scales_bits, g_idx, out_perm,
                  &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[0], out.shape[1],
                  num_threads)
+
+
+def _steal_settings(long min_bytes=-1, long chunk_bytes=-1):
+    """(STEAL_MIN_BYTES, STEAL_CHUNK_BYTES) before the call; sets them where >= 0 (tests force
+    work stealing on small matrices, in small chunks, with this)."""
+    global STEAL_MIN_BYTES, STEAL_CHUNK_BYTES
+    old = (STEAL_MIN_BYTES, STEAL_CHUNK_BYTES)
+    if min_bytes >= 0:
+        STEAL_MIN_BYTES = min_bytes
+    if chunk_bytes >= 0:
+        STEAL_CHUNK_BYTES = chunk_bytes
+    return old
 
 
 def _reset_simd():

@@ -851,7 +851,7 @@ static inline void q4_tile16_avx2(int fmt, int sf, const uint8_t *w, const uint1
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
 static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
                                 const int8_t *zp, long K, long G, const uint8_t *act, long ab,
-                                long T, float *out, long ldo, long r0, long r1) {
+                                long T, float *out, long ldo, long r0, long r1, long pf1) {
     long nb = K / Q4_QK, Kp = q4_padded(K), ns = (nb + 1) / 2, xstride = ns * Q4_XP(fmt);
     long npairs = (T + 1) / 2;
     uint8_t *xb = T > 1 ? (uint8_t *)pecca_alloc_lines((size_t)(npairs * xstride)) : NULL;
@@ -859,7 +859,7 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
         for (long t = 0; t < T; t++) {
             long i = r0;
             for (; i + 4 <= r1; i += 4)
-                q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 4, i + 8 <= r1);
+                q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 4, i + 8 <= pf1);
             for (; i + 2 <= r1; i += 2) q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 2, 0);
             for (; i < r1; i++) q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 1, 0);
         }
@@ -915,11 +915,11 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
 __attribute__((target(PECCA_Q4_AVX2)))
 static void q4_int8_rows_avx2(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                               long K, long G, const uint8_t *act, long ab, long T, float *out,
-                              long ldo, long r0, long r1) {
-    if (fmt == Q4_FMT_0) q4_gemm_avx2(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else if (fmt == Q4_FMT_1) q4_gemm_avx2(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else if ((K / Q4_QK / G) % 2 == 0) q4_gemm_avx2(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
-    else q4_gemm_avx2(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+                              long ldo, long r0, long r1, long pf1) {
+    if (fmt == Q4_FMT_0) q4_gemm_avx2(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
+    else if (fmt == Q4_FMT_1) q4_gemm_avx2(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
+    else if ((K / Q4_QK / G) % 2 == 0) q4_gemm_avx2(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
+    else q4_gemm_avx2(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
 }
 
 /* float path, q4g row: acc - s_g z_g X_g for the groups g < G rounded down to 8 (lane g % 8),
@@ -1672,7 +1672,7 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
 __attribute__((target(PECCA_Q4_VNNI), noinline))
 static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
                               const int8_t *zp, long K, long G, const uint8_t *a, float *out,
-                              long r0, long r1) {
+                              long r0, long r1, long pf1) {
     float *st = NULL;
     if (fmt == Q4_FMT_G && (st = (float *)pecca_alloc_lines(sizeof(float) * 4 * G * Q4_MV_PQ)) == NULL)
         return 0;
@@ -1686,12 +1686,12 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
     for (long p0 = r0; p0 < r1; p0 += 4 * Q4_MV_PQ) {
         int nq = (int)((r1 - p0) / 4 < Q4_MV_PQ ? (r1 - p0) / 4 : Q4_MV_PQ);
         const char *next = (const char *)(w + (p0 + 4 * Q4_MV_PQ) * rb);
-        long pfend = (r1 - p0 - 4 * Q4_MV_PQ) * rb, pfpos = 0;  /* nothing past r1 */
+        long pfend = (pf1 - p0 - 4 * Q4_MV_PQ) * rb, pfpos = 0;  /* nothing past pf1 */
         for (int q = 0; q < nq; q++) {
             acc[q] = _mm512_setzero_ps();
             if (fmt == Q4_FMT_G) {
                 long i = p0 + 4 * q;
-                if (i + 4 * Q4_MV_PQ + 4 <= r1) {
+                if (i + 4 * Q4_MV_PQ + 4 <= pf1) {
                     prefetch_lines((const char *)(sc + (i + 4 * Q4_MV_PQ) * G), (int)((8 * G + 63) / 64));
                     prefetch_lines((const char *)(zp + (i + 4 * Q4_MV_PQ) * G), (int)((4 * G + 63) / 64));
                 }
@@ -1738,15 +1738,16 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
 static inline void q4_gemm_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
                                 const int8_t *zp, long K, long G, const uint8_t *act, long ab,
-                                long T, float *out, long ldo, long r0, long r1, float *st) {
+                                long T, float *out, long ldo, long r0, long r1, long pf1,
+                                float *st) {
 #define Q4_TILE(i, t, NR, NT, pf, pfd) \
     q4_tile_vnni(fmt, sf, w, sc, zp, K, G, act, ab, out, ldo, i, t, NR, NT, pf, pfd, st)
     if (T == 1) {  /* 4 rows at a time, the next ones prefetched Q4_PF_QUADS quads ahead */
         long i = r0;
         if (K >= Q4_MV_CHUNK_K && q4_mv_chunked_vnni(fmt, sf, w, sc, zp, K, G, act, out, r0,
-                                                     r0 + (r1 - r0) / 4 * 4))
+                                                     r0 + (r1 - r0) / 4 * 4, pf1))
             i = r0 + (r1 - r0) / 4 * 4;
-        for (; i + 4 <= r1; i += 4) Q4_TILE(i, 0, 4, 1, i + 4 + 4 * Q4_PF_QUADS <= r1, Q4_PF_QUADS);
+        for (; i + 4 <= r1; i += 4) Q4_TILE(i, 0, 4, 1, i + 4 + 4 * Q4_PF_QUADS <= pf1, Q4_PF_QUADS);
         if (i < r1) Q4_TILE(i, 0, (int)(r1 - i), 1, 0, 1);
         return;
     }
@@ -1772,13 +1773,13 @@ static inline void q4_gemm_vnni(int fmt, int sf, const uint8_t *w, const uint16_
 __attribute__((target(PECCA_Q4_VNNI)))
 static void q4_int8_rows_vnni(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                               long K, long G, const uint8_t *act, long ab, long T, float *out,
-                              long ldo, long r0, long r1, float *st) {
+                              long ldo, long r0, long r1, long pf1, float *st) {
     long bpg = K / Q4_QK / G;
-    if (fmt == Q4_FMT_0) q4_gemm_vnni(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
-    else if (fmt == Q4_FMT_1) q4_gemm_vnni(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
-    else if (bpg % 4 == 0) q4_gemm_vnni(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
-    else if (bpg == 1) q4_gemm_vnni(Q4_FMT_G, Q4_SF_1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
-    else q4_gemm_vnni(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, st);
+    if (fmt == Q4_FMT_0) q4_gemm_vnni(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
+    else if (fmt == Q4_FMT_1) q4_gemm_vnni(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
+    else if (bpg % 4 == 0) q4_gemm_vnni(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
+    else if (bpg == 1) q4_gemm_vnni(Q4_FMT_G, Q4_SF_1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
+    else q4_gemm_vnni(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
 }
 #endif /* PECCA_X86 */
 
@@ -1800,14 +1801,16 @@ static float *q4_thread_scratch(int nt, long G, long *stride) {
 
 /* out[t * ldo + r] = W[r] . x_t for rows [r0, r1), tokens t < T prepared by q4_prepare_int8
  * (act + t * ab). q4g: gs = K / G a multiple of 32. scratch: q4_int8_scratch_floats(G) floats
- * for this call's exclusive use. */
+ * for this call's exclusive use. pf1 >= r1: the matvec may prefetch rows up to pf1 (the rows
+ * the matrix has), so that a thread's next call, on the rows that follow (work stealing's
+ * chunks), finds its first rows on the way. */
 static void q4_int8_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                          long K, long G, const uint8_t *act, long ab, long T, float *out,
-                         long ldo, long r0, long r1, float *scratch) {
+                         long ldo, long r0, long r1, long pf1, float *scratch) {
 #if PECCA_X86
     int level = q8_kernel_level();
-    if (level == 2) { q4_int8_rows_vnni(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, scratch); return; }
-    if (level == 1) { q4_int8_rows_avx2(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1); return; }
+    if (level == 2) { q4_int8_rows_vnni(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, scratch); return; }
+    if (level == 1) { q4_int8_rows_avx2(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1); return; }
 #endif
     q4_rows_portable(fmt, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
 }

@@ -85,6 +85,70 @@ static inline long pecca_quad_share(long rows, long b, long nt) {
     return b >= nt ? rows : rows / 4 * b / nt * 4;
 }
 
+/* Work stealing over the rows of matvecs that stream from memory. With static shares one
+ * thread ends first and idles: in this VM's fast 2-thread state (each core drawing its own ~40
+ * GB/s, so an idle core's bandwidth is lost) one thread of a plain 2-thread read of 8 MB
+ * matrices idled 5-15% of the wall time. Here each thread starts on its static share (in quads,
+ * 4 rows) and claims it front to back, a quarter of its rest at a time but at least `chunk`
+ * quads: one contiguous stream in a few calls (the kernels prefetch across a call's end, pf1).
+ * A thread whose share is done takes the back half of the largest unclaimed rest and goes on
+ * there. Session 11, 7B-layer GPTQ at 2 threads in the fast state: products 1.035x, decode
+ * 1.018x static shares (8 gated pairs); in the slow state equal. Fixed chunks lost (64 KB
+ * without prefetch across calls: 0.7-0.8x; a shared pool of chunks, session 10: 0.97x).
+ *
+ * A span is lo | hi << 32 (quads [lo, hi)), one per thread on a cache line of its own: a thread
+ * claims from its own line, which no other core touches until someone steals from it. */
+typedef struct {
+    uint64_t w;
+    char pad[56];
+} pecca_span;
+
+#define PECCA_STEAL_MIN_QUADS 2  /* steal only from shares with at least this many chunks left */
+#define PECCA_STEAL_SHIFT 2      /* a claim: a quarter of the share's rest, or at least a chunk */
+
+static inline uint64_t pecca_span_pack(long lo, long hi) {
+    return ((uint64_t)hi << 32) | (uint64_t)(uint32_t)lo;
+}
+
+/* Thread b's static share of units quads: [units b / nt, units (b + 1) / nt). */
+static inline void pecca_steal_init(pecca_span *sp, long units, int nt) {
+    for (int b = 0; b < nt; b++) sp[b].w = pecca_span_pack(units * b / nt, units * (b + 1) / nt);
+}
+
+/* Thread id's next quads [*u0, *u1); 0 when no work is left for it. */
+static inline int pecca_steal_next(pecca_span *sp, int id, int nt, long chunk, long *u0, long *u1) {
+    for (;;) {
+        uint64_t w = __atomic_load_n(&sp[id].w, __ATOMIC_ACQUIRE);
+        long lo = (long)(uint32_t)w, hi = (long)(w >> 32);
+        if (lo < hi) {
+            long take = (hi - lo) >> PECCA_STEAL_SHIFT;
+            if (take < chunk) take = chunk;
+            long e = hi - lo > take ? lo + take : hi;
+            if (__atomic_compare_exchange_n(&sp[id].w, &w, pecca_span_pack(e, hi), 0,
+                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                *u0 = lo;
+                *u1 = e;
+                return 1;
+            }
+            continue;
+        }
+        int v = -1;
+        long most = 0;
+        uint64_t vw = 0;
+        for (int o = 0; o < nt; o++) {
+            if (o == id) continue;
+            uint64_t ow = __atomic_load_n(&sp[o].w, __ATOMIC_ACQUIRE);
+            long left = (long)(ow >> 32) - (long)(uint32_t)ow;
+            if (left > most) { most = left; v = o; vw = ow; }
+        }
+        if (v < 0 || most < PECCA_STEAL_MIN_QUADS * chunk) return 0;
+        long vlo = (long)(uint32_t)vw, vhi = (long)(vw >> 32), mid = vhi - (vhi - vlo) / 2;
+        if (__atomic_compare_exchange_n(&sp[v].w, &vw, pecca_span_pack(vlo, mid), 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            __atomic_store_n(&sp[id].w, pecca_span_pack(mid, vhi), __ATOMIC_RELEASE);
+    }
+}
+
 /* Scratch on whole cache lines of its own (64-byte aligned, size rounded up to 64): no vector
  * load from it straddles two lines, and no line holds another object that another thread writes
  * or reads. Every kernel's per-call scratch (prepared activations, per-thread buffers) comes

@@ -56,6 +56,16 @@ def simd(request):
     q4._reset_simd()
 
 
+@pytest.fixture(params=["static", "steal"])
+def split(request):
+    """How a 2-thread matvec shares its rows: static shares, or work stealing (which products
+    from memory use, simd.h) forced on every size, a quad at a time."""
+    old = q4._steal_settings(0, 1) if request.param == "steal" else None
+    yield request.param
+    if old is not None:
+        q4._steal_settings(*old)
+
+
 # ---------------- NumPy references ----------------
 
 def round_half_away(v):
@@ -305,7 +315,7 @@ Q4G_SLICED = [(256, 32, 2), (96, -1, 3), (288, 24, 3), (384, 16, 3), (4096, 128,
 
 @pytest.mark.parametrize("k,gs,s", Q4G_SLICED)
 @pytest.mark.parametrize("n", ROWS)
-def test_q4g_column_slices(simd, n, k, gs, s):
+def test_q4g_column_slices(simd, split, n, k, gs, s):
     """A matrix in column slices (export.gptq's layout for long rows): the product of the whole
     matrix against the float64 references, matmul rows equal to matvec, 1 and 2 threads equal."""
     rng = np.random.default_rng(n * 7 + k + gs + s)
@@ -322,7 +332,7 @@ def test_q4g_column_slices(simd, n, k, gs, s):
 
 @pytest.mark.parametrize("k,gs,s", [(512, 64, 2), (8192, -1, 2), (11008, 128, 2)])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_matvec_q4g_many_column_slices(simd, k, gs, s, act_order):
+def test_matvec_q4g_many_column_slices(simd, split, k, gs, s, act_order):
     """Sliced q, k, v in one call: the same bits as a sliced matvec each, at 1 and 2 threads."""
     rng = np.random.default_rng(k + gs + act_order)
     gs = k if gs == -1 else gs
@@ -428,7 +438,7 @@ def test_q4g_zero_activations(simd):
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
 @pytest.mark.parametrize("k", BLOCK_K)
 @pytest.mark.parametrize("n", ROWS)
-def test_q4_blocks(simd, kind, n, k):
+def test_q4_blocks(simd, split, kind, n, k):
     rng = np.random.default_rng(n * 7919 + k + (kind == "q4_1"))
     blocks, w, mag = random_blocks(kind, n, k, rng)
     mv_f = q4.matvec_q4_0 if kind == "q4_0" else q4.matvec_q4_1
@@ -965,7 +975,7 @@ MANY = {"q4_0": (q4.matvec_q4_0, q4.matvec_q4_0_many), "q4_1": (q4.matvec_q4_1, 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
 @pytest.mark.parametrize("k", [32, 288, 4096, 8224])
 @pytest.mark.parametrize("rows", [(1,), (7, 264), (264, 1, 7), (576, 192, 192, 3)])
-def test_matvec_many_equals_one_call_each(simd, kind, k, rows):
+def test_matvec_many_equals_one_call_each(simd, split, kind, k, rows):
     """A layer's q, k, v (or gate, up) in one call: the same bits as a matvec each, at 1 and 2
     threads (each thread takes its share of every matrix)."""
     rng = np.random.default_rng(k + len(rows))
@@ -977,7 +987,7 @@ def test_matvec_many_equals_one_call_each(simd, kind, k, rows):
 @pytest.mark.parametrize("k,gs", [(256, 32), (4096, 128), (8320, -1), (8320, 64)])
 @pytest.mark.parametrize("rows", [(7, 264), (264, 1, 7), (576, 192, 192, 3)])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_matvec_q4g_many_equals_one_call_each(simd, k, gs, rows, act_order):
+def test_matvec_q4g_many_equals_one_call_each(simd, split, k, gs, rows, act_order):
     """q4g matrices with one group size and one input permutation (GPTQ act-order q, k, v):
     one call, the same bits as a matvec each, at 1 and 2 threads."""
     rng = np.random.default_rng(k + len(rows) + gs)
@@ -1090,3 +1100,49 @@ def test_matvec_same_input_falls_back_to_one_call_each():
         for r, o in zip(ref, outs):
             np.testing.assert_array_equal(o, r)
 
+
+
+@pytest.mark.parametrize("kind", ["q4g", "q4g-sliced", "q4_0"])
+def test_work_stealing_equals_one_thread(simd, kind):
+    """Rows shared out by work stealing a quad at a time, with more threads than cores (so that
+    threads are preempted and steal from each other): every output the same bits as at 1
+    thread, every time; one matrix and three in one call."""
+    rng = np.random.default_rng(len(kind))
+    k, rows = 512, (1001, 7, 264)
+    if kind == "q4_0":
+        ws = [random_blocks("q4_0", n, k, rng)[0] for n in rows]
+
+        def one(w, x, out, nt):
+            q4.matvec_q4_0(w, x, out, nt)
+
+        def many(ws, x, outs, nt):
+            q4.matvec_q4_0_many(ws, x, outs, nt)
+    else:
+        s = 2 if kind == "q4g-sliced" else 1
+        mats = [random_q4g(n, k, 64, rng, False, True) for n in rows]
+        perm = mats[0][3]
+        ws = [slice_q4g(m[0], m[1], m[2], s) for m in mats]
+
+        def one(w, x, out, nt):
+            q4.matvec_q4g(w[0], w[1].view(np.uint16), w[2], perm, x, out, nt, False, s)
+
+        def many(ws, x, outs, nt):
+            q4.matvec_q4g_many([w[0] for w in ws], [w[1].view(np.uint16) for w in ws],
+                               [w[2] for w in ws], perm, x, outs, nt, slices=s)
+    x = random_x(k, rng)
+    ref = [np.full(n, np.nan, np.float32) for n in rows]
+    for w, r in zip(ws, ref):
+        one(w, x, r, 1)
+    old = q4._steal_settings(0, 1)
+    try:
+        for rep in range(10):
+            for nt in (2, 3, 4):
+                out = np.full(rows[0], np.nan, np.float32)
+                one(ws[0], x, out, nt)
+                np.testing.assert_array_equal(out, ref[0])
+                outs = [np.full(n, np.nan, np.float32) for n in rows]
+                many(ws, x, outs, nt)
+                for o, r in zip(outs, ref):
+                    np.testing.assert_array_equal(o, r)
+    finally:
+        q4._steal_settings(*old)
