@@ -59,9 +59,10 @@ cdef extern from "q8_kernels.h" nogil:
     void quantize_q8g(const float *x, int8_t *qx, float *sx, long n, long gs) noexcept
     void quantize_q8_0(const float *x, int8_t *qx, float *dx, long n) noexcept
     void matvec_q8g_rows(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs,
-                         float *out, long n, long gs, long r0, long r1) noexcept
+                         float *out, long n, long gs, long r0, long r1, long pf1,
+                         int stream) noexcept
     void matvec_q8_0_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *out,
-                          long n, long r0, long r1) noexcept
+                          long n, long r0, long r1, long pf1, int stream) noexcept
     void gemm_q8g_rows(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs,
                        float *out, long n, long gs, long T, long ldo, long r0, long r1) noexcept
     void gemm_q8_0_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *out,

@@ -27,7 +27,8 @@ from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t
 import numpy as np
 from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, pecca_alloc_lines,
-                                     pecca_free_lines,
+                                     pecca_free_lines, pecca_span, pecca_steal_init,
+                                     pecca_steal_next, PECCA_STREAM_BYTES,
                                      quantize_q8g as c_quantize_q8g,
                                      quantize_q8_0 as c_quantize_q8_0, matvec_q8g_rows,
                                      matvec_q8_0_rows, gemm_q8g_rows, gemm_q8_0_rows,
@@ -38,6 +39,10 @@ cdef long PARALLEL_MIN_WEIGHTS = 32768
 # Q8_0: values per block, bytes per block (f16 scale + 32 int8)
 cdef long QK = 32
 cdef long QB = 34
+# matvecs of at least this many weight bytes per thread (their shares come from memory) share
+# their rows by work stealing (simd.h), claimed at least this many bytes at a time
+cdef long STEAL_MIN_BYTES = PECCA_STREAM_BYTES
+cdef long STEAL_CHUNK_BYTES = 65536
 
 
 cdef inline int team(long rows, long work, int num_threads) noexcept nogil:
@@ -46,41 +51,96 @@ cdef inline int team(long rows, long work, int num_threads) noexcept nogil:
     return num_threads
 
 
-cdef void q8g_rows_par(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs,
-                       float *out, long rows, long n, long gs, long T, int nt) noexcept nogil:
-    """T == 0: matvec (out (rows,)); else matmul (out (T, rows))."""
+cdef void gemm_par(bint q80, const uint8_t *w, const float *ws, const int8_t *xq, const float *xs,
+                   float *out, long rows, long n, long gs, long T, int nt) noexcept nogil:
+    """out (T, rows) = the T tokens' products, rows in one contiguous share per thread."""
     cdef long b, r0, r1
     if nt <= 1:
-        if T == 0:
-            matvec_q8g_rows(wq, ws, xq, xs, out, n, gs, 0, rows)
+        if q80:
+            gemm_q8_0_rows(w, xq, xs, out, n, T, rows, 0, rows)
         else:
-            gemm_q8g_rows(wq, ws, xq, xs, out, n, gs, T, rows, 0, rows)
+            gemm_q8g_rows(<const int8_t *>w, ws, xq, xs, out, n, gs, T, rows, 0, rows)
         return
     for b in prange(nt, schedule='static', num_threads=nt):
         r0 = pecca_quad_share(rows, b, nt)
         r1 = pecca_quad_share(rows, b + 1, nt)
-        if T == 0:
-            matvec_q8g_rows(wq, ws, xq, xs, out, n, gs, r0, r1)
+        if q80:
+            gemm_q8_0_rows(w, xq, xs, out, n, T, rows, r0, r1)
         else:
-            gemm_q8g_rows(wq, ws, xq, xs, out, n, gs, T, rows, r0, r1)
+            gemm_q8g_rows(<const int8_t *>w, ws, xq, xs, out, n, gs, T, rows, r0, r1)
 
 
-cdef void q8_0_rows_par(const uint8_t *w, const int8_t *xq, const float *xd, float *out,
-                        long rows, long n, long T, int nt) noexcept nogil:
-    cdef long b, r0, r1
-    if nt <= 1:
-        if T == 0:
-            matvec_q8_0_rows(w, xq, xd, out, n, 0, rows)
-        else:
-            gemm_q8_0_rows(w, xq, xd, out, n, T, rows, 0, rows)
-        return
-    for b in prange(nt, schedule='static', num_threads=nt):
-        r0 = pecca_quad_share(rows, b, nt)
-        r1 = pecca_quad_share(rows, b + 1, nt)
-        if T == 0:
-            matvec_q8_0_rows(w, xq, xd, out, n, r0, r1)
-        else:
-            gemm_q8_0_rows(w, xq, xd, out, n, T, rows, r0, r1)
+cdef inline long row_bytes(bint q80, long n) noexcept nogil:
+    return n // QK * QB if q80 else n
+
+
+cdef inline void mv_rows(bint q80, const uint8_t *w, const float *ws, const int8_t *xq,
+                         const float *xs, float *out, long n, long gs, long r0, long r1,
+                         long rows, bint stream) noexcept nogil:
+    if q80:
+        matvec_q8_0_rows(w, xq, xs, out, n, r0, r1, rows, stream)
+    else:
+        matvec_q8g_rows(<const int8_t *>w, ws, xq, xs, out, n, gs, r0, r1, rows, stream)
+
+
+cdef pecca_span *steal_spans(long bytes, int nt) except? NULL:
+    """Spans for work stealing when a matvec of this many weight bytes shares its rows that way
+    (each thread's share from memory); NULL for static shares."""
+    if nt <= 1 or bytes < nt * STEAL_MIN_BYTES:
+        return NULL
+    cdef pecca_span *sp = <pecca_span *>pecca_alloc_lines(nt * sizeof(pecca_span))
+    if sp == NULL:
+        raise MemoryError("q8: no memory for the thread spans")
+    return sp
+
+
+cdef void steal_part(bint q80, long nm, const uint8_t **wp, const float *ws, const int8_t *xq,
+                     const float *xs, float **op, const long *nrow, long n, long gs,
+                     pecca_span *sp, long chunk, int id, int nt) noexcept nogil:
+    """Thread id's rows of the matvecs, claimed by work stealing; the units are quads of rows,
+    matrix after matrix."""
+    cdef long u0, u1, base, m, q, a, c, r1
+    while pecca_steal_next(sp, id, nt, chunk, &u0, &u1):
+        base = 0
+        for m in range(nm):
+            q = (nrow[m] + 3) // 4
+            a = u0 if u0 > base else base
+            c = u1 if u1 < base + q else base + q
+            if a < c:
+                r1 = 4 * (c - base)
+                mv_rows(q80, wp[m], ws, xq, xs, op[m], n, gs, 4 * (a - base),
+                        r1 if r1 < nrow[m] else nrow[m], nrow[m], True)
+            base += q
+
+
+cdef void matvec_par(bint q80, long nm, const uint8_t **wp, const float *ws, const int8_t *xq,
+                     const float *xs, float **op, const long *nrow, long n, long gs, int nt,
+                     pecca_span *sp) noexcept nogil:
+    """op[m] = W_m x for nm matrices of n inputs (q8g: nm == 1, scales ws), x quantized into
+    xq, xs: on one thread, in static shares of every matrix, or (sp) by work stealing."""
+    cdef long rb = row_bytes(q80, n), m, b, r0, r1, units = 0, chunk
+    cdef int id
+    if sp != NULL:
+        for m in range(nm):
+            units += (nrow[m] + 3) // 4
+        chunk = STEAL_CHUNK_BYTES // (4 * rb)
+        pecca_steal_init(sp, units, nt)
+        for id in prange(nt, schedule='static', num_threads=nt):
+            steal_part(q80, nm, wp, ws, xq, xs, op, nrow, n, gs, sp, chunk if chunk > 0 else 1,
+                       id, nt)
+    elif nt <= 1:
+        for m in range(nm):
+            if nrow[m] > 0:
+                mv_rows(q80, wp[m], ws, xq, xs, op[m], n, gs, 0, nrow[m], nrow[m],
+                        nrow[m] * rb >= PECCA_STREAM_BYTES)
+    else:
+        for b in prange(nt, schedule='static', num_threads=nt):
+            for m in range(nm):
+                r0 = pecca_quad_share(nrow[m], b, nt)
+                r1 = pecca_quad_share(nrow[m], b + 1, nt)
+                if r1 > r0:
+                    mv_rows(q80, wp[m], ws, xq, xs, op[m], n, gs, r0, r1, nrow[m],
+                            (r1 - r0) * rb >= PECCA_STREAM_BYTES)
 
 
 cdef void quantize_tokens(const float *x, int8_t *qx, float *sx, long T, long n, long gs,
@@ -153,15 +213,23 @@ def matvec_q8g(const int8_t[:, ::1] wq, const float[::1] ws, int gs, const float
         return
     cdef int8_t *qx
     cdef float *sx
-    alloc_scratch(1, n, G, &qx, &sx)
     cdef int nt = team(rows, rows * n, num_threads)
+    cdef pecca_span *sp = steal_spans(rows * n, nt)
+    cdef const uint8_t *wp = <const uint8_t *>&wq[0, 0]
+    cdef float *op = &out[0]
+    try:
+        alloc_scratch(1, n, G, &qx, &sx)
+    except MemoryError:
+        pecca_free_lines(sp)
+        raise
     try:
         with nogil:
             c_quantize_q8g(&x[0], qx, sx, n, gs)
-            q8g_rows_par(&wq[0, 0], &ws[0], qx, sx, &out[0], rows, n, gs, 0, nt)
+            matvec_par(False, 1, &wp, &ws[0], qx, sx, &op, &rows, n, gs, nt, sp)
     finally:
         pecca_free_lines(qx)
         pecca_free_lines(sx)
+        pecca_free_lines(sp)
 
 
 def matmul_q8g(const int8_t[:, ::1] wq, const float[::1] ws, int gs, const float[:, ::1] x,
@@ -194,7 +262,8 @@ def matmul_q8g(const int8_t[:, ::1] wq, const float[::1] ws, int gs, const float
     try:
         with nogil:
             quantize_tokens(&x[0, 0], qx, sx, T, n, gs, num_threads)
-            q8g_rows_par(&wq[0, 0], &ws[0], qx, sx, &out[0, 0], rows, n, gs, T, nt)
+            gemm_par(False, <const uint8_t *>&wq[0, 0], &ws[0], qx, sx, &out[0, 0], rows, n, gs,
+                     T, nt)
     finally:
         pecca_free_lines(qx)
         pecca_free_lines(sx)
@@ -217,17 +286,9 @@ def matvec_q8_0(const uint8_t[:, ::1] w, const float[::1] x, float[::1] out, int
     if n == 0:
         out[:] = 0
         return
-    cdef int8_t *qx
-    cdef float *dx
-    alloc_scratch(1, n, n // QK, &qx, &dx)
-    cdef int nt = team(rows, rows * n, num_threads)
-    try:
-        with nogil:
-            c_quantize_q8_0(&x[0], qx, dx, n)
-            q8_0_rows_par(&w[0, 0], qx, dx, &out[0], rows, n, 0, nt)
-    finally:
-        pecca_free_lines(qx)
-        pecca_free_lines(dx)
+    cdef const uint8_t *wp = &w[0, 0]
+    cdef float *op = &out[0]
+    q8_0_matvecs(1, &wp, &op, &rows, &x[0], n, rows, num_threads)
 
 
 # matvec_q8_0_many: at most this many matrices per call (a layer's q, k, v)
@@ -243,7 +304,7 @@ def matvec_q8_0_many(ws, const float[::1] x, outs, int num_threads=1):
     ws : sequence of (rows_i, n/32*34) uint8 Q8_0 matrices, all with rows of n = x.shape[0]
     outs : sequence of (rows_i,) float32, as many as ws, none aliasing x
     """
-    cdef long nm = len(ws), n = x.shape[0], total = 0, m, b, r0, r1
+    cdef long nm = len(ws), n = x.shape[0], total = 0, m
     if nm < 1 or nm > MANY_MAX or len(outs) != nm:
         raise ValueError(f"matvec_q8_0_many: 1 to {MANY_MAX} matrices and as many outputs; got "
                          f"{nm} and {len(outs)}")
@@ -265,27 +326,30 @@ def matvec_q8_0_many(ws, const float[::1] x, outs, int num_threads=1):
             o[:] = 0
     if total == 0 or n == 0:
         return
+    q8_0_matvecs(nm, wp, op, rows, &x[0], n, total, num_threads)
+
+
+cdef int q8_0_matvecs(long nm, const uint8_t **wp, float **op, long *rows, const float *x, long n,
+                      long total, int num_threads) except -1:
+    """op[m] = W_m x for nm Q8_0 matrices (validated, total rows, n > 0): x quantized once."""
     cdef int8_t *qx
     cdef float *dx
-    alloc_scratch(1, n, n // QK, &qx, &dx)
     cdef int nt = team(total, total * n, num_threads)
+    cdef pecca_span *sp = steal_spans(total * row_bytes(True, n), nt)
+    try:
+        alloc_scratch(1, n, n // QK, &qx, &dx)
+    except MemoryError:
+        pecca_free_lines(sp)
+        raise
     try:
         with nogil:
-            c_quantize_q8_0(&x[0], qx, dx, n)
-            if nt <= 1:
-                for m in range(nm):
-                    if rows[m] > 0:
-                        matvec_q8_0_rows(wp[m], qx, dx, op[m], n, 0, rows[m])
-            else:
-                for b in prange(nt, schedule='static', num_threads=nt):
-                    for m in range(nm):
-                        r0 = pecca_quad_share(rows[m], b, nt)
-                        r1 = pecca_quad_share(rows[m], b + 1, nt)
-                        if r1 > r0:
-                            matvec_q8_0_rows(wp[m], qx, dx, op[m], n, r0, r1)
+            c_quantize_q8_0(x, qx, dx, n)
+            matvec_par(True, nm, wp, NULL, qx, dx, op, rows, n, 0, nt, sp)
     finally:
         pecca_free_lines(qx)
         pecca_free_lines(dx)
+        pecca_free_lines(sp)
+    return 0
 
 
 def matmul_q8_0(const uint8_t[:, ::1] w, const float[:, ::1] x, float[:, ::1] out,
@@ -313,7 +377,7 @@ def matmul_q8_0(const uint8_t[:, ::1] w, const float[:, ::1] x, float[:, ::1] ou
     try:
         with nogil:
             quantize_tokens(&x[0, 0], qx, dx, T, n, 0, num_threads)
-            q8_0_rows_par(&w[0, 0], qx, dx, &out[0, 0], rows, n, T, nt)
+            gemm_par(True, &w[0, 0], NULL, qx, dx, &out[0, 0], rows, n, 0, T, nt)
     finally:
         pecca_free_lines(qx)
         pecca_free_lines(dx)
@@ -361,6 +425,18 @@ def quantize_q8_0(const float[::1] x):
 def uses_vnni():
     """True when the int8 products run on AVX512-VNNI now (CPU has it, SIMD path avx512)."""
     return bool(q8_uses_vnni())
+
+
+def _steal_settings(long min_bytes=-1, long chunk_bytes=-1):
+    """(STEAL_MIN_BYTES, STEAL_CHUNK_BYTES) before the call; sets them where >= 0 (tests force
+    work stealing on small matrices, in small chunks, with this)."""
+    global STEAL_MIN_BYTES, STEAL_CHUNK_BYTES
+    old = (STEAL_MIN_BYTES, STEAL_CHUNK_BYTES)
+    if min_bytes >= 0:
+        STEAL_MIN_BYTES = min_bytes
+    if chunk_bytes >= 0:
+        STEAL_CHUNK_BYTES = chunk_bytes
+    return old
 
 
 def _reset_simd():

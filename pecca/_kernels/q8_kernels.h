@@ -477,7 +477,7 @@ static inline void q8_tile_avx2(const uint8_t *w, const float *ws, const uint8_t
 __attribute__((target(PECCA_Q8_AVX2), always_inline))
 static inline void q8_gemm_avx2(const uint8_t *w, const float *ws, const int8_t *xq,
                                 const float *xs, float *out, long n, long bpg, long T, long ldo,
-                                long r0, long r1, int q80) {
+                                long r0, long r1, long pf1, int q80) {
     long nb = n / Q8_0_BLOCK, G = nb / bpg, ns = (nb + 1) / 2, xstride = ns * Q8_XP;
     long npairs = (T + 1) / 2;
     uint8_t *xb = T > 1 ? (uint8_t *)pecca_alloc_lines((size_t)(npairs * xstride)) : NULL;
@@ -485,7 +485,7 @@ static inline void q8_gemm_avx2(const uint8_t *w, const float *ws, const int8_t 
         for (long t = 0; t < T; t++) {
             long i = r0;
             for (; i + 4 <= r1; i += 4)
-                q8_mv_avx2(w, ws, xq + t * n, xs + t * G, out + t * ldo, n, bpg, i, 4, q80, i + 12 <= r1);
+                q8_mv_avx2(w, ws, xq + t * n, xs + t * G, out + t * ldo, n, bpg, i, 4, q80, i + 12 <= pf1);
             for (; i + 2 <= r1; i += 2) q8_mv_avx2(w, ws, xq + t * n, xs + t * G, out + t * ldo, n, bpg, i, 2, q80, 0);
             for (; i < r1; i++) q8_mv_avx2(w, ws, xq + t * n, xs + t * G, out + t * ldo, n, bpg, i, 1, q80, 0);
         }
@@ -535,27 +535,28 @@ static inline void q8_gemm_avx2(const uint8_t *w, const float *ws, const int8_t 
 
 __attribute__((target(PECCA_Q8_AVX2)))
 static void matvec_q8g_rows_avx2(const int8_t *wq, const float *ws, const int8_t *xq,
-                                 const float *xs, float *out, long n, long gs, long r0, long r1) {
-    q8_gemm_avx2((const uint8_t *)wq, ws, xq, xs, out, n, gs / Q8_0_BLOCK, 1, 0, r0, r1, 0);
+                                 const float *xs, float *out, long n, long gs, long r0, long r1,
+                                 long pf1) {
+    q8_gemm_avx2((const uint8_t *)wq, ws, xq, xs, out, n, gs / Q8_0_BLOCK, 1, 0, r0, r1, pf1, 0);
 }
 
 __attribute__((target(PECCA_Q8_AVX2)))
 static void matvec_q8_0_rows_avx2(const uint8_t *w, const int8_t *xq, const float *xd,
-                                  float *out, long n, long r0, long r1) {
-    q8_gemm_avx2(w, NULL, xq, xd, out, n, 1, 1, 0, r0, r1, 1);
+                                  float *out, long n, long r0, long r1, long pf1) {
+    q8_gemm_avx2(w, NULL, xq, xd, out, n, 1, 1, 0, r0, r1, pf1, 1);
 }
 
 __attribute__((target(PECCA_Q8_AVX2)))
 static void gemm_q8g_rows_avx2(const int8_t *wq, const float *ws, const int8_t *xq,
                                const float *xs, float *out, long n, long gs, long T, long ldo,
                                long r0, long r1) {
-    q8_gemm_avx2((const uint8_t *)wq, ws, xq, xs, out, n, gs / Q8_0_BLOCK, T, ldo, r0, r1, 0);
+    q8_gemm_avx2((const uint8_t *)wq, ws, xq, xs, out, n, gs / Q8_0_BLOCK, T, ldo, r0, r1, r1, 0);
 }
 
 __attribute__((target(PECCA_Q8_AVX2)))
 static void gemm_q8_0_rows_avx2(const uint8_t *w, const int8_t *xq, const float *xd, float *out,
                                 long n, long T, long ldo, long r0, long r1) {
-    q8_gemm_avx2(w, NULL, xq, xd, out, n, 1, T, ldo, r0, r1, 1);
+    q8_gemm_avx2(w, NULL, xq, xd, out, n, 1, T, ldo, r0, r1, r1, 1);
 }
 
 /* ---------------- AVX-512 + VNNI ---------------- */
@@ -662,9 +663,9 @@ static inline void q8_tile_vnni(const uint8_t *w, const float *ws, const int8_t 
         for (int r = 0; r < NR; r++) out[(t0 + t) * ldo + i + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-/* matvec. Rows that come from memory (a thread's share of at least PECCA_STREAM_BYTES: more
- * than an L2 holds, so the matrix is not in cache between tokens) are taken one at a time, the next
- * row prefetched meanwhile: the thread then reads its rows front to back as a single stream.
+/* matvec. Rows that come from memory (stream: the caller's word that a thread's share is at
+ * least PECCA_STREAM_BYTES, more than an L2 holds, so the matrix is not in cache between
+ * tokens) are taken one at a time, the next row prefetched meanwhile: the thread then reads its rows front to back as a single stream.
  * 4-row tiles share each load of x, but their 4 interleaved streams drew only ~80% of the read
  * bandwidth at 1 thread and at 2 threads in this VM's fast state; single rows drew 97-99% (a
  * 570 MB Q8_0 matrix, Zen 5; 7B-layer Q8_0 decode 29.7 -> 35.5 tok/s at 1 thread, 58 -> 67 at
@@ -680,14 +681,14 @@ static inline void q8_tile_vnni(const uint8_t *w, const float *ws, const int8_t 
 __attribute__((target(PECCA_Q8_VNNI), always_inline))
 static inline void q8_rows_vnni(const uint8_t *w, const float *ws, const int8_t *xq,
                                 const float *xs, float *out, long n, long bpg, long r0, long r1,
-                                int fmt) {
+                                long pf1, int stream, int fmt) {
     long rb = (n / Q8_0_BLOCK) * (fmt == Q8_FMT_0 ? Q8_0_BYTES : Q8_0_BLOCK);
     long i = r0;
-    if (rb >= Q8_STREAM_MIN_ROW && (r1 - r0) * rb >= PECCA_STREAM_BYTES) {
-        for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, i + 2 <= r1);
+    if (rb >= Q8_STREAM_MIN_ROW && stream) {
+        for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, i + 2 <= pf1);
         return;
     }
-    for (; i + 4 <= r1; i += 4) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 4, 1, fmt, i + 8 <= r1);
+    for (; i + 4 <= r1; i += 4) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 4, 1, fmt, i + 8 <= pf1);
     for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, 0);
 }
 
@@ -718,16 +719,17 @@ static inline void q8_gemm_vnni(const uint8_t *w, const float *ws, const int8_t 
 
 __attribute__((target(PECCA_Q8_VNNI)))
 static void matvec_q8g_rows_vnni(const int8_t *wq, const float *ws, const int8_t *xq,
-                                 const float *xs, float *out, long n, long gs, long r0, long r1) {
+                                 const float *xs, float *out, long n, long gs, long r0, long r1,
+                                 long pf1, int stream) {
     long bpg = gs / Q8_0_BLOCK;
-    if (bpg % 2 == 0) q8_rows_vnni((const uint8_t *)wq, ws, xq, xs, out, n, bpg, r0, r1, Q8_FMT_GW);
-    else q8_rows_vnni((const uint8_t *)wq, ws, xq, xs, out, n, bpg, r0, r1, Q8_FMT_G);
+    if (bpg % 2 == 0) q8_rows_vnni((const uint8_t *)wq, ws, xq, xs, out, n, bpg, r0, r1, pf1, stream, Q8_FMT_GW);
+    else q8_rows_vnni((const uint8_t *)wq, ws, xq, xs, out, n, bpg, r0, r1, pf1, stream, Q8_FMT_G);
 }
 
 __attribute__((target(PECCA_Q8_VNNI)))
 static void matvec_q8_0_rows_vnni(const uint8_t *w, const int8_t *xq, const float *xd,
-                                  float *out, long n, long r0, long r1) {
-    q8_rows_vnni(w, NULL, xq, xd, out, n, 1, r0, r1, Q8_FMT_0);
+                                  float *out, long n, long r0, long r1, long pf1, int stream) {
+    q8_rows_vnni(w, NULL, xq, xd, out, n, 1, r0, r1, pf1, stream, Q8_FMT_0);
 }
 
 __attribute__((target(PECCA_Q8_VNNI)))
@@ -779,27 +781,30 @@ static void quantize_q8_0(const float *x, int8_t *qx, float *dx, long n) {
 }
 
 /* out[r0:r1] = W[r0:r1] @ x, W q8 groups (wq (rows, n), ws (rows * n / gs)), x quantized by
- * quantize_q8g into xq, xs. */
+ * quantize_q8g into xq, xs. pf1 >= r1: rows up to pf1 may be prefetched (the matrix's rows: a
+ * thread's next call, work stealing's next claim, then finds its first rows on the way).
+ * stream: the rows come from memory (a thread's share of PECCA_STREAM_BYTES or more), so the
+ * VNNI kernel reads them one at a time (q8_rows_vnni). */
 static void matvec_q8g_rows(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs,
-                            float *out, long n, long gs, long r0, long r1) {
+                            float *out, long n, long gs, long r0, long r1, long pf1, int stream) {
 #if PECCA_X86
     if (gs % 32 == 0) {
         int level = q8_kernel_level();
-        if (level == 2) { matvec_q8g_rows_vnni(wq, ws, xq, xs, out, n, gs, r0, r1); return; }
-        if (level == 1) { matvec_q8g_rows_avx2(wq, ws, xq, xs, out, n, gs, r0, r1); return; }
+        if (level == 2) { matvec_q8g_rows_vnni(wq, ws, xq, xs, out, n, gs, r0, r1, pf1, stream); return; }
+        if (level == 1) { matvec_q8g_rows_avx2(wq, ws, xq, xs, out, n, gs, r0, r1, pf1); return; }
     }
 #endif
     matvec_q8g_rows_portable(wq, ws, xq, xs, out, n, gs, r0, r1);
 }
 
 /* out[r0:r1] = W[r0:r1] @ x, W Q8_0 blocks (row stride n / 32 * 34 bytes), x quantized by
- * quantize_q8_0 into xq, xd. */
+ * quantize_q8_0 into xq, xd; pf1 and stream as matvec_q8g_rows. */
 static void matvec_q8_0_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *out,
-                             long n, long r0, long r1) {
+                             long n, long r0, long r1, long pf1, int stream) {
 #if PECCA_X86
     int level = q8_kernel_level();
-    if (level == 2) { matvec_q8_0_rows_vnni(w, xq, xd, out, n, r0, r1); return; }
-    if (level == 1) { matvec_q8_0_rows_avx2(w, xq, xd, out, n, r0, r1); return; }
+    if (level == 2) { matvec_q8_0_rows_vnni(w, xq, xd, out, n, r0, r1, pf1, stream); return; }
+    if (level == 1) { matvec_q8_0_rows_avx2(w, xq, xd, out, n, r0, r1, pf1); return; }
 #endif
     matvec_q8_0_rows_portable(w, xq, xd, out, n, r0, r1);
 }

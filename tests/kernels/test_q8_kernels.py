@@ -45,6 +45,16 @@ def simd(request):
 
 # ---------------- NumPy references ----------------
 
+@pytest.fixture(params=["static", "steal"])
+def split(request):
+    """How a 2-thread matvec shares its rows: static shares, or work stealing (which products
+    from memory use, simd.h) forced on every size, a quad at a time."""
+    old = q8._steal_settings(0, 1) if request.param == "steal" else None
+    yield request.param
+    if old is not None:
+        q8._steal_settings(*old)
+
+
 def round_half_away(v):
     """C round()/roundf() of float32 values. Done in float64, where |v| + 0.5 is exact (in
     float32, 0.49999997 + 0.5 rounds up to 1)."""
@@ -235,7 +245,7 @@ def test_quantize_rounds_half_away_from_zero(simd, gs):
 @pytest.mark.parametrize("n,gs", Q8G_SHAPES)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matvec_q8g(simd, rows, n, gs, threads):
+def test_matvec_q8g(simd, split, rows, n, gs, threads):
     rng = np.random.default_rng(rows * 1000 + n + gs)
     wq, ws = random_q8g(rows, n, gs, rng)
     x = random_x(n, rng, zero_groups_of=gs)
@@ -270,7 +280,7 @@ def test_portable_q8g_is_runq_matmul(gs, threads):
 @pytest.mark.parametrize("n", Q8_0_N)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matvec_q8_0(simd, rows, n, threads):
+def test_matvec_q8_0(simd, split, rows, n, threads):
     rng = np.random.default_rng(rows * 1000 + n)
     blocks, d, qs = random_q8_0(rows, n, rng)
     x = random_x(n, rng, zero_groups_of=32)
@@ -372,7 +382,7 @@ def test_matmul_rows_equal_matvec_every_batch_size(simd, kind, n):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_large_parallel_split(simd, threads):
+def test_large_parallel_split(simd, split, threads):
     """Enough rows for the threaded split (rows not a multiple of 4 or of the team)."""
     rng = np.random.default_rng(11)
     rows, n = 203, 512
@@ -392,7 +402,7 @@ def test_large_parallel_split(simd, threads):
 
 
 @pytest.mark.parametrize("rows, n", [(523, 4096), (3709, 576)])
-def test_matvec_of_large_shares_streams_rows_with_the_same_bits(simd, rows, n):
+def test_matvec_of_large_shares_streams_rows_with_the_same_bits(simd, split, rows, n):
     """A thread's share of 2 MiB or more is read one row at a time (the memory-bound form) when
     its rows are 1 KiB or longer: each row equals the 4-row tiles' result (2 threads: shares
     under 2 MiB) and matmul's, bit for bit, and the reference. n = 576 (612-byte rows, 2.27 MB):
@@ -562,7 +572,7 @@ def test_q8_0_linear_rejects(bad):
 
 @pytest.mark.parametrize("n", [32, 576, 4096])
 @pytest.mark.parametrize("rows", [(1,), (7, 264), (576, 192, 192), (264, 1, 7, 3)])
-def test_matvec_q8_0_many_equals_one_call_each(simd, n, rows):
+def test_matvec_q8_0_many_equals_one_call_each(simd, split, n, rows):
     """A layer's q, k, v (or gate, up) in one call: x quantized once, the same bits as a matvec
     each, at 1 and 2 threads."""
     rng = np.random.default_rng(n + len(rows))
@@ -581,3 +591,41 @@ def test_matvec_q8_0_many_rejects_bad_shapes():
     with pytest.raises(ValueError, match="1 to 4 matrices"):
         q8.matvec_q8_0_many([], x, [])
 
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q8g"])
+def test_work_stealing_equals_one_thread(simd, kind):
+    """Rows shared out by work stealing a quad at a time, with more threads than cores (so that
+    threads are preempted and steal from each other), rows read one at a time as from memory:
+    every output the same bits as at 1 thread (4-row tiles there), every time; for Q8_0 also
+    three matrices in one call."""
+    rng = np.random.default_rng(len(kind))
+    n, rows = 1024, (1001, 7, 264)
+    if kind == "q8_0":
+        ws = [random_q8_0(r, n, rng)[0] for r in rows]
+        one, many = q8.matvec_q8_0, q8.matvec_q8_0_many
+    else:
+        ws = [random_q8g(rows[0], n, 64, rng)]
+        rows = rows[:1]
+
+        def one(w, x, out, nt):
+            q8.matvec_q8g(w[0], w[1], 64, x, out, nt)
+        many = None
+    x = random_x(n, rng)
+    ref = [np.full(r, np.nan, np.float32) for r in rows]
+    for w, r in zip(ws, ref):
+        one(w, x, r, 1)
+    old = q8._steal_settings(0, 1)
+    try:
+        for rep in range(10):
+            for nt in (2, 3, 4):
+                out = np.full(rows[0], np.nan, np.float32)
+                one(ws[0], x, out, nt)
+                np.testing.assert_array_equal(out, ref[0])
+                if many is not None:
+                    outs = [np.full(r, np.nan, np.float32) for r in rows]
+                    many(ws, x, outs, nt)
+                    for o, r in zip(outs, ref):
+                        np.testing.assert_array_equal(o, r)
+    finally:
+        q8._steal_settings(*old)
