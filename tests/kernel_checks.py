@@ -1,5 +1,39 @@
 """Checks shared by the kernel tests of several weight formats."""
+from contextlib import contextmanager
+
 import numpy as np
+
+
+@contextmanager
+def forced_stealing(module):
+    """Within: module's multi-thread matvecs share their rows by work stealing (simd.h) at every
+    size, a quad at a time (otherwise only products from memory do, in 64 KB claims or more)."""
+    old = module._steal_settings(0, 1)
+    try:
+        yield
+    finally:
+        module._steal_settings(*old)
+
+
+def assert_stealing_equals_one_thread(module, one, many, ws, rows, x, reps=10):
+    """one(w, x, out, nt) a matvec, many(ws, x, outs, nt) several in one call (or None), ws of
+    rows outputs each: with forced stealing at 2, 3 and 4 threads (more threads than cores:
+    preempted threads are stolen from), every output the same bits as one's at 1 thread, reps
+    times."""
+    ref = [np.full(r, np.nan, np.float32) for r in rows]
+    for w, r in zip(ws, ref):
+        one(w, x, r, 1)
+    with forced_stealing(module):
+        for _ in range(reps):
+            for nt in (2, 3, 4):
+                out = np.full(len(ref[0]), np.nan, np.float32)
+                one(ws[0], x, out, nt)
+                np.testing.assert_array_equal(out, ref[0])
+                if many is not None:
+                    outs = [np.full(len(r), np.nan, np.float32) for r in ref]
+                    many(ws, x, outs, nt)
+                    for o, r in zip(outs, ref):
+                        np.testing.assert_array_equal(o, r)
 
 
 def assert_matmul_rows_equal_matvec(mv, mm, xs, n, threads=(1, 2)):

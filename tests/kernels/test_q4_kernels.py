@@ -27,7 +27,8 @@ from pecca import _kernels
 from pecca._kernels import q4, runtime
 from pecca.weights import GPTQLinear, Q4_0Linear, Q4_1Linear, Q4GLinear, matvec_same_input
 from shared_data import shared_file
-from kernel_checks import assert_many_equal_single, assert_matmul_rows_equal_matvec
+from kernel_checks import (assert_many_equal_single, assert_matmul_rows_equal_matvec,
+                           assert_stealing_equals_one_thread, forced_stealing)
 
 ORDER = ["portable", "avx2", "avx512"]
 PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
@@ -60,10 +61,11 @@ def simd(request):
 def split(request):
     """How a 2-thread matvec shares its rows: static shares, or work stealing (which products
     from memory use, simd.h) forced on every size, a quad at a time."""
-    old = q4._steal_settings(0, 1) if request.param == "steal" else None
-    yield request.param
-    if old is not None:
-        q4._steal_settings(*old)
+    if request.param == "steal":
+        with forced_stealing(q4):
+            yield request.param
+    else:
+        yield request.param
 
 
 # ---------------- NumPy references ----------------
@@ -1104,19 +1106,13 @@ def test_matvec_same_input_falls_back_to_one_call_each():
 
 @pytest.mark.parametrize("kind", ["q4g", "q4g-sliced", "q4_0"])
 def test_work_stealing_equals_one_thread(simd, kind):
-    """Rows shared out by work stealing a quad at a time, with more threads than cores (so that
-    threads are preempted and steal from each other): every output the same bits as at 1
-    thread, every time; one matrix and three in one call."""
+    """Rows shared out by work stealing, one matrix and three in one call (the units run on
+    across matrices and slices): the same bits as at 1 thread, every time."""
     rng = np.random.default_rng(len(kind))
     k, rows = 512, (1001, 7, 264)
     if kind == "q4_0":
         ws = [random_blocks("q4_0", n, k, rng)[0] for n in rows]
-
-        def one(w, x, out, nt):
-            q4.matvec_q4_0(w, x, out, nt)
-
-        def many(ws, x, outs, nt):
-            q4.matvec_q4_0_many(ws, x, outs, nt)
+        one, many = q4.matvec_q4_0, q4.matvec_q4_0_many
     else:
         s = 2 if kind == "q4g-sliced" else 1
         mats = [random_q4g(n, k, 64, rng, False, True) for n in rows]
@@ -1129,20 +1125,4 @@ def test_work_stealing_equals_one_thread(simd, kind):
         def many(ws, x, outs, nt):
             q4.matvec_q4g_many([w[0] for w in ws], [w[1].view(np.uint16) for w in ws],
                                [w[2] for w in ws], perm, x, outs, nt, slices=s)
-    x = random_x(k, rng)
-    ref = [np.full(n, np.nan, np.float32) for n in rows]
-    for w, r in zip(ws, ref):
-        one(w, x, r, 1)
-    old = q4._steal_settings(0, 1)
-    try:
-        for rep in range(10):
-            for nt in (2, 3, 4):
-                out = np.full(rows[0], np.nan, np.float32)
-                one(ws[0], x, out, nt)
-                np.testing.assert_array_equal(out, ref[0])
-                outs = [np.full(n, np.nan, np.float32) for n in rows]
-                many(ws, x, outs, nt)
-                for o, r in zip(outs, ref):
-                    np.testing.assert_array_equal(o, r)
-    finally:
-        q4._steal_settings(*old)
+    assert_stealing_equals_one_thread(q4, one, many, ws, rows, random_x(k, rng))

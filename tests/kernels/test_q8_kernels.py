@@ -23,7 +23,8 @@ from gguf.quants import dequantize
 from pecca import _kernels
 from pecca._kernels import q8, runtime
 from pecca.weights import Q8_0Linear, Q8GroupLinear
-from kernel_checks import assert_many_equal_single, assert_matmul_rows_equal_matvec
+from kernel_checks import (assert_many_equal_single, assert_matmul_rows_equal_matvec,
+                           assert_stealing_equals_one_thread, forced_stealing)
 
 ORDER = ["portable", "avx2", "avx512"]
 PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
@@ -49,10 +50,11 @@ def simd(request):
 def split(request):
     """How a 2-thread matvec shares its rows: static shares, or work stealing (which products
     from memory use, simd.h) forced on every size, a quad at a time."""
-    old = q8._steal_settings(0, 1) if request.param == "steal" else None
-    yield request.param
-    if old is not None:
-        q8._steal_settings(*old)
+    if request.param == "steal":
+        with forced_stealing(q8):
+            yield request.param
+    else:
+        yield request.param
 
 
 def round_half_away(v):
@@ -595,37 +597,16 @@ def test_matvec_q8_0_many_rejects_bad_shapes():
 
 @pytest.mark.parametrize("kind", ["q8_0", "q8g"])
 def test_work_stealing_equals_one_thread(simd, kind):
-    """Rows shared out by work stealing a quad at a time, with more threads than cores (so that
-    threads are preempted and steal from each other), rows read one at a time as from memory:
-    every output the same bits as at 1 thread (4-row tiles there), every time; for Q8_0 also
-    three matrices in one call."""
+    """Rows shared out by work stealing and read one at a time (the memory form): the same bits
+    as at 1 thread (4-row tiles there), every time; Q8_0 also three matrices in one call."""
     rng = np.random.default_rng(len(kind))
     n, rows = 1024, (1001, 7, 264)
     if kind == "q8_0":
         ws = [random_q8_0(r, n, rng)[0] for r in rows]
         one, many = q8.matvec_q8_0, q8.matvec_q8_0_many
     else:
-        ws = [random_q8g(rows[0], n, 64, rng)]
-        rows = rows[:1]
+        ws, many, rows = [random_q8g(rows[0], n, 64, rng)], None, rows[:1]
 
         def one(w, x, out, nt):
             q8.matvec_q8g(w[0], w[1], 64, x, out, nt)
-        many = None
-    x = random_x(n, rng)
-    ref = [np.full(r, np.nan, np.float32) for r in rows]
-    for w, r in zip(ws, ref):
-        one(w, x, r, 1)
-    old = q8._steal_settings(0, 1)
-    try:
-        for rep in range(10):
-            for nt in (2, 3, 4):
-                out = np.full(rows[0], np.nan, np.float32)
-                one(ws[0], x, out, nt)
-                np.testing.assert_array_equal(out, ref[0])
-                if many is not None:
-                    outs = [np.full(r, np.nan, np.float32) for r in rows]
-                    many(ws, x, outs, nt)
-                    for o, r in zip(outs, ref):
-                        np.testing.assert_array_equal(o, r)
-    finally:
-        q8._steal_settings(*old)
+    assert_stealing_equals_one_thread(q8, one, many, ws, rows, random_x(n, rng))
