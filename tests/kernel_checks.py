@@ -2,6 +2,7 @@
 from contextlib import contextmanager
 
 import numpy as np
+import pytest
 
 
 @contextmanager
@@ -13,6 +14,19 @@ def forced_stealing(module):
         yield
     finally:
         module._steal_settings(*old)
+
+
+def split_fixture(module):
+    """A fixture `split` for module's tests: how a 2-thread matvec shares its rows, static
+    shares or work stealing (which products from memory use) forced on every size."""
+    @pytest.fixture(params=["static", "steal"])
+    def split(request):
+        if request.param == "steal":
+            with forced_stealing(module):
+                yield request.param
+        else:
+            yield request.param
+    return split
 
 
 def assert_stealing_equals_one_thread(module, one, many, ws, rows, x, reps=10):

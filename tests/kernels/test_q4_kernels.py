@@ -28,7 +28,7 @@ from pecca._kernels import q4, runtime
 from pecca.weights import GPTQLinear, Q4_0Linear, Q4_1Linear, Q4GLinear, matvec_same_input
 from shared_data import shared_file
 from kernel_checks import (assert_many_equal_single, assert_matmul_rows_equal_matvec,
-                           assert_stealing_equals_one_thread, forced_stealing)
+                           assert_stealing_equals_one_thread, split_fixture)
 
 ORDER = ["portable", "avx2", "avx512"]
 PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
@@ -57,15 +57,7 @@ def simd(request):
     q4._reset_simd()
 
 
-@pytest.fixture(params=["static", "steal"])
-def split(request):
-    """How a 2-thread matvec shares its rows: static shares, or work stealing (which products
-    from memory use, simd.h) forced on every size, a quad at a time."""
-    if request.param == "steal":
-        with forced_stealing(q4):
-            yield request.param
-    else:
-        yield request.param
+split = split_fixture(q4)
 
 
 # ---------------- NumPy references ----------------

@@ -24,7 +24,7 @@ from pecca import _kernels
 from pecca._kernels import q8, runtime
 from pecca.weights import Q8_0Linear, Q8GroupLinear
 from kernel_checks import (assert_many_equal_single, assert_matmul_rows_equal_matvec,
-                           assert_stealing_equals_one_thread, forced_stealing)
+                           assert_stealing_equals_one_thread, split_fixture)
 
 ORDER = ["portable", "avx2", "avx512"]
 PATHS = ORDER[:ORDER.index(runtime.simd_supported()) + 1]
@@ -46,15 +46,7 @@ def simd(request):
 
 # ---------------- NumPy references ----------------
 
-@pytest.fixture(params=["static", "steal"])
-def split(request):
-    """How a 2-thread matvec shares its rows: static shares, or work stealing (which products
-    from memory use, simd.h) forced on every size, a quad at a time."""
-    if request.param == "steal":
-        with forced_stealing(q8):
-            yield request.param
-    else:
-        yield request.param
+split = split_fixture(q8)
 
 
 def round_half_away(v):
