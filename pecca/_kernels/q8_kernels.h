@@ -586,6 +586,11 @@ static inline __m512i q8_load_pair(const void *p, long stride, int two) {
 #define Q8_FMT_0 1
 #define Q8_FMT_GW 2
 
+/* a single row (q8_rows_vnni's memory form) prefetches the row this many ahead */
+#ifndef Q8_PF_ROWS
+#define Q8_PF_ROWS 2
+#endif
+
 /* One 64-byte chunk (blocks b, b+1; only b when !two) of rows i..i+NR-1 against tokens
  * t = 0..NT-1 (xr[t], sr[t]: their quantized values and scales). ga, gb: the groups of blocks
  * b and b+1 (for Q8_0, b and b+1). */
@@ -648,7 +653,8 @@ static inline void q8_tile_vnni(const uint8_t *w, const float *ws, const int8_t 
         sr[t] = xs + (t0 + t) * G;
         for (int r = 0; r < NR; r++) acc[r][t] = _mm512_setzero_ps();
     }
-    const char *next = (const char *)(w + (i + NR) * rb);  /* the next block, fetched meanwhile */
+    /* the next block (a single row: Q8_PF_ROWS ahead), fetched meanwhile */
+    const char *next = (const char *)(w + (i + (NR == 1 ? Q8_PF_ROWS : NR)) * rb);
     long g = 0, k = 0, b = 0;  /* group of block b, b's place in it */
     for (; b + 2 <= nb; b += 2) {
         if (pf) prefetch_lines(next + NR * bb * b, q80 ? 5 : 4);
@@ -665,7 +671,12 @@ static inline void q8_tile_vnni(const uint8_t *w, const float *ws, const int8_t 
 
 /* matvec. Rows that come from memory (stream: the caller's word that a thread's share is at
  * least PECCA_STREAM_BYTES, more than an L2 holds, so the matrix is not in cache between
- * tokens) are taken one at a time, the next row prefetched meanwhile: the thread then reads its rows front to back as a single stream.
+ * tokens) are taken one at a time, the row Q8_PF_ROWS ahead prefetched meanwhile: the thread
+ * then reads its rows front to back as a single stream. Two rows ahead rather than the next
+ * (session 11; ~8.5 KB ahead for 7B's 4096 inputs): 7B-layer Q8_0 decode +4.5% at 1 thread
+ * (97% of the read bandwidth), 30 Q8_0 matrices of 4000 x 4096 at 2 threads in the VM's fast
+ * state +8.7% (8 gated pairs; 95-100% of the bandwidth), within noise (-2%) in its slow state.
+ * f16 rows (8 KB) lost 5% at 1 thread two rows ahead, so they keep the next row.
  * 4-row tiles share each load of x, but their 4 interleaved streams drew only ~80% of the read
  * bandwidth at 1 thread and at 2 threads in this VM's fast state; single rows drew 97-99% (a
  * 570 MB Q8_0 matrix, Zen 5; 7B-layer Q8_0 decode 29.7 -> 35.5 tok/s at 1 thread, 58 -> 67 at
@@ -685,7 +696,7 @@ static inline void q8_rows_vnni(const uint8_t *w, const float *ws, const int8_t 
     long rb = (n / Q8_0_BLOCK) * (fmt == Q8_FMT_0 ? Q8_0_BYTES : Q8_0_BLOCK);
     long i = r0;
     if (rb >= Q8_STREAM_MIN_ROW && stream) {
-        for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, i + 2 <= pf1);
+        for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, i + 1 + Q8_PF_ROWS <= pf1);
         return;
     }
     for (; i + 4 <= r1; i += 4) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 4, 1, fmt, i + 8 <= pf1);
