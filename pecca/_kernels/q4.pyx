@@ -27,8 +27,8 @@ use exact integer dot products of the unsigned 4-bit codes with both (AVX2 maddu
 AVX512-VNNI vpdpbusd); ``float_act=True`` (and q4g with gs % 32 != 0) uses float activations
 instead: the codes widened to float. gptq always uses float activations. Each call allocates its
 own scratch for the prepared activations (so concurrent calls cannot share it). Rows are split
-as in ``q8``: one contiguous block of rows per thread (multiples of 4); gptq splits output
-columns instead (its packed rows run along N). Products below a few tens of thousands of
+as in ``q8``: one contiguous block of rows per thread (multiples of 4), int8 matvecs from memory
+balanced by work stealing; gptq splits output columns instead (its packed rows run along N). Products below a few tens of thousands of
 multiply-adds run serially. Each row of a matmul equals the matvec of that token bit for bit.
 """
 from cython.parallel cimport prange

@@ -21,7 +21,9 @@ runq.c's tokens. See q8_kernels.h for the SIMD paths (AVX2 sign trick; AVX512-VN
 Work is split as in ``f32``: one contiguous block of rows per thread (``schedule='static'``),
 each a multiple of 4 rows so the SIMD kernels' 4-row blocking stays intact; products below a
 few tens of thousands of multiply-adds run serially, where waking a thread team costs more
-than it saves.
+than it saves. Matvecs whose share per thread comes from memory (PECCA_STREAM_BYTES or more)
+start from those shares and balance them by work stealing (simd.h): a thread done early takes
+the back half of what another has left. Results are the same bits either way.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t
