@@ -12,7 +12,8 @@
  *     NMAT matrices swept in turn (enough of them to exceed the L3: the matrices come from DRAM)
  *   env NTH=2: split the rows over 2 OpenMP threads, as the extension does.
  * A candidate: copy q4_tile_vnni / q4_gemm_vnni / q4_int8_rows_vnni into a header, rename the
- * entry point cand_rows (same arguments), change what is to be tried, then
+ * entry point cand_rows (same arguments, pf1 included: the rows the kernel may prefetch up to),
+ * change what is to be tried, then
  *   gcc -O3 -fopenmp -Ipecca/_kernels -DCAND='"cand.h"' -o /tmp/q4h bench/q4_tile_harness.c -lm
  * Prints the median Gweights/s over PAIRS runs of SECONDS each (kernel and candidate in ABBA
  * order) and the median of their per-pair ratio, and, with a candidate, whether its outputs

@@ -673,6 +673,28 @@ def _steal_settings(long min_bytes=-1, long chunk_bytes=-1):
     return old
 
 
+def _steal_claims(long units, int nt, long chunk, ids):
+    """The claims (id, u0, u1) that work stealing (simd.h) hands out over `units` quads shared by
+    nt threads when the threads ask one after another in the order `ids`, each until it gets
+    nothing: its scheduling without threads or timing, for tests."""
+    cdef pecca_span *sp = <pecca_span *>pecca_alloc_lines(nt * sizeof(pecca_span))
+    cdef long u0, u1
+    cdef int i
+    if sp == NULL:
+        raise MemoryError("q4: no memory for the thread spans")
+    claims = []
+    try:
+        pecca_steal_init(sp, units, nt)
+        for i in ids:
+            if not 0 <= i < nt:
+                raise ValueError(f"thread id {i} outside 0..{nt - 1}")
+            while pecca_steal_next(sp, i, nt, chunk, &u0, &u1):
+                claims.append((i, u0, u1))
+    finally:
+        pecca_free_lines(sp)
+    return claims
+
+
 def _reset_simd():
     """Re-read PECCA_SIMD in this module (each extension keeps its own choice)."""
     pecca_simd_reset()

@@ -110,13 +110,15 @@ static inline uint64_t pecca_span_pack(long lo, long hi) {
     return ((uint64_t)hi << 32) | (uint64_t)(uint32_t)lo;
 }
 
-/* Thread b's static share of units quads: [units b / nt, units (b + 1) / nt). */
+/* Thread b's static share of units quads: [units b / nt, units (b + 1) / nt). units < 2^32
+ * (a span packs two 32-bit bounds): 2^34 rows, far beyond any matrix. */
 static inline void pecca_steal_init(pecca_span *sp, long units, int nt) {
     for (int b = 0; b < nt; b++) sp[b].w = pecca_span_pack(units * b / nt, units * (b + 1) / nt);
 }
 
 /* Thread id's next quads [*u0, *u1); 0 when no work is left for it. */
 static inline int pecca_steal_next(pecca_span *sp, int id, int nt, long chunk, long *u0, long *u1) {
+    if (chunk < 1) chunk = 1;
     for (;;) {
         uint64_t w = __atomic_load_n(&sp[id].w, __ATOMIC_ACQUIRE);
         long lo = (long)(uint32_t)w, hi = (long)(w >> 32);

@@ -1102,8 +1102,10 @@ def test_work_stealing_equals_one_thread(simd, kind):
     across matrices and slices): the same bits as at 1 thread, every time."""
     rng = np.random.default_rng(len(kind))
     k, rows = 512, (1001, 7, 264)
-    if kind == "q4_0":
-        ws = [random_blocks("q4_0", n, k, rng)[0] for n in rows]
+    if kind == "q4_0":  # with a matrix of no rows among them
+        rows = (1001, 7, 0, 264)
+        ws = [random_blocks("q4_0", n, k, rng)[0] if n else np.empty((0, k // 32 * 18), np.uint8)
+              for n in rows]
         one, many = q4.matvec_q4_0, q4.matvec_q4_0_many
     else:
         s = 2 if kind == "q4g-sliced" else 1
@@ -1118,3 +1120,24 @@ def test_work_stealing_equals_one_thread(simd, kind):
             q4.matvec_q4g_many([w[0] for w in ws], [w[1].view(np.uint16) for w in ws],
                                [w[2] for w in ws], perm, x, outs, nt, slices=s)
     assert_stealing_equals_one_thread(q4, one, many, ws, rows, random_x(k, rng))
+
+
+@pytest.mark.parametrize("units,nt,chunk,ids", [
+    (101, 2, 1, [1, 0]), (101, 2, 3, [0, 1]), (1000, 3, 4, [2, 0, 1]), (1000, 3, 1, [1, 2, 0]),
+    (5, 4, 1, [3, 2, 1, 0]), (7, 8, 1, list(range(7, -1, -1))), (0, 2, 1, [0, 1]),
+    (50, 2, 0, [1, 0])])
+def test_steal_claims_cover_every_unit_once(units, nt, chunk, ids):
+    """The work-stealing scheduler (simd.h) on its own, threads asking in turn: every unit
+    handed out exactly once; a thread whose share is done takes from another's (the back half
+    of its rest, while at least 2 chunks are left), and claims never exceed a quarter of the
+    rest of the share or a chunk, whichever is more."""
+    claims = q4._steal_claims(units, nt, chunk, ids)
+    got = sorted(u for _, u0, u1 in claims for u in range(u0, u1))
+    assert got == list(range(units))
+    first = ids[0]
+    own = range(units * first // nt, units * (first + 1) // nt)
+    taken = [(u0, u1) for i, u0, u1 in claims if i == first]
+    if units >= 2 * nt * max(chunk, 1) * 4:
+        assert any(u0 not in own for u0, _ in taken), "the first thread never stole"
+        lo, hi = taken[0]
+        assert hi - lo == max(max(chunk, 1), len(own) >> 2)
