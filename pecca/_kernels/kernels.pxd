@@ -8,6 +8,9 @@ cdef extern from "simd.h" nogil:
     void pecca_free_lines(void *p) noexcept
     ctypedef struct pecca_span:
         pass
+    long pecca_quads(long rows) noexcept
+    int pecca_steals(long bytes, int nt, long min_bytes) noexcept
+    int pecca_claimed_rows(long u0, long u1, long base, long rows, long *r0, long *r1) noexcept
     void pecca_steal_init(pecca_span *sp, long units, int nt) noexcept
     int pecca_steal_next(pecca_span *sp, int id, int nt, long chunk, long *u0, long *u1) noexcept
 

@@ -28,14 +28,15 @@ AVX512-VNNI vpdpbusd); ``float_act=True`` (and q4g with gs % 32 != 0) uses float
 instead: the codes widened to float. gptq always uses float activations. Each call allocates its
 own scratch for the prepared activations (so concurrent calls cannot share it). Rows are split
 as in ``q8``: one contiguous block of rows per thread (multiples of 4), int8 matvecs from memory
-balanced by work stealing; gptq splits output columns instead (its packed rows run along N). Products below a few tens of thousands of
-multiply-adds run serially. Each row of a matmul equals the matvec of that token bit for bit.
+balanced by work stealing; gptq splits output columns instead (its packed rows run along N).
+Products below a few tens of thousands of multiply-adds run serially. Each row of a matmul equals the matvec of that token bit for bit.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
 from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, pecca_alloc_lines,
                                      pecca_free_lines, pecca_span, pecca_steal_init,
-                                     pecca_steal_next, PECCA_STREAM_BYTES,
+                                     pecca_steal_next, pecca_steals, pecca_quads,
+                                     pecca_claimed_rows, PECCA_STREAM_BYTES,
                                      q4_act_bytes, q4_actf_floats, q4_prepare_int8, q4_prepare_f32,
                                      q4_int8_rows, q4_f32_rows, q4_thread_scratch,
                                      gptq_prepare, gptq_acc_floats, gptq_cols)
@@ -148,12 +149,6 @@ cdef inline long row_bytes(int fmt, long K, long G) noexcept nogil:
     return K // 32 * (18 if fmt == FMT_0 else 20)
 
 
-cdef inline bint stealing(long bytes, int nt) noexcept nogil:
-    """Whether a matvec of this many weight bytes shares its rows by work stealing (simd.h):
-    when each thread's share comes from memory; in cache, static shares."""
-    return nt > 1 and bytes >= nt * STEAL_MIN_BYTES
-
-
 cdef void steal_part(int fmt, long nm, long S, const uint8_t **wp, const uint16_t **scp,
                      const int8_t **zpp, const long *nrow, long Ks, long G, const uint8_t *act,
                      long abs_, float **op, float *tmp, long total, const long *to,
@@ -161,22 +156,18 @@ cdef void steal_part(int fmt, long nm, long S, const uint8_t **wp, const uint16_
     """Thread id's part of op[m] = W_m x (int8 activations, S column slices of Ks inputs), its
     rows claimed by work stealing. The units are quads of rows of one slice of one matrix, in
     the order matrix, slice, row; slice j > 0's products go to tmp + (j - 1) total + to[m]."""
-    cdef long u0, u1, base, m, j, q, a, c, r1
+    cdef long u0, u1, base, m, j, r0, r1
     while pecca_steal_next(sp, id, nt, chunk, &u0, &u1):
         base = 0
         for m in range(nm):
-            q = (nrow[m] + 3) // 4
             for j in range(S):
-                a = u0 if u0 > base else base
-                c = u1 if u1 < base + q else base + q
-                if a < c:
-                    r1 = 4 * (c - base)
+                if pecca_claimed_rows(u0, u1, base, nrow[m], &r0, &r1):
                     rows(fmt, False, wp[m] + j * nrow[m] * (Ks // 2),
                          scp[m] + j * nrow[m] * G if j > 0 else scp[m],
                          zpp[m] + j * nrow[m] * G if j > 0 else zpp[m], Ks, G, act + j * abs_,
                          S * abs_, 1, op[m] if j == 0 else tmp + (j - 1) * total + to[m],
-                         nrow[m], 4 * (a - base), r1 if r1 < nrow[m] else nrow[m], scratch)
-                base += q
+                         nrow[m], r0, r1, scratch)
+                base += pecca_quads(nrow[m])
 
 
 cdef void steal_par(int fmt, long nm, long S, const uint8_t **wp, const uint16_t **scp,
@@ -184,13 +175,11 @@ cdef void steal_par(int fmt, long nm, long S, const uint8_t **wp, const uint16_t
                     long abs_, float **op, float *tmp, long total, const long *to,
                     pecca_span *sp, int nt, float *scratch, long sf) noexcept nogil:
     """op[m] = W_m x for nm int8 matvecs (tmp: (S - 1) total floats), nt threads stealing."""
-    cdef long m, j, r, units = 0, chunk
+    cdef long m, j, r, units = 0
+    cdef long chunk = STEAL_CHUNK_BYTES // (4 * row_bytes(fmt, Ks, G))  # at least 1 (simd.h)
     cdef int b
     for m in range(nm):
-        units += S * ((nrow[m] + 3) // 4)
-    chunk = STEAL_CHUNK_BYTES // (4 * row_bytes(fmt, Ks, G))
-    if chunk < 1:
-        chunk = 1
+        units += S * pecca_quads(nrow[m])
     pecca_steal_init(sp, units, nt)
     for b in prange(nt, schedule='static', num_threads=nt):
         steal_part(fmt, nm, S, wp, scp, zpp, nrow, Ks, G, act, abs_, op, tmp, total, to, sp,
@@ -418,7 +407,7 @@ cdef int8_many(int fmt, long nm, const uint8_t **wp, const uint16_t **scp, const
         to[m] = total
         total += nrow[m]
     cdef int nt = team(total, total * K, num_threads)
-    cdef bint steal = stealing(total * S * row_bytes(fmt, Ks, G), nt)
+    cdef bint steal = pecca_steals(total * S * row_bytes(fmt, Ks, G), nt, STEAL_MIN_BYTES)
     cdef uint8_t *act = <uint8_t *>pecca_alloc_lines(S * abs_)
     cdef float *scratch = q4_thread_scratch(nt, G, &sf)
     cdef float *work = <float *>pecca_alloc_lines(K * sizeof(float)) if perm != NULL else NULL

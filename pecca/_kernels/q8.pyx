@@ -30,7 +30,8 @@ from libc.stdint cimport int8_t, uint8_t
 import numpy as np
 from pecca._kernels.kernels cimport (pecca_simd_reset, pecca_quad_share, pecca_alloc_lines,
                                      pecca_free_lines, pecca_span, pecca_steal_init,
-                                     pecca_steal_next, PECCA_STREAM_BYTES,
+                                     pecca_steal_next, pecca_steals, pecca_quads,
+                                     pecca_claimed_rows, PECCA_STREAM_BYTES,
                                      quantize_q8g as c_quantize_q8g,
                                      quantize_q8_0 as c_quantize_q8_0, matvec_q8g_rows,
                                      matvec_q8_0_rows, gemm_q8g_rows, gemm_q8_0_rows,
@@ -88,7 +89,7 @@ cdef inline void mv_rows(bint q80, const uint8_t *w, const float *ws, const int8
 cdef pecca_span *steal_spans(long bytes, int nt) except? NULL:
     """Spans for work stealing when a matvec of this many weight bytes shares its rows that way
     (each thread's share from memory); NULL for static shares."""
-    if nt <= 1 or bytes < nt * STEAL_MIN_BYTES:
+    if not pecca_steals(bytes, nt, STEAL_MIN_BYTES):
         return NULL
     cdef pecca_span *sp = <pecca_span *>pecca_alloc_lines(nt * sizeof(pecca_span))
     if sp == NULL:
@@ -101,18 +102,13 @@ cdef void steal_part(bint q80, long nm, const uint8_t **wp, const float *ws, con
                      pecca_span *sp, long chunk, int id, int nt) noexcept nogil:
     """Thread id's rows of the matvecs, claimed by work stealing; the units are quads of rows,
     matrix after matrix."""
-    cdef long u0, u1, base, m, q, a, c, r1
+    cdef long u0, u1, base, m, r0, r1
     while pecca_steal_next(sp, id, nt, chunk, &u0, &u1):
         base = 0
         for m in range(nm):
-            q = (nrow[m] + 3) // 4
-            a = u0 if u0 > base else base
-            c = u1 if u1 < base + q else base + q
-            if a < c:
-                r1 = 4 * (c - base)
-                mv_rows(q80, wp[m], ws, xq, xs, op[m], n, gs, 4 * (a - base),
-                        r1 if r1 < nrow[m] else nrow[m], nrow[m], True)
-            base += q
+            if pecca_claimed_rows(u0, u1, base, nrow[m], &r0, &r1):
+                mv_rows(q80, wp[m], ws, xq, xs, op[m], n, gs, r0, r1, nrow[m], True)
+            base += pecca_quads(nrow[m])
 
 
 cdef void matvec_par(bint q80, long nm, const uint8_t **wp, const float *ws, const int8_t *xq,
@@ -120,16 +116,15 @@ cdef void matvec_par(bint q80, long nm, const uint8_t **wp, const float *ws, con
                      pecca_span *sp) noexcept nogil:
     """op[m] = W_m x for nm matrices of n inputs (q8g: nm == 1, scales ws), x quantized into
     xq, xs: on one thread, in static shares of every matrix, or (sp) by work stealing."""
-    cdef long rb = row_bytes(q80, n), m, b, r0, r1, units = 0, chunk
+    cdef long rb = row_bytes(q80, n), m, b, r0, r1, units = 0
+    cdef long chunk = STEAL_CHUNK_BYTES // (4 * rb)  # at least 1 (simd.h)
     cdef int id
     if sp != NULL:
         for m in range(nm):
-            units += (nrow[m] + 3) // 4
-        chunk = STEAL_CHUNK_BYTES // (4 * rb)
+            units += pecca_quads(nrow[m])
         pecca_steal_init(sp, units, nt)
         for id in prange(nt, schedule='static', num_threads=nt):
-            steal_part(q80, nm, wp, ws, xq, xs, op, nrow, n, gs, sp, chunk if chunk > 0 else 1,
-                       id, nt)
+            steal_part(q80, nm, wp, ws, xq, xs, op, nrow, n, gs, sp, chunk, id, nt)
     elif nt <= 1:
         for m in range(nm):
             if nrow[m] > 0:

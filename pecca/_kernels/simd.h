@@ -110,13 +110,32 @@ static inline uint64_t pecca_span_pack(long lo, long hi) {
     return ((uint64_t)hi << 32) | (uint64_t)(uint32_t)lo;
 }
 
+/* The quads (4-row units) of a matrix of `rows` rows. */
+static inline long pecca_quads(long rows) { return (rows + 3) / 4; }
+
+/* Whether a matvec of `bytes` weight bytes over nt threads shares its rows by stealing: when each
+ * thread's share is at least min_bytes (from memory); smaller products keep static shares. */
+static inline int pecca_steals(long bytes, int nt, long min_bytes) {
+    return nt > 1 && bytes >= nt * min_bytes;
+}
+
+/* The rows [*r0, *r1) of a matrix of `rows` rows, whose quads are the units [base, base +
+ * pecca_quads(rows)), that claimed units [u0, u1) cover; 0 when they cover none of them. */
+static inline int pecca_claimed_rows(long u0, long u1, long base, long rows, long *r0, long *r1) {
+    long end = base + pecca_quads(rows), a = u0 > base ? u0 : base, c = u1 < end ? u1 : end;
+    if (a >= c) return 0;
+    *r0 = 4 * (a - base);
+    *r1 = 4 * (c - base) < rows ? 4 * (c - base) : rows;
+    return 1;
+}
+
 /* Thread b's static share of units quads: [units b / nt, units (b + 1) / nt). units < 2^32
  * (a span packs two 32-bit bounds): 2^34 rows, far beyond any matrix. */
 static inline void pecca_steal_init(pecca_span *sp, long units, int nt) {
     for (int b = 0; b < nt; b++) sp[b].w = pecca_span_pack(units * b / nt, units * (b + 1) / nt);
 }
 
-/* Thread id's next quads [*u0, *u1); 0 when no work is left for it. */
+/* Thread id's next quads [*u0, *u1); 0 when no work is left for it. chunk < 1 counts as 1. */
 static inline int pecca_steal_next(pecca_span *sp, int id, int nt, long chunk, long *u0, long *u1) {
     if (chunk < 1) chunk = 1;
     for (;;) {

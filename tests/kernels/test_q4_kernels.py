@@ -246,16 +246,17 @@ def token_batches(k, rng):
 
 # ---------------- q4g ----------------
 
-def run_q4g(qs, sb, zeros, perm, w, mag, m, xs, rng, float_acts, slices=1):
-    """run_both for a q4g matrix (in `slices` column slices) with each float_act setting,
-    against the float64 references of W (w, mag: dense (N, K), m partial sums)."""
+def run_acts(mv_f, mm_f, w, mag, perm, m, xs, rng, float_acts):
+    """run_both with each float_act setting (mv_f(x, out, nt, float_act), mm_f likewise)
+    against the float64 references of W (w, mag: dense (N, K), m partial sums; perm: the input
+    permutation the int8 path gathers by, or None)."""
     n, k = w.shape
     for float_act in float_acts:
         def mv(x, out, nt):
-            q4.matvec_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices)
+            mv_f(x, out, nt, float_act)
 
         def mm(x, out, nt):
-            q4.matmul_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices)
+            mm_f(x, out, nt, float_act)
 
         if float_act:
             def check(out, x):
@@ -264,6 +265,17 @@ def run_q4g(qs, sb, zeros, perm, w, mag, m, xs, rng, float_acts, slices=1):
             def check(out, x):
                 check_int8_perm(out, w, mag, x, perm, m)
         run_both(mv, mm, n, random_x(k, rng), xs, check)
+
+
+def run_q4g(qs, sb, zeros, perm, w, mag, m, xs, rng, float_acts, slices=1):
+    """run_acts for a q4g matrix in `slices` column slices."""
+    def mv(x, out, nt, float_act):
+        q4.matvec_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices)
+
+    def mm(x, out, nt, float_act):
+        q4.matmul_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices)
+
+    run_acts(mv, mm, w, mag, perm, m, xs, rng, float_acts)
 
 
 @pytest.mark.parametrize("k,gs", Q4G_CASES)
@@ -438,21 +450,9 @@ def test_q4_blocks(simd, split, kind, n, k):
     mv_f = q4.matvec_q4_0 if kind == "q4_0" else q4.matvec_q4_1
     mm_f = q4.matmul_q4_0 if kind == "q4_0" else q4.matmul_q4_1
     m = 2 * (k // 32)
-    xs = token_batches(k, rng)
-    for float_act in (False, True):
-        def mv(x, out, nt):
-            mv_f(blocks, x, out, nt, float_act)
-
-        def mm(x, out, nt):
-            mm_f(blocks, x, out, nt, float_act)
-
-        if float_act:
-            def check(out, x):
-                check_float(out, w, mag, x, m)
-        else:
-            def check(out, x):
-                check_int8_perm(out, w, mag, x, None, m)
-        run_both(mv, mm, n, random_x(k, rng), xs, check)
+    run_acts(lambda x, out, nt, fa: mv_f(blocks, x, out, nt, fa),
+             lambda x, out, nt, fa: mm_f(blocks, x, out, nt, fa),
+             w, mag, None, m, token_batches(k, rng), rng, (False, True))
 
 
 @pytest.mark.parametrize("kind", ["q4g32", "q4g64", "q4_0", "q4_1"])
