@@ -63,8 +63,9 @@
  *  Q4_1's 18 / 20-byte blocks are gathered with one vpermt2w per row (the code bytes of 4
  *  blocks) and, per quad, two vpermt2w + a blend (the 4 rows' f16 scales); q4g's group scales
  *  are laid out per quad once per tile (scratch from the caller). Tiles of 4 rows x up to 4
- *  tokens (each row's codes loaded once for all of them); matvec prefetches the rows 3 quads
- *  ahead (1 quad ahead lost 10-25% at 1 thread, 8-row tiles lost ~8% at 2), q4g's scales and
+ *  tokens (each row's codes loaded once for all of them); matvec prefetches the rows 6 quads
+ *  ahead into L2 (Zen 5, into L1: 1 quad ahead lost 10-25% at 1 thread, 5 no better than 3;
+ *  Zen 4, into L2: 6 quads 1.0-1.2x 3 quads; 8-row tiles lost ~8% at 2 threads), q4g's scales and
  *  zero points one quad ahead; for K >= 8192 the matvec instead takes panels of 2 quads through
  *  K in chunks of 4 steps, so that the token's activations stay in L1 (q4_mv_chunked_vnni);
  *  matmul runs panels of 64 rows (in L2) against each group of 4 tokens. The AVX-512 level
@@ -1503,13 +1504,16 @@ static inline void q4_wload_vnni(int fmt, const uint8_t *p, int nbk, __m512i iq,
 }
 
 /* int32 lanes 4 blk + l of row (lo, hi) against one token's step codes xp: sum w q over block
- * blk's elements 4l..4l+3 and 16+4l..16+4l+3, as 256 hi + lo (exact: |.| < 2^22) */
+ * blk's elements 4l..4l+3 and 16+4l..16+4l+3, as 256 hi + lo (exact: |.| < 2^22). The two
+ * levels' sums are two independent chains of 2 vpdpbusd, joined at the end (one chain of 4 ran
+ * 3-13% slower on Zen 4: latency) */
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
 static inline __m512i q4_dot_vnni(__m512i lo, __m512i hi, const uint8_t *xp) {
     __m512i ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
+    __m512i il = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp + 128));
     ih = _mm512_dpbusd_epi32(ih, hi, _mm512_loadu_si512(xp + 64));
-    __m512i il = _mm512_dpbusd_epi32(_mm512_slli_epi32(ih, 8), lo, _mm512_loadu_si512(xp + 128));
-    return _mm512_dpbusd_epi32(il, hi, _mm512_loadu_si512(xp + 192));
+    il = _mm512_dpbusd_epi32(il, hi, _mm512_loadu_si512(xp + 192));
+    return _mm512_add_epi32(_mm512_slli_epi32(ih, 8), il);
 }
 
 /* a step's scales, lane 4 blk + j: Q4_0 / Q4_1 row j's d of block blk (sm: its m) from the
@@ -1648,7 +1652,7 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
 #define Q4_PANEL 64  /* matmul: rows kept in L2 while every group of tokens passes */
 #endif
 #ifndef Q4_PF_QUADS
-#define Q4_PF_QUADS 3  /* matvec: how many quads of rows ahead to prefetch */
+#define Q4_PF_QUADS 6  /* matvec: how many quads of rows ahead to prefetch (into L2) */
 #endif
 #ifndef Q4_MV_CHUNK_K
 #define Q4_MV_CHUNK_K 8192  /* matvec: from this K on, K in chunks across a panel of quads */
