@@ -60,7 +60,9 @@ GEMM_SIZES = [(1, 1, 1), (1, 7, 3), (7, 1, 2), (7, 33, 5), (33, 7, 4), (288, 288
               (768, 288, 1), (5, 4099, 6), (9, 31, 7), (4, 16, 4), (64, 172, 64),
               # tokens-in-lanes form (T >= 8): row tiles of 12 (AVX-512) / 6 (AVX2) and
               # their leftovers, token vectors of 16 / 8 and a 32 / 16 tile with a half tail
-              (1, 9, 8), (13, 50, 16), (25, 33, 17), (7, 1, 33), (40, 300, 48), (12, 64, 63)]
+              (1, 9, 8), (13, 50, 16), (25, 33, 17), (7, 1, 33), (40, 300, 48), (12, 64, 63),
+              # n a multiple of 512: the rows are copied to a scratch with a padded stride
+              (25, 512, 9), (14, 1024, 33)]
 
 
 @pytest.mark.parametrize("rows,n,T", GEMM_SIZES)
