@@ -262,12 +262,13 @@ static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, i
 /* Rows that come from memory (a thread's share of PECCA_STREAM_BYTES or more) are read one at
  * a time, the next row prefetched: one stream per thread, as q8_kernels.h explains (4-row
  * blocks: 4 interleaved streams). 8192 x 4096 f16 at 1 thread: 78% of the read bandwidth in
- * 4-row blocks, 100% row by row. Only while x stays in L1 (n <= HALF_STREAM_MAX_N): a row
- * reads all of x, which at n = 11008 (44 KB) comes from L2 for every row and cost more than
- * the single stream gained (65% against the blocks' 76%). Each row's arithmetic is the same
- * in both forms. */
+ * 4-row blocks, 100% row by row. Up to n = HALF_STREAM_MAX_N: a row reads all of x, which at
+ * n = 11008 (44 KB) comes from L2 for every row; with rows prefetched into L1 (before session
+ * 12) that cost more than the single stream gained (Zen 5: 65% against the blocks' 76%), with
+ * them prefetched into L2 it gains (Zen 4, 4096 x 11008: 25.1 against 20.6 GB/s at 1 thread,
+ * equal at 2). Each row's arithmetic is the same in both forms. */
 #ifndef HALF_STREAM_MAX_N
-#define HALF_STREAM_MAX_N 4096
+#define HALF_STREAM_MAX_N 16384
 #endif
 
 /* As matvec_rows_avx512; a step of 32 weights is 64 bytes per row, 4 lines per block, so 4

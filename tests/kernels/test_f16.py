@@ -66,9 +66,9 @@ def test_matvec_matches_float64(simd, fmt, rows, n, threads):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("n", [4096, 4064 + 17])
+@pytest.mark.parametrize("n", [4096, 4064 + 17, 11008])
 def test_matvec_of_large_shares_streams_rows_with_the_same_bits(simd, fmt, n):
-    """A thread's share of 2 MiB or more (n <= 4096) is read one row at a time: each row equals
+    """A thread's share of 2 MiB or more (n <= 16384) is read one row at a time: each row equals
     the 4-row blocks' result (2 threads: shares under 2 MiB), bit for bit, and float64."""
     rng = np.random.default_rng(n)
     rows = 2 * 2**20 // (2 * n) + 7
