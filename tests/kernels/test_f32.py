@@ -37,6 +37,24 @@ def test_matvec_matches_float64(simd, rows, n, threads):
     assert np.all(np.abs(out - ref) <= bound + 1e-6 * np.abs(ref))
 
 
+@pytest.mark.parametrize("n", [288, 1000, 1023])
+def test_matvec_of_large_shares_streams_short_rows_with_the_same_bits(simd, n):
+    """AVX-512: a thread's share of 2 MiB or more with rows under 1024 floats is read one row at
+    a time, prefetched 48 KB ahead (the last rows without): each row equals the 4-row blocks'
+    result (2 threads: shares under 2 MiB), bit for bit, and float64."""
+    rng = np.random.default_rng(n)
+    rows = 2 * 2**20 // (4 * n) + 7
+    w = rng.standard_normal((rows, n)).astype(np.float32)
+    x = rng.standard_normal(n).astype(np.float32)
+    one, two = np.full(rows, np.nan, np.float32), np.full(rows, np.nan, np.float32)
+    f32.matvec(w, x, one, 1)
+    f32.matvec(w, x, two, 2)
+    np.testing.assert_array_equal(one, two)
+    ref = w.astype(np.float64) @ x.astype(np.float64)
+    bound = 4 * np.finfo(np.float32).eps * np.sqrt(n) * (np.abs(w) @ np.abs(x)) + 1e-30
+    assert np.all(np.abs(one - ref) <= bound + 1e-6 * np.abs(ref))
+
+
 def test_matvec_reads_readonly_memmap(tmp_path, simd):
     w = np.arange(35, dtype=np.float32).reshape(5, 7)
     p = tmp_path / "w.bin"
