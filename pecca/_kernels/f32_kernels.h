@@ -168,11 +168,14 @@ static void axpy_avx2(float *y, float a, const float *x, long n) {
 
 /* ---------------- AVX-512 ---------------- */
 
-__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-static float dot_avx512(const float *a, const float *b, long n) {
+/* two accumulators (lanes of j % 32 < 16 and >= 16); ahead > 0: each line's bytes `ahead` on
+ * are prefetched as it is read (the row-at-a-time form below) */
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline))
+static inline float dot_pf_avx512(const float *a, const float *b, long n, long ahead) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     long j = 0;
     for (; j + 32 <= n; j += 32) {
+        if (ahead) prefetch_lines((const char *)(a + j) + ahead, 2);
         s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
         s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(b + j + 16), s1);
     }
@@ -185,23 +188,9 @@ static float dot_avx512(const float *a, const float *b, long n) {
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
-/* dot_avx512's arithmetic (same bits), prefetching the bytes `ahead` past each line it reads */
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline))
-static inline float dot_pf_avx512(const float *a, const float *b, long n, long ahead) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    long j = 0;
-    for (; j + 32 <= n; j += 32) {
-        prefetch_lines((const char *)(a + j) + ahead, 2);
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(b + j + 16), s1);
-    }
-    for (; j + 16 <= n; j += 16)
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
-    if (j < n) {
-        __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
-        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), s1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static float dot_avx512(const float *a, const float *b, long n) {
+    return dot_pf_avx512(a, b, n, 0);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
