@@ -639,7 +639,7 @@ static inline void q8_chunk_vnni(__m512 acc[4][4], const uint8_t *const wr[4],
 __attribute__((target(PECCA_Q8_VNNI), always_inline))
 static inline void q8_tile_vnni(const uint8_t *w, const float *ws, const int8_t *xq,
                                 const float *xs, float *out, long n, long bpg, long ldo, long i,
-                                long t0, int NR, int NT, int fmt, int pf) {
+                                long t0, int NR, int NT, int fmt, long pfr) {
     const int q80 = fmt == Q8_FMT_0;
     long nb = n / Q8_0_BLOCK, G = nb / bpg;
     long bb = q80 ? Q8_0_BYTES : Q8_0_BLOCK, rb = nb * bb;
@@ -653,8 +653,9 @@ static inline void q8_tile_vnni(const uint8_t *w, const float *ws, const int8_t 
         sr[t] = xs + (t0 + t) * G;
         for (int r = 0; r < NR; r++) acc[r][t] = _mm512_setzero_ps();
     }
-    /* the next block (a single row: Q8_PF_ROWS ahead), fetched meanwhile */
-    const char *next = (const char *)(w + (i + (NR == 1 ? Q8_PF_ROWS : NR)) * rb);
+    /* the rows pfr ahead (0: none), fetched meanwhile */
+    const int pf = pfr > 0;
+    const char *next = (const char *)(w + (i + pfr) * rb);
     long g = 0, k = 0, b = 0;  /* group of block b, b's place in it */
     for (; b + 2 <= nb; b += 2) {
         if (pf) prefetch_lines(next + NR * bb * b, q80 ? 5 : 4);
@@ -685,7 +686,10 @@ static inline void q8_tile_vnni(const uint8_t *w, const float *ws, const int8_t 
  * cost (its reduction, a separate pass over x) then outweighs the single stream; 256 MB Q8_0
  * from memory at K = 576 (SmolLM2's classifier): tiles 26.7 / 54.3 GB/s at 1 / 2 threads
  * against rows 22.0 / 41.9; at K = 1024 rows were ahead again (31.3 / 63.7 against 28.7 /
- * 56.3). A row's arithmetic is the same in both forms (and in matmul's tiles). */
+ * 56.3). A row's arithmetic is the same in both forms (and in matmul's tiles). The tiles
+ * prefetch the rows at least PECCA_PF_AHEAD bytes ahead (pf_blocks_ahead): the next tile was
+ * 2.4 KB ahead at K = 576, and SmolLM2 Q8_0 decode at 1 thread ran at 0.75x llama.cpp's speed
+ * on a Zen 4 (in-process A/B: 71.4 -> 109.7 tok/s at 1 thread, +5% at 2; 7B layers equal). */
 #ifndef Q8_STREAM_MIN_ROW
 #define Q8_STREAM_MIN_ROW 1024
 #endif
@@ -696,10 +700,12 @@ static inline void q8_rows_vnni(const uint8_t *w, const float *ws, const int8_t 
     long rb = (n / Q8_0_BLOCK) * (fmt == Q8_FMT_0 ? Q8_0_BYTES : Q8_0_BLOCK);
     long i = r0;
     if (rb >= Q8_STREAM_MIN_ROW && stream) {
-        for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, i + 1 + Q8_PF_ROWS <= pf1);
+        for (; i < r1; i++)
+            q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, i + 1 + Q8_PF_ROWS <= pf1 ? Q8_PF_ROWS : 0);
         return;
     }
-    for (; i + 4 <= r1; i += 4) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 4, 1, fmt, i + 8 <= pf1);
+    const long d = 4 * pf_blocks_ahead(4 * rb);  /* rows: short rows' next tile is too close */
+    for (; i + 4 <= r1; i += 4) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 4, 1, fmt, i + 4 + d <= pf1 ? d : 0);
     for (; i < r1; i++) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, 0, i, 0, 1, 1, fmt, 0);
 }
 
@@ -714,9 +720,9 @@ static inline void q8_gemm_vnni(const uint8_t *w, const float *ws, const int8_t 
     for (; i + 4 <= r1; i += 4) {
         long t = 0;
         for (; t + 4 <= T; t += 4)
-            q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 4, fmt, t == 0 && i + 8 <= r1);
+            q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 4, fmt, t == 0 && i + 8 <= r1 ? 4 : 0);
         /* the last 1-3 tokens in one tile (prefetching when they are all there is) */
-        int pf = t == 0 && i + 8 <= r1;
+        long pf = t == 0 && i + 8 <= r1 ? 4 : 0;
         if (T - t == 3) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 3, fmt, pf);
         else if (T - t == 2) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 2, fmt, pf);
         else if (T - t == 1) q8_tile_vnni(w, ws, xq, xs, out, n, bpg, ldo, i, t, 4, 1, fmt, pf);
