@@ -137,9 +137,9 @@ static void gemm_rows_avx512(const float *w, const float *x, float *out, long n,
  * place, or copied there when n is a multiple of 512: rows 2 or 4 KB apart (mod 4 KB) fall
  * into one or two sets of the 8-way L1 and evict each other (Zen 4: K = 4096 at 92-96 GFLOP/s
  * in place, 99-101 copied, against 105-108 in place for K = 4080 or 4112, where a copy cost
- * 5%). While the first token block meets a tile, the next tile's rows are
- * prefetched a slice per step of k, so that copying them reads L2, not memory (f16 ran 7% below
- * f32 when its widening read memory without it). */
+ * 5%). While the first token block meets a tile, the next tile's rows are prefetched a slice
+ * per step of k, so that copying them reads L2, not memory (f16 ran 7% below f32 when its
+ * widening read memory without it). */
 typedef void (*pecca_widen_rows_fn)(const void *w, long first, float *dst, long count);
 
 /* Token panels of P tokens: xt[(p * n + k) * P + t'] = x[(p * P + t') * n + k], zero past T,
@@ -276,9 +276,9 @@ static void lanes_tiles_avx2(int mr, const float *w, long ldw, long n, const flo
 #endif /* PECCA_X86 */
 
 /* The tokens-in-lanes GEMM over rows [r0, r1): w is float32 rows (read in place or copied MR
- * at a time) when `widen` is NULL, else 16-bit rows widened MR at a time. Returns 0 (nothing done) when this
- * CPU has no vector path or the scratch cannot be allocated: the caller then runs its
- * dot-product tiles. */
+ * at a time) when `widen` is NULL, else 16-bit rows widened MR at a time. Returns 0 (nothing
+ * done) when this CPU has no vector path or the scratch cannot be allocated: the caller then
+ * runs its dot-product tiles. */
 static int gemm_lanes_rows(const void *w, pecca_widen_rows_fn widen, const float *x, float *out,
                            long n, long T, long ldo, long r0, long r1) {
 #if PECCA_X86
@@ -300,10 +300,11 @@ static int gemm_lanes_rows(const void *w, pecca_widen_rows_fn widen, const float
         int mr = (int)(r1 - r < MR ? r1 - r : MR);
         const float *wr = copy ? wbuf : (const float *)w + r * n;
         long ld = copy ? ldw : n;
-        for (int i = 0; copy && i < mr; i++) {
-            if (widen) widen(w, (r + i) * n, wbuf + i * ldw, n);
-            else memcpy(wbuf + i * ldw, (const float *)w + (r + i) * n, (size_t)n * sizeof(float));
-        }
+        if (copy)
+            for (int i = 0; i < mr; i++) {
+                if (widen) widen(w, (r + i) * n, wbuf + i * ldw, n);
+                else memcpy(wbuf + i * ldw, (const float *)w + (r + i) * n, (size_t)n * sizeof(float));
+            }
         /* the next tile's rows (nr x n weights, contiguous), nr * es bytes per step of k */
         long nr = r1 - r - mr < MR ? r1 - r - mr : MR;
         const char *pf = nr > 0 && copy ? (const char *)w + (r + mr) * n * es : NULL;

@@ -120,7 +120,7 @@ static void matvec_rows_avx2(const float *w, const float *x, float *out,
         __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
         __m256 b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
-        const char *next = (const char *)(w3 + n + (d - 1) * 4 * n);  /* d blocks ahead */
+        const char *next = (const char *)(w + (i + 4 * d) * n);  /* d blocks ahead */
         int pf = i + 4 * (d + 1) <= r1;
         long j = 0;
         for (; j < n16; j += 16) {
@@ -198,8 +198,8 @@ static void matvec_rows_avx512(const float *w, const float *x, float *out,
                                long n, long r0, long r1) {
     long i = r0;
     if (n < F32_STREAM_MAX_N && (r1 - r0) * n * 4 >= PECCA_STREAM_BYTES) {
-        long rows_ahead = (PECCA_PF_AHEAD + 4 * n - 1) / (4 * n);
-        for (; i + rows_ahead < r1; i++) out[i] = dot_pf_avx512(w + i * n, x, n, rows_ahead * n * 4);
+        long ahead = pf_blocks_ahead(4 * n);  /* rows */
+        for (; i + ahead < r1; i++) out[i] = dot_pf_avx512(w + i * n, x, n, ahead * n * 4);
         for (; i < r1; i++) out[i] = dot_avx512(w + i * n, x, n);
         return;
     }
@@ -212,7 +212,7 @@ static void matvec_rows_avx512(const float *w, const float *x, float *out,
         __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
         __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
         __m512 b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
-        const char *next = (const char *)(w3 + n + (d - 1) * 4 * n);  /* d blocks ahead */
+        const char *next = (const char *)(w + (i + 4 * d) * n);  /* d blocks ahead */
         int pf = i + 4 * (d + 1) <= r1;
         long j = 0;
         for (; j < n32; j += 32) {

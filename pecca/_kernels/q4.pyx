@@ -29,7 +29,8 @@ instead: the codes widened to float. gptq always uses float activations. Each ca
 own scratch for the prepared activations (so concurrent calls cannot share it). Rows are split
 as in ``q8``: one contiguous block of rows per thread (multiples of 4), int8 matvecs from memory
 balanced by work stealing; gptq splits output columns instead (its packed rows run along N).
-Products below a few tens of thousands of multiply-adds run serially. Each row of a matmul equals the matvec of that token bit for bit.
+Products below a few tens of thousands of multiply-adds run serially. Each row of a matmul
+equals the matvec of that token bit for bit.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t, uint16_t, int32_t, uint32_t
