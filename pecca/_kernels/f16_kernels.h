@@ -232,16 +232,12 @@ static inline __m512 load16m_half_avx512(__mmask16 m, const uint16_t *p, int bf1
     return widen16_avx512(_mm256_maskz_loadu_epi16(m, p), bf16);
 }
 
-/* one row's dot product (2 accumulators, as matvec_half_rows_avx512 keeps per row); when
- * `next` is given, the row there is prefetched meanwhile (1 line per 32 weights, 2 issued: a
- * little further ahead each step) */
+/* one row's dot product (2 accumulators, as matvec_half_rows_avx512 keeps per row) */
 __attribute__((target(PECCA_F16_AVX512), always_inline))
-static inline float dot_half_pf_avx512(const uint16_t *w, const float *x, long n, int bf16,
-                                       const char *next) {
+static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, int bf16) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     long j = 0;
     for (; j + 32 <= n; j += 32) {
-        if (next) prefetch_lines(next + 2 * j, 2);
         s0 = _mm512_fmadd_ps(load16_half_avx512(w + j, bf16), _mm512_loadu_ps(x + j), s0);
         s1 = _mm512_fmadd_ps(load16_half_avx512(w + j + 16, bf16), _mm512_loadu_ps(x + j + 16), s1);
     }
@@ -254,22 +250,76 @@ static inline float dot_half_pf_avx512(const uint16_t *w, const float *x, long n
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
-__attribute__((target(PECCA_F16_AVX512), always_inline))
-static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, int bf16) {
-    return dot_half_pf_avx512(w, x, n, bf16, NULL);
+/* Rows that come from memory (a thread's share of PECCA_STREAM_BYTES or more) are read one at
+ * a time, as one stream per thread, as q8_kernels.h explains (4-row blocks: 4 interleaved
+ * streams, 78% of the read bandwidth against 100% at 8192 x 4096, 1 thread). A row reads all
+ * of x, which at n = 11008 (44 KB of floats: Llama-2-7B's down projection) does not fit a
+ * 32 KB L1: x then came from L2 for every row and the stream read 15 GB/s where 4096-wide rows
+ * read 21. So x is taken HALF_CHUNK floats (16 KB) at a time: each row of a group of
+ * HALF_GROUP rows adds that chunk to its two accumulators, kept in `acc` between chunks, and
+ * the group moves to the next chunk. The row's arithmetic, and so its bits, are those of
+ * dot_half_avx512. The memory is read in pieces of one row and one chunk; the piece
+ * HALF_PF_PIECES later in that order is prefetched meanwhile, HALF_PF_LINES lines per 64-byte
+ * step (2 lines: 19-20 GB/s, 3: 21-23, 4: 23-24; Zen 4, 1 thread, 4096 x 11008; 2 threads
+ * 39-41 against 24-33 for the row stream or the 4-row blocks). */
+#define HALF_CHUNK 4096L
+#define HALF_GROUP 64L
+#define HALF_PF_PIECES 2L
+#define HALF_PF_LINES 4
+
+/* the piece HALF_PF_PIECES after (row i, chunk c) in matvec_half_stream_avx512's order, or
+ * NULL past the last row r1 */
+static inline const uint16_t *half_piece_ahead(const uint16_t *w, long n, long n32, long i,
+                                               long c, long g, long ge, long r1) {
+    long row = i + HALF_PF_PIECES, col = c;
+    if (row >= ge) {  /* past the group: its next chunk, or the next group's first */
+        row = g + (row - ge);
+        col = c + HALF_CHUNK;
+        if (col >= n32) {
+            col = 0;
+            row = ge + (row - g);
+        }
+    }
+    return row < r1 ? w + row * n + col : NULL;
 }
 
-/* Rows that come from memory (a thread's share of PECCA_STREAM_BYTES or more) are read one at
- * a time, the next row prefetched: one stream per thread, as q8_kernels.h explains (4-row
- * blocks: 4 interleaved streams). 8192 x 4096 f16 at 1 thread: 78% of the read bandwidth in
- * 4-row blocks, 100% row by row. Up to n = HALF_STREAM_MAX_N: a row reads all of x, which at
- * n = 11008 (44 KB) comes from L2 for every row; with rows prefetched into L1 (before session
- * 12) that cost more than the single stream gained (Zen 5: 65% against the blocks' 76%), with
- * them prefetched into L2 it gains (Zen 4, 4096 x 11008: 25.1 against 20.6 GB/s at 1 thread,
- * equal at 2). Each row's arithmetic is the same in both forms. */
-#ifndef HALF_STREAM_MAX_N
-#define HALF_STREAM_MAX_N 16384
-#endif
+__attribute__((target(PECCA_F16_AVX512), always_inline))
+static inline void matvec_half_stream_avx512(const uint16_t *w, const float *x, float *out,
+                                             long n, long r0, long r1, int bf16) {
+    __m512 acc[2 * HALF_GROUP];
+    long n32 = n & ~31L;
+    for (long g = r0; g < r1; g += HALF_GROUP) {
+        long ge = g + HALF_GROUP < r1 ? g + HALF_GROUP : r1;
+        for (long i = g; i < ge; i++) acc[2 * (i - g)] = acc[2 * (i - g) + 1] = _mm512_setzero_ps();
+        for (long c = 0; c < n32; c += HALF_CHUNK) {
+            long ce = c + HALF_CHUNK < n32 ? c + HALF_CHUNK : n32;
+            for (long i = g; i < ge; i++) {
+                const uint16_t *wr = w + i * n;
+                const char *pf = (const char *)half_piece_ahead(w, n, n32, i, c, g, ge, r1);
+                __m512 s0 = acc[2 * (i - g)], s1 = acc[2 * (i - g) + 1];
+                for (long j = c; j < ce; j += 32) {
+                    if (pf) prefetch_lines(pf + 2 * (j - c), HALF_PF_LINES);
+                    s0 = _mm512_fmadd_ps(load16_half_avx512(wr + j, bf16), _mm512_loadu_ps(x + j), s0);
+                    s1 = _mm512_fmadd_ps(load16_half_avx512(wr + j + 16, bf16), _mm512_loadu_ps(x + j + 16), s1);
+                }
+                acc[2 * (i - g)] = s0;
+                acc[2 * (i - g) + 1] = s1;
+            }
+        }
+        for (long i = g; i < ge; i++) {  /* dot_half_avx512's tail */
+            const uint16_t *wr = w + i * n;
+            __m512 s0 = acc[2 * (i - g)], s1 = acc[2 * (i - g) + 1];
+            long j = n32;
+            for (; j + 16 <= n; j += 16)
+                s0 = _mm512_fmadd_ps(load16_half_avx512(wr + j, bf16), _mm512_loadu_ps(x + j), s0);
+            if (j < n) {
+                __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+                s1 = _mm512_fmadd_ps(load16m_half_avx512(m, wr + j, bf16), _mm512_maskz_loadu_ps(m, x + j), s1);
+            }
+            out[i] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        }
+    }
+}
 
 /* As matvec_rows_avx512; a step of 32 weights is 64 bytes per row, 4 lines per block, so 4
  * lines of the next block are prefetched per step. */
@@ -277,10 +327,8 @@ __attribute__((target(PECCA_F16_AVX512), always_inline))
 static inline void matvec_half_rows_avx512(const uint16_t *w, const float *x, float *out,
                                            long n, long r0, long r1, int bf16) {
     long i = r0;
-    if (n <= HALF_STREAM_MAX_N && (r1 - r0) * n * 2 >= PECCA_STREAM_BYTES) {
-        for (; i + 1 < r1; i++)
-            out[i] = dot_half_pf_avx512(w + i * n, x, n, bf16, (const char *)(w + (i + 1) * n));
-        out[i] = dot_half_avx512(w + i * n, x, n, bf16);
+    if ((r1 - r0) * n * 2 >= PECCA_STREAM_BYTES) {
+        matvec_half_stream_avx512(w, x, out, n, r0, r1, bf16);
         return;
     }
     long n32 = n & ~31L, n16 = n & ~15L;

@@ -66,10 +66,12 @@ def test_matvec_matches_float64(simd, fmt, rows, n, threads):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("n", [4096, 4064 + 17, 11008])
+@pytest.mark.parametrize("n", [33, 4096, 4064 + 17, 8192 + 45, 11008, 20000 + 3])
 def test_matvec_of_large_shares_streams_rows_with_the_same_bits(simd, fmt, n):
-    """A thread's share of 2 MiB or more (n <= 16384) is read one row at a time: each row equals
-    the 4-row blocks' result (2 threads: shares under 2 MiB), bit for bit, and float64."""
+    """A thread's share of 2 MiB or more is read one row at a time (AVX-512: x in chunks of 4096
+    floats, rows in groups of 64): each row equals the 4-row blocks' result (2 threads: shares
+    under 2 MiB), bit for bit, and float64. Sizes: one chunk and none, a chunk and a piece of
+    one, two and a 16-wide and a masked tail, five chunks; the row counts end mid-group."""
     rng = np.random.default_rng(n)
     rows = 2 * 2**20 // (2 * n) + 7
     w, w64 = random_weights(fmt, (rows, n), rng)
