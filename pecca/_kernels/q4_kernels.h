@@ -109,6 +109,16 @@
 #define Q4_1_BYTES 20
 #define Q4_STEP 128
 
+/* matvec, shares of PECCA_STREAM_BYTES or more: each step's prefetch of the rows ahead takes
+ * this many lines more than the step reads, so that each line is asked for several times and
+ * the leading edge runs a few lines further. Why it helps is not pinned down (dropped or late
+ * prefetches are the guess); measured on Zen 4, as HALF_PF_LINES for f16 (f16_kernels.h):
+ * harness, q4g 4096 x 11008 +9-17% at 1 thread, +4-7% at 2; Q4_0 4096 x 4096 +0-10% / +0-22%;
+ * 7B-layer GPTQ decode +5% at 2 threads, equal at 1 (in-process A/B). Smaller shares keep
+ * the exact lines: SmolLM2's GPTQ products lost 3% with the extra ones. */
+#ifndef Q4_PF_EXTRA
+#define Q4_PF_EXTRA 4
+#endif
 #define Q4_MV_PQ 2   /* chunked VNNI matvec: quads per panel (q4_mv_chunked_vnni) */
 #define Q4_MV_CS 4   /* chunked VNNI matvec: steps per chunk of K (1.3 KB of activations) */
 
@@ -1591,8 +1601,8 @@ static inline void q4_quad_store_vnni(int fmt, const uint16_t *sc, const int8_t 
 }
 
 /* rows i..i+NR-1 (NR <= 4: one quad) x tokens t0..t0+NT-1 (NT <= 4: each load of a row's codes
- * serves them all), 4 blocks per step. pf: prefetch the rows pfd quads ahead (and q4g's next
- * scales and zero points). st: 4 G floats of scratch (q4g). */
+ * serves them all), 4 blocks per step. pf > 0: prefetch the rows pfd quads ahead, pf - 1 lines
+ * a step more than the step reads (and q4g's next scales and zero points). st: 4 G floats of scratch (q4g). */
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
 static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
                                 const int8_t *zp, long K, long G, const uint8_t *act, long ab,
@@ -1621,7 +1631,7 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
     long g = 0, k = 0;
     for (long s = 0; 4 * s < nb; s++) {
         const int nbk = nb - 4 * s < 4 ? (int)(nb - 4 * s) : 4;
-        if (pf) prefetch_lines(next + 4 * sb * s, (4 * (int)sb + 63) / 64);
+        if (pf) prefetch_lines(next + 4 * sb * s, (4 * (int)sb + 63) / 64 + pf - 1);
         long gl[4];
         int gstart = fmt == Q4_FMT_G ? q4g_step_groups(sf, bpg, nbk, &g, &k, gl) : 0;
         /* the quad's rows: codes (their dots at once when there is one token) and scales */
@@ -1712,7 +1722,7 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
                 for (long s = s0; s < s1; s++) {
                     const int nbk = nb - 4 * s < 4 ? (int)(nb - 4 * s) : 4;
                     if (pfpos < pfend) {
-                        prefetch_lines(next + pfpos, (4 * (int)sb + 63) / 64);
+                        prefetch_lines(next + pfpos, (4 * (int)sb + 63) / 64 + Q4_PF_EXTRA);
                         pfpos += 4 * sb;
                     }
                     long gl[4];
@@ -1751,7 +1761,8 @@ static inline void q4_gemm_vnni(int fmt, int sf, const uint8_t *w, const uint16_
         if (K >= Q4_MV_CHUNK_K && q4_mv_chunked_vnni(fmt, sf, w, sc, zp, K, G, act, out, r0,
                                                      r0 + (r1 - r0) / 4 * 4, pf1))
             i = r0 + (r1 - r0) / 4 * 4;
-        for (; i + 4 <= r1; i += 4) Q4_TILE(i, 0, 4, 1, i + 4 + 4 * Q4_PF_QUADS <= pf1, Q4_PF_QUADS);
+        const int pf = (r1 - r0) * (K / Q4_QK) * q4_block_bytes(fmt) >= PECCA_STREAM_BYTES ? 1 + Q4_PF_EXTRA : 1;
+        for (; i + 4 <= r1; i += 4) Q4_TILE(i, 0, 4, 1, i + 4 + 4 * Q4_PF_QUADS <= pf1 ? pf : 0, Q4_PF_QUADS);
         if (i < r1) Q4_TILE(i, 0, (int)(r1 - i), 1, 0, 1);
         return;
     }
