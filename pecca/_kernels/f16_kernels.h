@@ -267,11 +267,11 @@ static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, i
 #define HALF_PF_PIECES 2L
 #define HALF_PF_LINES 4
 
-/* the piece HALF_PF_PIECES after (row i, chunk c) in matvec_half_stream_avx512's order, or
- * NULL past the last row r1 */
+/* the piece `ahead` pieces after (row i, chunk c) in matvec_half_stream_avx512's order, or
+ * NULL past the last row r1 (several chunks: ahead < HALF_GROUP) */
 static inline const uint16_t *half_piece_ahead(const uint16_t *w, long n, long n32, long i,
-                                               long c, long g, long ge, long r1) {
-    long row = i + HALF_PF_PIECES, col = c;
+                                               long c, long g, long ge, long r1, long ahead) {
+    long row = i + ahead, col = c;
     if (row >= ge) {  /* past the group: its next chunk, or the next group's first */
         row = g + (row - ge);
         col = c + HALF_CHUNK;
@@ -288,6 +288,9 @@ static inline void matvec_half_stream_avx512(const uint16_t *w, const float *x, 
                                              long n, long r0, long r1, int bf16) {
     __m512 acc[2 * HALF_GROUP];
     long n32 = n & ~31L;
+    /* rows of one chunk or less: at least PECCA_PF_AHEAD bytes ahead (pf_blocks_ahead) */
+    long ahead = n32 > HALF_CHUNK ? HALF_PF_PIECES : pf_blocks_ahead(2 * n);
+    if (ahead < HALF_PF_PIECES) ahead = HALF_PF_PIECES;
     for (long g = r0; g < r1; g += HALF_GROUP) {
         long ge = g + HALF_GROUP < r1 ? g + HALF_GROUP : r1;
         for (long i = g; i < ge; i++) acc[2 * (i - g)] = acc[2 * (i - g) + 1] = _mm512_setzero_ps();
@@ -295,7 +298,7 @@ static inline void matvec_half_stream_avx512(const uint16_t *w, const float *x, 
             long ce = c + HALF_CHUNK < n32 ? c + HALF_CHUNK : n32;
             for (long i = g; i < ge; i++) {
                 const uint16_t *wr = w + i * n;
-                const char *pf = (const char *)half_piece_ahead(w, n, n32, i, c, g, ge, r1);
+                const char *pf = (const char *)half_piece_ahead(w, n, n32, i, c, g, ge, r1, ahead);
                 __m512 s0 = acc[2 * (i - g)], s1 = acc[2 * (i - g) + 1];
                 for (long j = c; j < ce; j += 32) {
                     if (pf) prefetch_lines(pf + 2 * (j - c), HALF_PF_LINES);
