@@ -130,12 +130,92 @@ static inline float dot_half_avx2(const uint16_t *w, const float *x, long n, int
     return hsum256(_mm256_add_ps(s0, s1));
 }
 
+/* Rows that come from memory (a thread's share of PECCA_STREAM_BYTES or more) are read one at
+ * a time, as one stream per thread, as q8_kernels.h explains (4-row blocks: 4 interleaved
+ * streams, 78% of the read bandwidth against 100% at 8192 x 4096, 1 thread). A row reads all
+ * of x, which at n = 11008 (44 KB of floats: Llama-2-7B's down projection) does not fit a
+ * 32 KB L1: x then came from L2 for every row and the stream read 15 GB/s where 4096-wide rows
+ * read 21. So x is taken HALF_CHUNK floats (16 KB) at a time: each row of a group of
+ * HALF_GROUP rows adds that chunk to its two accumulators, kept in `acc` between chunks, and
+ * the group moves to the next chunk. The row's arithmetic, and so its bits, are those of
+ * dot_half_avx512 / dot_half_avx2 (and of the 4-row blocks). The memory is read in pieces of
+ * one row and one chunk; the piece HALF_PF_PIECES later in that order (rows of one chunk or
+ * less: at least PECCA_PF_AHEAD bytes later) is prefetched meanwhile, HALF_PF_LINES lines per
+ * 64 bytes read (2 lines: 19-20 GB/s, 3: 21-23, 4: 23-24; Zen 4, 1 thread, 4096 x 11008;
+ * 2 threads 39-41 against 24-33 for the row stream or the 4-row blocks; 7B-layer F16 decode at
+ * 1 thread 10.1 -> 14.0 tok/s). The AVX2 form is the same, unmeasured on an AVX2-only CPU. */
+#define HALF_CHUNK 4096L
+#define HALF_GROUP 64L
+#define HALF_PF_PIECES 2L
+#define HALF_PF_LINES 4
+
+/* the piece `ahead` pieces after (row i, chunk c) in the streams' order, or
+ * NULL past the last row r1 (several chunks: ahead < HALF_GROUP) */
+static inline const uint16_t *half_piece_ahead(const uint16_t *w, long n, long n32, long i,
+                                               long c, long g, long ge, long r1, long ahead) {
+    long row = i + ahead, col = c;
+    if (row >= ge) {  /* past the group: its next chunk, or the next group's first */
+        row = g + (row - ge);
+        col = c + HALF_CHUNK;
+        if (col >= n32) {
+            col = 0;
+            row = ge + (row - g);
+        }
+    }
+    return row < r1 ? w + row * n + col : NULL;
+}
+
+/* the stream above with dot_half_avx2's arithmetic */
+__attribute__((target(PECCA_F16_AVX2), always_inline))
+static inline void matvec_half_stream_avx2(const uint16_t *w, const float *x, float *out,
+                                           long n, long r0, long r1, int bf16) {
+    __m256 acc[2 * HALF_GROUP];
+    long n16 = n & ~15L;
+    long ahead = n16 > HALF_CHUNK ? HALF_PF_PIECES : pf_blocks_ahead(2 * n);
+    if (ahead < HALF_PF_PIECES) ahead = HALF_PF_PIECES;
+    for (long g = r0; g < r1; g += HALF_GROUP) {
+        long ge = g + HALF_GROUP < r1 ? g + HALF_GROUP : r1;
+        for (long i = g; i < ge; i++) acc[2 * (i - g)] = acc[2 * (i - g) + 1] = _mm256_setzero_ps();
+        for (long c = 0; c < n16; c += HALF_CHUNK) {
+            long ce = c + HALF_CHUNK < n16 ? c + HALF_CHUNK : n16;
+            for (long i = g; i < ge; i++) {
+                const uint16_t *wr = w + i * n;
+                const char *pf = (const char *)half_piece_ahead(w, n, n16, i, c, g, ge, r1, ahead);
+                __m256 s0 = acc[2 * (i - g)], s1 = acc[2 * (i - g) + 1];
+                for (long j = c; j < ce; j += 16) {
+                    if (pf && !((j - c) & 31)) prefetch_lines(pf + 2 * (j - c), HALF_PF_LINES);
+                    s0 = _mm256_fmadd_ps(load8_half_avx2(wr + j, bf16), _mm256_loadu_ps(x + j), s0);
+                    s1 = _mm256_fmadd_ps(load8_half_avx2(wr + j + 8, bf16), _mm256_loadu_ps(x + j + 8), s1);
+                }
+                acc[2 * (i - g)] = s0;
+                acc[2 * (i - g) + 1] = s1;
+            }
+        }
+        for (long i = g; i < ge; i++) {  /* dot_half_avx2's tail */
+            const uint16_t *wr = w + i * n;
+            __m256 s0 = acc[2 * (i - g)], s1 = acc[2 * (i - g) + 1];
+            long j = n16;
+            for (; j + 8 <= n; j += 8)
+                s0 = _mm256_fmadd_ps(load8_half_avx2(wr + j, bf16), _mm256_loadu_ps(x + j), s0);
+            if (j < n) {
+                __m256i m = tail_mask256(n - j);
+                s1 = _mm256_fmadd_ps(load_tail_half_avx2(wr + j, n - j, bf16), _mm256_maskload_ps(x + j, m), s1);
+            }
+            out[i] = hsum256(_mm256_add_ps(s0, s1));
+        }
+    }
+}
+
 /* As matvec_rows_avx2: four rows share each load of x, two accumulators per row. A step of 16
  * weights is 32 bytes per row, 128 bytes for the block, so 2 lines of the next block are
  * prefetched per step. */
 __attribute__((target(PECCA_F16_AVX2), always_inline))
 static inline void matvec_half_rows_avx2(const uint16_t *w, const float *x, float *out,
                                          long n, long r0, long r1, int bf16) {
+    if ((r1 - r0) * n * 2 >= PECCA_STREAM_BYTES) {
+        matvec_half_stream_avx2(w, x, out, n, r0, r1, bf16);
+        return;
+    }
     long i = r0;
     long n16 = n & ~15L, n8 = n & ~7L;
     __m256i m = tail_mask256(n - n8);
@@ -248,39 +328,6 @@ static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, i
         s1 = _mm512_fmadd_ps(load16m_half_avx512(m, w + j, bf16), _mm512_maskz_loadu_ps(m, x + j), s1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
-
-/* Rows that come from memory (a thread's share of PECCA_STREAM_BYTES or more) are read one at
- * a time, as one stream per thread, as q8_kernels.h explains (4-row blocks: 4 interleaved
- * streams, 78% of the read bandwidth against 100% at 8192 x 4096, 1 thread). A row reads all
- * of x, which at n = 11008 (44 KB of floats: Llama-2-7B's down projection) does not fit a
- * 32 KB L1: x then came from L2 for every row and the stream read 15 GB/s where 4096-wide rows
- * read 21. So x is taken HALF_CHUNK floats (16 KB) at a time: each row of a group of
- * HALF_GROUP rows adds that chunk to its two accumulators, kept in `acc` between chunks, and
- * the group moves to the next chunk. The row's arithmetic, and so its bits, are those of
- * dot_half_avx512. The memory is read in pieces of one row and one chunk; the piece
- * HALF_PF_PIECES later in that order is prefetched meanwhile, HALF_PF_LINES lines per 64-byte
- * step (2 lines: 19-20 GB/s, 3: 21-23, 4: 23-24; Zen 4, 1 thread, 4096 x 11008; 2 threads
- * 39-41 against 24-33 for the row stream or the 4-row blocks). */
-#define HALF_CHUNK 4096L
-#define HALF_GROUP 64L
-#define HALF_PF_PIECES 2L
-#define HALF_PF_LINES 4
-
-/* the piece `ahead` pieces after (row i, chunk c) in matvec_half_stream_avx512's order, or
- * NULL past the last row r1 (several chunks: ahead < HALF_GROUP) */
-static inline const uint16_t *half_piece_ahead(const uint16_t *w, long n, long n32, long i,
-                                               long c, long g, long ge, long r1, long ahead) {
-    long row = i + ahead, col = c;
-    if (row >= ge) {  /* past the group: its next chunk, or the next group's first */
-        row = g + (row - ge);
-        col = c + HALF_CHUNK;
-        if (col >= n32) {
-            col = 0;
-            row = ge + (row - g);
-        }
-    }
-    return row < r1 ? w + row * n + col : NULL;
 }
 
 __attribute__((target(PECCA_F16_AVX512), always_inline))
