@@ -59,11 +59,12 @@ static inline void prefetch_lines(const char *p, int lines) {
 #ifndef F32_STREAM_MAX_N
 #define F32_STREAM_MAX_N 1024
 #endif
-/* The AVX-512 matvecs ask for each line of the rows ahead this many times (the step's lines
+/* The AVX2 and AVX-512 matvecs ask for each line of the rows ahead this many times (the lines
  * and as many more beyond): Zen 4, 1 thread, from memory, 768 x 288 f32 16-18 -> 19-21 GB/s,
  * 288 x 288 14-16 -> 16-18, 32000 x 288 (row stream) 19 -> 20-21, 4096 x 4096 equal or better;
- * 2 threads within noise. The 4-bit (Q4_PF_EXTRA) and f16 (HALF_PF_LINES) matvecs gained the
- * same way; the cause is not pinned down (dropped or late prefetches are the guess). */
+ * 2 threads within noise; stories15M F32 decode +15% at 1 thread (AVX2 path, PECCA_SIMD=avx2 on
+ * the same CPU: +11%). The 4-bit (Q4_PF_EXTRA) and f16 (HALF_PF_LINES) matvecs gained the same
+ * way; the cause is not pinned down (dropped or late prefetches are the guess). */
 #ifndef F32_PF_LINES_PER
 #define F32_PF_LINES_PER 2
 #endif
@@ -132,7 +133,7 @@ static void matvec_rows_avx2(const float *w, const float *x, float *out,
         int pf = i + 4 * (d + 1) <= r1;
         long j = 0;
         for (; j < n16; j += 16) {
-            if (pf) prefetch_lines(next + 16 * j, 4);
+            if (pf) prefetch_lines(next + 16 * j, 4 * F32_PF_LINES_PER);
             __m256 xa = _mm256_loadu_ps(x + j), xb = _mm256_loadu_ps(x + j + 8);
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xa, a0);
             a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xa, a1);
