@@ -68,6 +68,12 @@ static inline void prefetch_lines(const char *p, int lines) {
 #ifndef F32_PF_LINES_PER
 #define F32_PF_LINES_PER 2
 #endif
+/* The row stream's (dot_pf_avx512) lines per 2 lines read: 32000 x 288 (stories15M's
+ * classifier) from memory, 1 thread: 4 lines 21.5-22 GB/s, 8 23-26.5, 12 25-29, 16 25-26. The
+ * 4-row blocks did best at twice (8 lines a step of 8: 22.6-24.4; 16: 20-26, 32: 18-19). */
+#ifndef F32_STREAM_PF_LINES
+#define F32_STREAM_PF_LINES 12
+#endif
 static inline long pf_blocks_ahead(long block_bytes) {
     return block_bytes >= PECCA_PF_AHEAD ? 1 : (PECCA_PF_AHEAD + block_bytes - 1) / block_bytes;
 }
@@ -184,7 +190,7 @@ static inline float dot_pf_avx512(const float *a, const float *b, long n, long a
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     long j = 0;
     for (; j + 32 <= n; j += 32) {
-        if (ahead) prefetch_lines((const char *)(a + j) + ahead, 2 * F32_PF_LINES_PER);
+        if (ahead) prefetch_lines((const char *)(a + j) + ahead, F32_STREAM_PF_LINES);
         s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
         s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(b + j + 16), s1);
     }
