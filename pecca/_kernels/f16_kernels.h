@@ -147,7 +147,9 @@ static inline float dot_half_avx2(const uint16_t *w, const float *x, long n, int
 #define HALF_CHUNK 4096L
 #define HALF_GROUP 64L
 #define HALF_PF_PIECES 2L
+#ifndef HALF_PF_LINES
 #define HALF_PF_LINES 4
+#endif
 
 /* the piece `ahead` pieces after (row i, chunk c) in the streams' order, or
  * NULL past the last row r1 (several chunks: ahead < HALF_GROUP) */
