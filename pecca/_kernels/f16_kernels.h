@@ -113,10 +113,10 @@ static inline __m256 load_tail_half_avx2(const uint16_t *p, long r, int bf16) {
     return load8_half_avx2(buf, bf16);
 }
 
+/* one row's dot product from j on, the two accumulators given (the row stream's tail) */
 __attribute__((target(PECCA_F16_AVX2), always_inline))
-static inline float dot_half_avx2(const uint16_t *w, const float *x, long n, int bf16) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    long j = 0;
+static inline float dot_half_from_avx2(const uint16_t *w, const float *x, long j, long n, int bf16,
+                                       __m256 s0, __m256 s1) {
     for (; j + 16 <= n; j += 16) {
         s0 = _mm256_fmadd_ps(load8_half_avx2(w + j, bf16), _mm256_loadu_ps(x + j), s0);
         s1 = _mm256_fmadd_ps(load8_half_avx2(w + j + 8, bf16), _mm256_loadu_ps(x + j + 8), s1);
@@ -128,6 +128,11 @@ static inline float dot_half_avx2(const uint16_t *w, const float *x, long n, int
         s1 = _mm256_fmadd_ps(load_tail_half_avx2(w + j, n - j, bf16), _mm256_maskload_ps(x + j, m), s1);
     }
     return hsum256(_mm256_add_ps(s0, s1));
+}
+
+__attribute__((target(PECCA_F16_AVX2), always_inline))
+static inline float dot_half_avx2(const uint16_t *w, const float *x, long n, int bf16) {
+    return dot_half_from_avx2(w, x, 0, n, bf16, _mm256_setzero_ps(), _mm256_setzero_ps());
 }
 
 /* Rows that come from memory (a thread's share of PECCA_STREAM_BYTES or more) are read one at
@@ -151,15 +156,22 @@ static inline float dot_half_avx2(const uint16_t *w, const float *x, long n, int
 #define HALF_PF_LINES 4
 #endif
 
+/* how many pieces ahead the streams prefetch, nfull being the part of n they take in chunks:
+ * HALF_PF_PIECES, and for rows of one chunk or less at least PECCA_PF_AHEAD bytes */
+static inline long half_pieces_ahead(long n, long nfull) {
+    long ahead = nfull > HALF_CHUNK ? HALF_PF_PIECES : pf_blocks_ahead(2 * n);
+    return ahead > HALF_PF_PIECES ? ahead : HALF_PF_PIECES;
+}
+
 /* the piece `ahead` pieces after (row i, chunk c) in the streams' order, or
  * NULL past the last row r1 (several chunks: ahead < HALF_GROUP) */
-static inline const uint16_t *half_piece_ahead(const uint16_t *w, long n, long n32, long i,
+static inline const uint16_t *half_piece_ahead(const uint16_t *w, long n, long nfull, long i,
                                                long c, long g, long ge, long r1, long ahead) {
     long row = i + ahead, col = c;
     if (row >= ge) {  /* past the group: its next chunk, or the next group's first */
         row = g + (row - ge);
         col = c + HALF_CHUNK;
-        if (col >= n32) {
+        if (col >= nfull) {
             col = 0;
             row = ge + (row - g);
         }
@@ -172,9 +184,7 @@ __attribute__((target(PECCA_F16_AVX2), always_inline))
 static inline void matvec_half_stream_avx2(const uint16_t *w, const float *x, float *out,
                                            long n, long r0, long r1, int bf16) {
     __m256 acc[2 * HALF_GROUP];
-    long n16 = n & ~15L;
-    long ahead = n16 > HALF_CHUNK ? HALF_PF_PIECES : pf_blocks_ahead(2 * n);
-    if (ahead < HALF_PF_PIECES) ahead = HALF_PF_PIECES;
+    long n16 = n & ~15L, ahead = half_pieces_ahead(n, n16);
     for (long g = r0; g < r1; g += HALF_GROUP) {
         long ge = g + HALF_GROUP < r1 ? g + HALF_GROUP : r1;
         for (long i = g; i < ge; i++) acc[2 * (i - g)] = acc[2 * (i - g) + 1] = _mm256_setzero_ps();
@@ -193,18 +203,9 @@ static inline void matvec_half_stream_avx2(const uint16_t *w, const float *x, fl
                 acc[2 * (i - g) + 1] = s1;
             }
         }
-        for (long i = g; i < ge; i++) {  /* dot_half_avx2's tail */
-            const uint16_t *wr = w + i * n;
-            __m256 s0 = acc[2 * (i - g)], s1 = acc[2 * (i - g) + 1];
-            long j = n16;
-            for (; j + 8 <= n; j += 8)
-                s0 = _mm256_fmadd_ps(load8_half_avx2(wr + j, bf16), _mm256_loadu_ps(x + j), s0);
-            if (j < n) {
-                __m256i m = tail_mask256(n - j);
-                s1 = _mm256_fmadd_ps(load_tail_half_avx2(wr + j, n - j, bf16), _mm256_maskload_ps(x + j, m), s1);
-            }
-            out[i] = hsum256(_mm256_add_ps(s0, s1));
-        }
+        for (long i = g; i < ge; i++)
+            out[i] = dot_half_from_avx2(w + i * n, x, n16, n, bf16, acc[2 * (i - g)],
+                                        acc[2 * (i - g) + 1]);
     }
 }
 
@@ -314,11 +315,11 @@ static inline __m512 load16m_half_avx512(__mmask16 m, const uint16_t *p, int bf1
     return widen16_avx512(_mm256_maskz_loadu_epi16(m, p), bf16);
 }
 
-/* one row's dot product (2 accumulators, as matvec_half_rows_avx512 keeps per row) */
+/* one row's dot product from j on, the two accumulators given (2 accumulators, as
+ * matvec_half_rows_avx512 keeps per row; the row stream passes its tail) */
 __attribute__((target(PECCA_F16_AVX512), always_inline))
-static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, int bf16) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    long j = 0;
+static inline float dot_half_from_avx512(const uint16_t *w, const float *x, long j, long n,
+                                         int bf16, __m512 s0, __m512 s1) {
     for (; j + 32 <= n; j += 32) {
         s0 = _mm512_fmadd_ps(load16_half_avx512(w + j, bf16), _mm512_loadu_ps(x + j), s0);
         s1 = _mm512_fmadd_ps(load16_half_avx512(w + j + 16, bf16), _mm512_loadu_ps(x + j + 16), s1);
@@ -333,13 +334,15 @@ static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, i
 }
 
 __attribute__((target(PECCA_F16_AVX512), always_inline))
+static inline float dot_half_avx512(const uint16_t *w, const float *x, long n, int bf16) {
+    return dot_half_from_avx512(w, x, 0, n, bf16, _mm512_setzero_ps(), _mm512_setzero_ps());
+}
+
+__attribute__((target(PECCA_F16_AVX512), always_inline))
 static inline void matvec_half_stream_avx512(const uint16_t *w, const float *x, float *out,
                                              long n, long r0, long r1, int bf16) {
     __m512 acc[2 * HALF_GROUP];
-    long n32 = n & ~31L;
-    /* rows of one chunk or less: at least PECCA_PF_AHEAD bytes ahead (pf_blocks_ahead) */
-    long ahead = n32 > HALF_CHUNK ? HALF_PF_PIECES : pf_blocks_ahead(2 * n);
-    if (ahead < HALF_PF_PIECES) ahead = HALF_PF_PIECES;
+    long n32 = n & ~31L, ahead = half_pieces_ahead(n, n32);
     for (long g = r0; g < r1; g += HALF_GROUP) {
         long ge = g + HALF_GROUP < r1 ? g + HALF_GROUP : r1;
         for (long i = g; i < ge; i++) acc[2 * (i - g)] = acc[2 * (i - g) + 1] = _mm512_setzero_ps();
@@ -358,18 +361,9 @@ static inline void matvec_half_stream_avx512(const uint16_t *w, const float *x, 
                 acc[2 * (i - g) + 1] = s1;
             }
         }
-        for (long i = g; i < ge; i++) {  /* dot_half_avx512's tail */
-            const uint16_t *wr = w + i * n;
-            __m512 s0 = acc[2 * (i - g)], s1 = acc[2 * (i - g) + 1];
-            long j = n32;
-            for (; j + 16 <= n; j += 16)
-                s0 = _mm512_fmadd_ps(load16_half_avx512(wr + j, bf16), _mm512_loadu_ps(x + j), s0);
-            if (j < n) {
-                __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
-                s1 = _mm512_fmadd_ps(load16m_half_avx512(m, wr + j, bf16), _mm512_maskz_loadu_ps(m, x + j), s1);
-            }
-            out[i] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-        }
+        for (long i = g; i < ge; i++)
+            out[i] = dot_half_from_avx512(w + i * n, x, n32, n, bf16, acc[2 * (i - g)],
+                                          acc[2 * (i - g) + 1]);
     }
 }
 

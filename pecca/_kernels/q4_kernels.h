@@ -1602,7 +1602,8 @@ static inline void q4_quad_store_vnni(int fmt, const uint16_t *sc, const int8_t 
 
 /* rows i..i+NR-1 (NR <= 4: one quad) x tokens t0..t0+NT-1 (NT <= 4: each load of a row's codes
  * serves them all), 4 blocks per step. pf > 0: prefetch the rows pfd quads ahead, pf - 1 lines
- * a step more than the step reads (and q4g's next scales and zero points). st: 4 G floats of scratch (q4g). */
+ * a step more than the step reads (and q4g's next scales and zero points). st: 4 G floats of
+ * scratch (q4g). */
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
 static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
                                 const int8_t *zp, long K, long G, const uint8_t *act, long ab,
