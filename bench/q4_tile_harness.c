@@ -23,6 +23,8 @@
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "q4_kernels.h"
@@ -83,7 +85,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     long G = fmt == Q4_FMT_G ? K / 128 : 1, rb = q4_row_bytes(fmt, K), bytes = nmat * N * rb;
-    uint8_t *W = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    /* on 2 MiB pages, as the model's weights are in the page cache's large folios (on 4 KB
+     * pages q4g 4096 x 4096 from DRAM ran at 39 Gweights/s at 1 thread against 47 on 2 MiB pages,
+     * Zen 4: the model decodes at the 2 MiB pages' rate) */
+    uint8_t *W = aligned_alloc(1 << 21, (bytes + (1 << 21) - 1) / (1 << 21) * (1 << 21));
+    madvise(W, (bytes + (1 << 21) - 1) / (1 << 21) * (1 << 21), MADV_HUGEPAGE);
     for (long i = 0; i < bytes; i++) W[i] = (uint8_t)rnd();
     if (fmt != Q4_FMT_G)  /* sane block scales (and Q4_1 minima) */
         for (long r = 0; r < nmat * N; r++)
