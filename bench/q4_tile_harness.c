@@ -53,6 +53,15 @@ typedef void (*rows_fn)(int fmt, const uint8_t *w, const uint16_t *sc, const int
                         long G, const uint8_t *act, long ab, long T, float *out, long ldo, long r0,
                         long r1, long pf1, float *st);
 
+/* the kernel, in the row layout, or in the quad layout with QUADS=1 in the environment (the same
+ * random bytes read as the other layout: timing only) */
+static int quads = 0;
+static void kernel_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp, long K,
+                        long G, const uint8_t *act, long ab, long T, float *out, long ldo, long r0,
+                        long r1, long pf1, float *st) {
+    q4_int8_rows_vnni(fmt, quads && fmt == Q4_FMT_G, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
+}
+
 /* every matrix once, rows split over nth threads as 4-row quads */
 static void sweep(rows_fn f, int fmt, const uint8_t *W, const uint16_t *sc, const int8_t *zp,
                   long N, long K, long G, long rb, const uint8_t *act, long ab, long T, float *out,
@@ -78,6 +87,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     int fmt = atoi(argv[1]), nth = getenv("NTH") ? atoi(getenv("NTH")) : 1;
+    quads = getenv("QUADS") ? atoi(getenv("QUADS")) : 0;
     long N = atol(argv[2]), K = atol(argv[3]), T = atol(argv[4]), nmat = atol(argv[5]);
     double secs = argc > 6 ? atof(argv[6]) : 1.0;
     if (K % (fmt == Q4_FMT_G ? 128 : 32) || N % 4 || T < 1 || nmat < 1 || nth < 1 || fmt < 0 || fmt > 2) {
@@ -112,7 +122,7 @@ int main(int argc, char **argv) {
     float *out[2] = {calloc(T * N, 4), calloc(T * N, 4)};
     long sts;  /* each thread's scratch on lines of its own, as the extension's */
     float *st = q4_thread_scratch(nth, G, &sts);
-    rows_fn fns[2] = {q4_int8_rows_vnni, NULL};
+    rows_fn fns[2] = {kernel_rows, NULL};
     const char *names[2] = {"kernel", "candidate"};
 #ifdef CAND
     fns[1] = cand_rows;

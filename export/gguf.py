@@ -208,6 +208,7 @@ class GGUFSource:
         self.tensors = {t.name: t for t in r.tensors}
         self.config = reader.read_config(path, meta, self.tensors)
         self.tied = "output.weight" not in self.tensors and "output.gptq_qs" not in self.tensors
+        self.q4g_quads = reader.q4g_quads(path, meta)
         self.name = meta.string("general.name", None) or os.path.splitext(os.path.basename(path))[0]
         model = meta.string("tokenizer.ggml.model", None)
         if model not in ("llama", "gpt2"):
@@ -278,5 +279,9 @@ class GGUFSource:
 
         part = {p: self.tensors[f"{base}.gptq_{p}"].data for p in ("qs", "scales", "zeros", "perm")
                 if f"{base}.gptq_{p}" in self.tensors}
-        return RawTensor(dequantize_q4g(part["qs"].view(np.uint8), part["scales"], part["zeros"],
-                                        part.get("perm")), "f32")
+        from pecca.formats.gguf import q4g_quads_fit
+
+        qs = part["qs"].view(np.uint8)
+        s = qs.shape[0] if qs.ndim == 3 else 1
+        quads = self.q4g_quads and q4g_quads_fit(qs.shape[-2], 2 * qs.shape[-1] * s, s)
+        return RawTensor(dequantize_q4g(qs, part["scales"], part["zeros"], part.get("perm"), quads), "f32")

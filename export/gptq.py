@@ -18,6 +18,12 @@ inputs j K/S .. (j + 1) K/S - 1 of the permuted order. A slice's rows are then o
 stream of K/S inputs: read from memory the products run 15-20% faster than over whole rows,
 whose strides the hardware prefetchers follow worse (docs/performance.md).
 
+Every matrix with rows in multiples of 4 and slices of a multiple of 128 inputs (all of them in
+Llama's shapes) is written in the quad layout (to_quads; metadata pecca.gptq.layout = "quads"):
+a slice's rows 4 at a time, the 4 rows' 64 code bytes of each 128 inputs side by side, so that
+the kernels' 4-row tiles read one stream instead of 4 (pecca._kernels.q4). Files without the
+key have every matrix in rows.
+
 Act-order: perm = argsort(g_idx, stable) puts each group's inputs together (exllama's
 make_sequential). ffn_down's permutation is folded into the rows that make its input: ffn_gate
 and ffn_up (quantized or not) are written with their rows in that order, so SwiGLU hands
@@ -36,7 +42,7 @@ import numpy as np
 from export.gguf import out_type, tensor_plan
 from export.hf import HFSource
 from pecca.errors import UnsupportedModelError
-from pecca.formats.gguf import Q4G_PARTS
+from pecca.formats.gguf import Q4G_LAYOUT, Q4G_PARTS, q4g_quads_fit
 from pecca.formats.gptq import GPTQCheckpoint, GPTQTensors, linear_shapes, q_k_heads
 from pecca.formats.hf import HF_NAMES, unpermute
 from pecca.formats.tensors import RawTensor, release_pages
@@ -174,10 +180,27 @@ def slice_columns(q: Q4G, s: int) -> Q4G:
     return Q4G(split(q.qs, half // s), scales, zeros, q.perm)
 
 
+def to_quads(qs: np.ndarray) -> np.ndarray:
+    """q4g codes (N, K/2), or (S, N, K/S/2), from the row layout to the quad layout (module
+    docstring; q4g_quads_fit)."""
+    n, half = qs.shape[-2:]
+    q = qs.reshape(qs.shape[:-2] + (n // 4, 4, half // 64, 64))
+    return np.ascontiguousarray(np.swapaxes(q, -3, -2)).reshape(qs.shape)
+
+
+def from_quads(qs: np.ndarray) -> np.ndarray:
+    """to_quads undone."""
+    n, half = qs.shape[-2:]
+    q = qs.reshape(qs.shape[:-2] + (n // 4, half // 64, 4, 64))
+    return np.ascontiguousarray(np.swapaxes(q, -3, -2)).reshape(qs.shape)
+
+
 def dequantize_q4g(qs: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
-                   perm: Optional[np.ndarray]) -> np.ndarray:
-    """float32 (N, K) of a q4g Linear (2-D, or 3-D column slices), inputs in their original
-    order (for tests and re-export)."""
+                   perm: Optional[np.ndarray], quads: bool = False) -> np.ndarray:
+    """float32 (N, K) of a q4g Linear (2-D, or 3-D column slices; quads: qs in the quad
+    layout), inputs in their original order (for tests and re-export)."""
+    if quads:
+        qs = from_quads(qs)
     if qs.ndim == 3:
         w_perm = np.concatenate([dequantize_q4g(*part, None) for part in zip(qs, scales, zeros)], axis=1)
         return _unpermute_inputs(w_perm, perm)
@@ -256,6 +279,7 @@ class GPTQSource(HFSource):
         w.add_bool("pecca.gptq.desc_act", q.desc_act)
         w.add_bool("pecca.gptq.sym", q.sym)
         w.add_string("pecca.gptq.source_format", q.format)
+        w.add_string(Q4G_LAYOUT, "quads")
 
     def tensor(self, name: str):
         fold = self._fold_rows(name)
@@ -287,7 +311,10 @@ class GPTQSource(HFSource):
                         np.ascontiguousarray(q.zeros[fold]), q.perm)
             elif what == "ffn_down" and q.perm is not None:  # its inputs come permuted
                 q = Q4G(q.qs, q.scales, q.zeros, None)
-            q = slice_columns(q, column_slices(m.shape[1], m.groups))
+            s = column_slices(m.shape[1], m.groups)
+            q = slice_columns(q, s)
+            if q4g_quads_fit(m.shape[0], m.shape[1], s):
+                q = Q4G(to_quads(q.qs), q.scales, q.zeros, q.perm)
             self._cache = (base, q)
             for a in (m.qweight, m.qzeros, m.scales):  # converted: out of this process's RSS
                 release_pages(a)

@@ -233,11 +233,14 @@ class Q4GLinear:
 
     Column slices (long rows, see export.gptq): qs (S, out_features, in_features / S / 2),
     scales and zeros (S, out_features, G), slice j holding inputs j K/S .. (j + 1) K/S - 1 (in
-    perm's order) with its own G groups; W is the slices side by side."""
+    perm's order) with its own G groups; W is the slices side by side. ``quads``: each slice's
+    codes in the quad layout (rows 4 at a time, their 64 bytes of each 128 inputs side by side;
+    pecca._kernels.q4), which needs out_features % 4 == 0 and (in_features / S) % 128 == 0."""
 
     kind = "gptq4"
 
-    def __init__(self, qs: np.ndarray, scales: np.ndarray, zeros: np.ndarray, perm=None):
+    def __init__(self, qs: np.ndarray, scales: np.ndarray, zeros: np.ndarray, perm=None,
+                 quads: bool = False):
         name = "Q4GLinear"
         sliced = isinstance(qs, np.ndarray) and qs.ndim == 3
         lead = (qs.shape[0],) if sliced else ()
@@ -258,10 +261,13 @@ class Q4GLinear:
         if perm is not None:
             _check_array(name, "perm", perm, np.int32, (k,))
             _check_permutation(name, "perm", perm, k)
+        if quads and (n % 4 or (2 * ks) % 128):
+            raise ValueError(f"{name}: the quad layout needs out_features % 4 == 0 and inputs per "
+                             f"slice % 128 == 0; got {n} and {2 * ks}")
         # the kernels take a sliced matrix as its slices' rows one after another (2-D views)
         self.qs, self.scales, self.zeros, self.perm = (qs.reshape(s * n, ks), scales.reshape(s * n, g),
                                                        zeros.reshape(s * n, g), perm)
-        self.slices = s
+        self.slices, self.quads = s, bool(quads)
         self._scale_bits = self.scales.view(np.uint16)
         self.group_size = 2 * ks // g
         self.out_features, self.in_features = n, k
@@ -270,7 +276,7 @@ class Q4GLinear:
     def __call__(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (out_features,) = W x, x (in_features,)"""
         q4.matvec_q4g(self.qs, self._scale_bits, self.zeros, self.perm, x, out, threads,
-                      self.float_act, self.slices)
+                      self.float_act, self.slices, self.quads)
 
     @staticmethod
     def many_plan(linears):
@@ -281,17 +287,18 @@ class Q4GLinear:
         first = linears[0]
         for lin in linears:
             if (lin.float_act or lin.group_size != first.group_size or first.group_size % 32
-                    or lin.slices != first.slices or (lin.perm is None) != (first.perm is None)
+                    or lin.slices != first.slices or lin.quads != first.quads
+                    or (lin.perm is None) != (first.perm is None)
                     or (lin.perm is not None and not np.array_equal(lin.perm, first.perm))):
                 return None
         return partial(q4.matvec_q4g_many, [lin.qs for lin in linears],
                        [lin._scale_bits for lin in linears], [lin.zeros for lin in linears],
-                       first.perm, slices=first.slices)
+                       first.perm, slices=first.slices, quads=first.quads)
 
     def batch(self, x: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """out (T, out_features) = x W^T, x (T, in_features): one token per row."""
         q4.matmul_q4g(self.qs, self._scale_bits, self.zeros, self.perm, x, out, threads,
-                      self.float_act, self.slices)
+                      self.float_act, self.slices, self.quads)
 
     @property
     def nbytes(self) -> int:

@@ -33,8 +33,8 @@ class NumpyQ4G(W.F32Linear):
     """Q4GLinear's contract through an exact NumPy dequantization (no 4-bit kernel)."""
     kind = "gptq4"
 
-    def __init__(self, qs, scales, zeros, perm=None):
-        super().__init__(dequantize_q4g(qs, scales, zeros, perm))
+    def __init__(self, qs, scales, zeros, perm=None, quads=False):
+        super().__init__(dequantize_q4g(qs, scales, zeros, perm, quads))
 
 
 class NumpyGPTQ(W.F32Linear):

@@ -12,6 +12,10 @@ Layouts (all read in place, e.g. from memory-maps; see q4_kernels.h for the deta
   slice; slice j's rows read inputs j K/S .. (j + 1) K/S - 1 (after perm). Each slice's rows are
   then one sequential stream over K/S inputs instead of a stride through the whole row, which
   the hardware prefetchers follow better (K >= 8192 from memory: 15-20% faster).
+  The quad layout (``quads=True``; N / S a multiple of 4, K / S of 128): each slice's rows in
+  quads of 4, a quad's 4 rows interleaved per 128 inputs (64 bytes each, rows 4q .. 4q + 3 side
+  by side), so that a 4-row tile reads one stream (``export.gptq.q4g_quads`` makes it). Same
+  results as the row layout of the same matrix, bit for bit (the float path reads it portably).
 - ``q4_0`` / ``q4_1``: GGUF Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles; w = d (q - 8)) and
   Q4_1 (20-byte blocks: f16 d, f16 m, nibbles; w = d q + m), uint8 (N, K/32*18 or 20).
 - ``gptq``: the native HF layout: ``qweight`` int32 (K/8, N), ``qzeros`` int32 (G, N/8) with
@@ -52,6 +56,7 @@ cdef long STEAL_MIN_BYTES = PECCA_STREAM_BYTES
 cdef int FMT_G = 0
 cdef int FMT_0 = 1
 cdef int FMT_1 = 2
+cdef int FMT_QUADS = 4  # added to FMT_G: q4g codes in the quad layout (q4_kernels.h)
 FORMAT_NAMES = ("q4g", "Q4_0", "Q4_1")
 
 
@@ -64,9 +69,9 @@ cdef inline int team(long rows, long work, int num_threads) noexcept nogil:
 cdef inline void prepare_one(int fmt, bint float_act, const float *x, const int32_t *perm,
                              float *work, uint8_t *act, long K, long G) noexcept nogil:
     if float_act:
-        q4_prepare_f32(fmt, x, perm, <float *>act, K, G)
+        q4_prepare_f32(fmt & ~FMT_QUADS, x, perm, <float *>act, K, G)
     else:
-        q4_prepare_int8(fmt, x, perm, work, act, K, G)
+        q4_prepare_int8(fmt & ~FMT_QUADS, x, perm, work, act, K, G)
 
 
 cdef void prepare_slices(int fmt, bint float_act, const float *x, const int32_t *perm,
@@ -145,7 +150,7 @@ cdef void rows_par(int fmt, bint float_act, const uint8_t *w, const uint16_t *sc
 
 cdef inline long row_bytes(int fmt, long K, long G) noexcept nogil:
     """Bytes of one row of K inputs (q4g: codes, f16 scales and int8 zeros of G groups)."""
-    if fmt == FMT_G:
+    if fmt & ~FMT_QUADS == FMT_G:
         return K // 2 + 3 * G
     return K // 32 * (18 if fmt == FMT_0 else 20)
 
@@ -259,12 +264,16 @@ cdef inline const int32_t *index_ptr(const int32_t[::1] idx) noexcept:
 
 
 cdef long check_q4g(str name, const uint8_t[:, ::1] qs, const uint16_t[:, ::1] scales,
-                    const int8_t[:, ::1] zeros, const int32_t[::1] perm, long slices) except -1:
+                    const int8_t[:, ::1] zeros, const int32_t[::1] perm, long slices,
+                    bint quads=False) except -1:
     """Validate a q4g matrix of `slices` column slices (module docstring); returns G, the
     groups of a slice's row. N = qs.shape[0] / slices, K = slices * 2 * qs.shape[1]."""
     cdef long R = qs.shape[0], Ks = 2 * qs.shape[1], G = scales.shape[1]
     if slices < 1 or R % slices != 0:
         raise ValueError(f"{name}: {R} qs rows are not {slices} column slices of equal height")
+    if quads and ((R // slices) % 4 != 0 or Ks % 128 != 0):
+        raise ValueError(f"{name}: the quad layout needs rows in multiples of 4 and K a multiple "
+                         f"of 128 per slice; got {R // slices} rows, K = {Ks}")
     if Ks % 32 != 0:
         raise ValueError(f"{name}: qs rows are {qs.shape[1]} bytes, so K = {Ks}, which is not a "
                          f"multiple of 32")
@@ -288,7 +297,8 @@ cdef long check_q4_blocks(str name, const uint8_t[:, ::1] blocks, long bb) excep
 
 def matvec_q4g(const uint8_t[:, ::1] qs, const uint16_t[:, ::1] scales_bits,
                const int8_t[:, ::1] zeros, const int32_t[::1] perm, const float[::1] x,
-               float[::1] out, int num_threads=1, bint float_act=False, long slices=1):
+               float[::1] out, int num_threads=1, bint float_act=False, long slices=1,
+               bint quads=False):
     """out = W @ x, W in q4g layout (module docstring).
 
     qs : IN (N, K/2) uint8 nibbles, K % 32 == 0 (column slices: (S N, K/S/2))
@@ -299,8 +309,9 @@ def matvec_q4g(const uint8_t[:, ::1] qs, const uint16_t[:, ::1] scales_bits,
     out : OUT (N,) float32, must not alias x
     float_act : use float activations (always the case when (K / S / G) % 32 != 0)
     slices : S, the column slices W is stored in (module docstring)
+    quads : qs in the quad layout (module docstring)
     """
-    cdef long G = check_q4g("matvec_q4g", qs, scales_bits, zeros, perm, slices)
+    cdef long G = check_q4g("matvec_q4g", qs, scales_bits, zeros, perm, slices, quads)
     cdef long N = qs.shape[0] // slices, K = 2 * qs.shape[1] * slices
     if x.shape[0] != K or out.shape[0] != N:
         raise ValueError(f"matvec_q4g: W is {N}x{K}, x has {x.shape[0]}, out has {out.shape[0]}")
@@ -309,19 +320,21 @@ def matvec_q4g(const uint8_t[:, ::1] qs, const uint16_t[:, ::1] scales_bits,
     if K == 0:
         out[:] = 0
         return
-    run(FMT_G, float_act or (K // slices // G) % 32 != 0, &qs[0, 0], &scales_bits[0, 0],
-        &zeros[0, 0], index_ptr(perm), &x[0], &out[0], N, K, G, 1, num_threads, slices)
+    run(FMT_G | (FMT_QUADS if quads else 0), float_act or (K // slices // G) % 32 != 0, &qs[0, 0],
+        &scales_bits[0, 0], &zeros[0, 0], index_ptr(perm), &x[0], &out[0], N, K, G, 1,
+        num_threads, slices)
 
 
 def matmul_q4g(const uint8_t[:, ::1] qs, const uint16_t[:, ::1] scales_bits,
                const int8_t[:, ::1] zeros, const int32_t[::1] perm, const float[:, ::1] x,
-               float[:, ::1] out, int num_threads=1, bint float_act=False, long slices=1):
+               float[:, ::1] out, int num_threads=1, bint float_act=False, long slices=1,
+               bint quads=False):
     """out = x @ W.T, W in q4g layout: the products of all T tokens of a batch.
 
     x : IN (T, K) float32, one token per row; out : OUT (T, N) float32, must not alias x.
     The rest as matvec_q4g. Each row of out equals matvec_q4g of that token bit for bit.
     """
-    cdef long G = check_q4g("matmul_q4g", qs, scales_bits, zeros, perm, slices)
+    cdef long G = check_q4g("matmul_q4g", qs, scales_bits, zeros, perm, slices, quads)
     cdef long N = qs.shape[0] // slices, K = 2 * qs.shape[1] * slices, T = x.shape[0]
     if x.shape[1] != K or out.shape[0] != T or out.shape[1] != N:
         raise ValueError(f"matmul_q4g: W is {N}x{K}, x is {T}x{x.shape[1]}, "
@@ -331,8 +344,9 @@ def matmul_q4g(const uint8_t[:, ::1] qs, const uint16_t[:, ::1] scales_bits,
     if K == 0:
         out[:, :] = 0
         return
-    run(FMT_G, float_act or (K // slices // G) % 32 != 0, &qs[0, 0], &scales_bits[0, 0],
-        &zeros[0, 0], index_ptr(perm), &x[0, 0], &out[0, 0], N, K, G, T, num_threads, slices)
+    run(FMT_G | (FMT_QUADS if quads else 0), float_act or (K // slices // G) % 32 != 0, &qs[0, 0],
+        &scales_bits[0, 0], &zeros[0, 0], index_ptr(perm), &x[0, 0], &out[0, 0], N, K, G, T,
+        num_threads, slices)
 
 
 cdef blocks_product(str name, int fmt, const uint8_t[:, ::1] blocks, const float *x, long T,
@@ -505,7 +519,7 @@ def matvec_q4_1_many(ws, const float[::1] x, outs, int num_threads=1):
 
 
 def matvec_q4g_many(qss, scales_bits, zeross, const int32_t[::1] perm, const float[::1] x, outs,
-                    int num_threads=1, long slices=1):
+                    int num_threads=1, long slices=1, bint quads=False):
     """outs[i] = W_i @ x for 1..4 q4g matrices with the same input, the same groups per row
     (a multiple of 32 inputs each), the same perm (None / empty for none) and the same column
     slices: a layer's q, k and v, or its gate and up, of a GPTQ act-order checkpoint, whose input
@@ -526,7 +540,7 @@ def matvec_q4g_many(qss, scales_bits, zeross, const int32_t[::1] perm, const flo
     cdef float[::1] o
     for m in range(nm):
         qs, sc, zp, o = qss[m], scales_bits[m], zeross[m], outs[m]
-        g = check_q4g(name, qs, sc, zp, None, slices)
+        g = check_q4g(name, qs, sc, zp, None, slices, quads)
         if 2 * qs.shape[1] * slices != K or o.shape[0] * slices != qs.shape[0] or (m > 0 and g != G):
             raise ValueError(f"{name}: matrix {m} is {qs.shape[0] // slices}x"
                              f"{2 * qs.shape[1] * slices} with {g} groups per slice, x has {K}, "
@@ -548,8 +562,8 @@ def matvec_q4g_many(qss, scales_bits, zeross, const int32_t[::1] perm, const flo
         for m in range(nm):
             outs[m][:] = 0
         return
-    int8_many(FMT_G, nm, wp, scp, zpp, nrow, K, G, index_ptr(perm), &x[0], op, num_threads,
-              slices)
+    int8_many(FMT_G | (FMT_QUADS if quads else 0), nm, wp, scp, zpp, nrow, K, G, index_ptr(perm),
+              &x[0], op, num_threads, slices)
 
 
 cdef gptq_product(str name, const int32_t[:, ::1] qweight, const int32_t[:, ::1] qzeros,

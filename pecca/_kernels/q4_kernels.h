@@ -125,6 +125,8 @@
 #define Q4_FMT_G 0
 #define Q4_FMT_0 1
 #define Q4_FMT_1 2
+/* added to Q4_FMT_G by the callers of q4_int8_rows / q4_f32_rows: the quad layout (below) */
+#define Q4_FMT_QUADS 4
 
 /* q4g scales within a SIMD step: one group for the whole step (W), one group per block (1),
  * anything else (X, looked up block by block). */
@@ -142,6 +144,20 @@ static inline long q4_row_bytes(int fmt, long K) { return K / Q4_QK * q4_block_b
 static inline long q4_code_offset(int fmt) { return fmt == Q4_FMT_G ? 0 : (fmt == Q4_FMT_0 ? 2 : 4); }
 
 static inline long q4_padded(long K) { return (K + Q4_STEP - 1) / Q4_STEP * Q4_STEP; }
+
+/* q4g's two layouts of the codes. rows: row r's bytes at r rb (rb = K / 2). quads (N % 4 == 0,
+ * K % 128 == 0): the rows 4 at a time, and within a quad its 4 rows' 64 code bytes of step s
+ * (inputs 128 s .. 128 s + 127) side by side at 256 s: a 4-row tile then reads one contiguous
+ * stream instead of 4 rows 2 KB apart (harness, Zen 4, q4g 4096 x 4096 from DRAM: +7-9% at 1
+ * thread, +4-14% at 2). Either way a row's step s is at q4g_row(...) + s * q4g_step_stride(quad)
+ * and its block b at q4g_row(...) + q4g_block_off(quad, b). */
+static inline long q4g_step_stride(int quad) { return quad ? 256 : 64; }
+
+static inline const uint8_t *q4g_row(const uint8_t *w, long r, long rb, int quad) {
+    return quad ? w + (r & ~3L) * rb + (r & 3) * 64 : w + r * rb;
+}
+
+static inline long q4g_block_off(int quad, long b) { return (b >> 2) * q4g_step_stride(quad) + (b & 3) * 16; }
 
 static inline uint16_t q4_u16(const uint8_t *p) {
     uint16_t h;
@@ -431,7 +447,7 @@ static inline int32_t q4_xa(const int8_t *qa, long b, int j) {
     return 256 * (int32_t)s[0] + (int32_t)s[128];
 }
 
-static float q4_int8_dot_portable(int fmt, const uint8_t *wr, const uint16_t *sr,
+static float q4_int8_dot_portable(int fmt, int quad, const uint8_t *wr, const uint16_t *sr,
                                   const int8_t *zr, long K, long G, const uint8_t *act) {
     long Kp = q4_padded(K), nb = K / Q4_QK;
     const int8_t *qa = (const int8_t *)act;
@@ -444,7 +460,7 @@ static float q4_int8_dot_portable(int fmt, const uint8_t *wr, const uint16_t *sr
             float gsum = 0.0f;
             for (long b = g * bpg; b < (g + 1) * bpg; b++) {
                 int32_t dot = 0;
-                for (int j = 0; j < Q4_QK; j++) dot += q4_nib(wr + 16 * b, j) * q4_xa(qa, b, j);
+                for (int j = 0; j < Q4_QK; j++) dot += q4_nib(wr + q4g_block_off(quad, b), j) * q4_xa(qa, b, j);
                 float p = (float)dot * sx4[4 * b];
                 gsum += p;
             }
@@ -477,7 +493,7 @@ static float q4_int8_dot_portable(int fmt, const uint8_t *wr, const uint16_t *sr
     return val;
 }
 
-static float q4_f32_dot_portable(int fmt, const uint8_t *wr, const uint16_t *sr,
+static float q4_f32_dot_portable(int fmt, int quad, const uint8_t *wr, const uint16_t *sr,
                                  const int8_t *zr, long K, long G, const float *act) {
     const float *x = act, *sums = act + K;
     float val = 0.0f;
@@ -486,7 +502,7 @@ static float q4_f32_dot_portable(int fmt, const uint8_t *wr, const uint16_t *sr,
         for (long g = 0; g < G; g++) {
             float gsum = 0.0f;
             for (long i = g * gs; i < (g + 1) * gs; i++) {
-                float p = (float)q4_nib(wr + 16 * (i / Q4_QK), (int)(i % Q4_QK)) * x[i];
+                float p = (float)q4_nib(wr + q4g_block_off(quad, i / Q4_QK), (int)(i % Q4_QK)) * x[i];
                 gsum += p;
             }
             float c = (float)zr[g] * sums[g];
@@ -516,7 +532,7 @@ static float q4_f32_dot_portable(int fmt, const uint8_t *wr, const uint16_t *sr,
 
 /* Rows [r0, r1) against T prepared tokens (act + t * ab); out (T, ldo). Blocks of 4 rows meet
  * every token in turn, as the SIMD paths do. */
-static void q4_rows_portable(int fmt, int float_act, const uint8_t *w, const uint16_t *sc,
+static void q4_rows_portable(int fmt, int quad, int float_act, const uint8_t *w, const uint16_t *sc,
                              const int8_t *zp, long K, long G, const uint8_t *act, long ab,
                              long T, float *out, long ldo, long r0, long r1) {
     long rb = q4_row_bytes(fmt, K);
@@ -526,9 +542,10 @@ static void q4_rows_portable(int fmt, int float_act, const uint8_t *w, const uin
             for (long i = r; i < re; i++) {
                 const uint16_t *sr = fmt == Q4_FMT_G ? sc + i * G : NULL;
                 const int8_t *zr = fmt == Q4_FMT_G ? zp + i * G : NULL;
+                const uint8_t *wr = fmt == Q4_FMT_G ? q4g_row(w, i, rb, quad) : w + i * rb;
                 out[t * ldo + i] = float_act
-                    ? q4_f32_dot_portable(fmt, w + i * rb, sr, zr, K, G, (const float *)(act + t * ab))
-                    : q4_int8_dot_portable(fmt, w + i * rb, sr, zr, K, G, act + t * ab);
+                    ? q4_f32_dot_portable(fmt, quad, wr, sr, zr, K, G, (const float *)(act + t * ab))
+                    : q4_int8_dot_portable(fmt, quad, wr, sr, zr, K, G, act + t * ab);
             }
     }
 }
@@ -699,7 +716,7 @@ static inline __m256 q4_pairh_avx2(uint16_t a, uint16_t b) {
 /* rows i..i+NR-1 (NR = 4, 2 or 1; a lone row is paired with nothing) against one prepared token,
  * prefetching the next NR rows when pf */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline void q4_mv_avx2(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
+static inline void q4_mv_avx2(int fmt, int sf, int quad, const uint8_t *w, const uint16_t *sc,
                               const int8_t *zp, long K, long G, const uint8_t *act, float *out,
                               long i, int NR, int pf) {
     long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
@@ -707,7 +724,8 @@ static inline void q4_mv_avx2(int fmt, int sf, const uint8_t *w, const uint16_t 
     const int8_t *qa = (const int8_t *)act;
     const float *sx4 = (const float *)(act + Q4_A_SX(Kp)), *xs4 = (const float *)(act + Q4_A_EXT(Kp));
     const uint8_t *ext = act + Q4_A_EXT(Kp);
-    const uint8_t *w0 = w + i * rb, *w1 = w0 + rb, *w2 = w1 + rb, *w3 = w2 + rb;
+    const long rs = quad ? 64 : rb;  /* row i + 1 from row i (i % 4 == 0 in quads) */
+    const uint8_t *w0 = w + i * rb, *w1 = w0 + rs, *w2 = w1 + rs, *w3 = w2 + rs;
     const uint16_t *s0 = NULL, *s1 = NULL, *s2 = NULL, *s3 = NULL;
     if (fmt == Q4_FMT_G) {
         s0 = sc + i * G;
@@ -722,8 +740,8 @@ static inline void q4_mv_avx2(int fmt, int sf, const uint8_t *w, const uint16_t 
     __m256 swp0 = _mm256_setzero_ps(), swp1 = _mm256_setzero_ps();
     for (long s = 0; 2 * s < nb; s++) {
         const int two = 2 * s + 1 < nb;
-        const long o = 2 * bb * s;
-        if (pf) prefetch_lines(next + NR * o, lines);
+        const long o = quad ? 256 * (s >> 1) + 32 * (s & 1) : 2 * bb * s;  /* a row's step s */
+        if (pf) prefetch_lines(next + NR * 2 * bb * s, lines);
         if (fmt == Q4_FMT_G) q8_groups_next(bpg, &g, &k, &ga, &gb);
         __m256 sx = _mm256_loadu_ps(sx4 + 8 * s), xs2 = _mm256_setzero_ps();
         if (fmt == Q4_FMT_1) xs2 = _mm256_add_ps(_mm256_loadu_ps(xs4 + 8 * s), _mm256_loadu_ps(xs4 + 8 * s));
@@ -810,7 +828,7 @@ static void q4_prep_pair_avx2(int fmt, const uint8_t *a, const uint8_t *b, long 
 /* steps [s0, s1) of rows i..i+NR-1 against token pairs 0..NP-1 (at xb, pair stride xstride),
  * accumulators in accb[r][j] (8 floats each, kept across chunks) */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline void q4_tile16_avx2(int fmt, int sf, const uint8_t *w, const uint16_t *sc, long K,
+static inline void q4_tile16_avx2(int fmt, int sf, int quad, const uint8_t *w, const uint16_t *sc, long K,
                                   long G, const uint8_t *xb, long xstride, float *accb, long i,
                                   long s0, long s1, int NR, int NP) {
     long nb = K / Q4_QK, bpg = fmt == Q4_FMT_G ? nb / G : 1;
@@ -825,7 +843,8 @@ static inline void q4_tile16_avx2(int fmt, int sf, const uint8_t *w, const uint1
         if (fmt == Q4_FMT_G) q8_groups_next(bpg, &g, &k, &ga, &gb);
         for (int r = 0; r < NR; r++) {
             __m256 sw, sm = _mm256_setzero_ps();
-            __m256i v = q4_wstep_avx2(fmt, sf, w + (i + r) * rb + 2 * bb * s,
+            __m256i v = q4_wstep_avx2(fmt, sf, fmt == Q4_FMT_G ? q4g_row(w, i + r, rb, quad) + q4g_block_off(quad, 2 * s)
+                                                           : w + (i + r) * rb + 2 * bb * s,
                                       fmt == Q4_FMT_G ? sc + (i + r) * G : NULL, ga, gb, two, &sw, &sm);
             __m256i c[4];
             c[0] = _mm256_and_si256(v, m4);
@@ -860,7 +879,7 @@ static inline void q4_tile16_avx2(int fmt, int sf, const uint8_t *w, const uint1
  * of Q4_AVX2_KC steps (that x stays in L1 while the panel's rows pass) and panels of
  * Q4_AVX2_PANEL rows (in L2 while every group of tokens passes). */
 __attribute__((target(PECCA_Q4_AVX2), always_inline))
-static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
+static inline void q4_gemm_avx2(int fmt, int sf, int quad, const uint8_t *w, const uint16_t *sc,
                                 const int8_t *zp, long K, long G, const uint8_t *act, long ab,
                                 long T, float *out, long ldo, long r0, long r1, long pf1) {
     long nb = K / Q4_QK, Kp = q4_padded(K), ns = (nb + 1) / 2, xstride = ns * Q4_XP(fmt);
@@ -870,9 +889,10 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
         for (long t = 0; t < T; t++) {
             long i = r0;
             for (; i + 4 <= r1; i += 4)
-                q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 4, i + 8 <= pf1);
-            for (; i + 2 <= r1; i += 2) q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 2, 0);
-            for (; i < r1; i++) q4_mv_avx2(fmt, sf, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 1, 0);
+                q4_mv_avx2(fmt, sf, quad, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 4, i + 8 <= pf1);
+            /* (no rows are left in quads: r1 - r0 is a multiple of 4 there) */
+            for (; i + 2 <= r1; i += 2) q4_mv_avx2(fmt, sf, quad, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 2, 0);
+            for (; i < r1; i++) q4_mv_avx2(fmt, sf, quad, w, sc, zp, K, G, act + t * ab, out + t * ldo, i, 1, 0);
         }
         return;
     }
@@ -888,7 +908,7 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
             for (long c0 = 0; c0 < ns; c0 += Q4_AVX2_KC) {
                 long c1 = c0 + Q4_AVX2_KC < ns ? c0 + Q4_AVX2_KC : ns;
                 long i = p0, q = 0;
-#define Q4_TILE(NR, N) q4_tile16_avx2(fmt, sf, w, sc, K, G, xt, xstride, accb[q], i, c0, c1, NR, N)
+#define Q4_TILE(NR, N) q4_tile16_avx2(fmt, sf, quad, w, sc, K, G, xt, xstride, accb[q], i, c0, c1, NR, N)
 #define Q4_TILES(NR) switch (NP) { \
                     case 8: Q4_TILE(NR, Q4_MIN_TP(8)); break; case 7: Q4_TILE(NR, Q4_MIN_TP(7)); break; \
                     case 6: Q4_TILE(NR, Q4_MIN_TP(6)); break; case 5: Q4_TILE(NR, Q4_MIN_TP(5)); break; \
@@ -924,13 +944,15 @@ static inline void q4_gemm_avx2(int fmt, int sf, const uint8_t *w, const uint16_
 }
 
 __attribute__((target(PECCA_Q4_AVX2)))
-static void q4_int8_rows_avx2(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
+static void q4_int8_rows_avx2(int fmt, int quad, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                               long K, long G, const uint8_t *act, long ab, long T, float *out,
                               long ldo, long r0, long r1, long pf1) {
-    if (fmt == Q4_FMT_0) q4_gemm_avx2(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
-    else if (fmt == Q4_FMT_1) q4_gemm_avx2(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
-    else if ((K / Q4_QK / G) % 2 == 0) q4_gemm_avx2(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
-    else q4_gemm_avx2(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
+    if (fmt == Q4_FMT_0) q4_gemm_avx2(Q4_FMT_0, Q4_SF_X, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
+    else if (fmt == Q4_FMT_1) q4_gemm_avx2(Q4_FMT_1, Q4_SF_X, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
+    else if ((K / Q4_QK / G) % 2 == 0) {
+        if (quad) q4_gemm_avx2(Q4_FMT_G, Q4_SF_W, 1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
+        else q4_gemm_avx2(Q4_FMT_G, Q4_SF_W, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
+    } else q4_gemm_avx2(Q4_FMT_G, Q4_SF_X, quad, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
 }
 
 /* float path, q4g row: acc - s_g z_g X_g for the groups g < G rounded down to 8 (lane g % 8),
@@ -1605,12 +1627,13 @@ static inline void q4_quad_store_vnni(int fmt, const uint16_t *sc, const int8_t 
  * a step more than the step reads (and q4g's next scales and zero points). st: 4 G floats of
  * scratch (q4g). */
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
-static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
+static inline void q4_tile_vnni(int fmt, int sf, int quad, const uint8_t *w, const uint16_t *sc,
                                 const int8_t *zp, long K, long G, const uint8_t *act, long ab,
                                 float *out, long ldo, long i, long t0, int NR, int NT, int pf,
                                 int pfd, float *st) {
     long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
     long bb = q4_block_bytes(fmt), sb = 4 * bb, rb = nb * bb;
+    const long rs = quad ? 64 : rb, ss = quad ? 256 : sb;  /* row i + j: i rb + j rs; step s: + s ss */
     const __m512i iq = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_q1 : q4_idx_q0);
     const __m512i ir = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_r1 : q4_idx_r0);
     const __m512i ibc = _mm512_loadu_si512(q4_idx_bc);
@@ -1641,7 +1664,7 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
         for (int j = 0; j < 4; j++) {
             lo[j] = hi[j] = z0[j] = is[j] = _mm512_setzero_si512();
             if (j < NR) {
-                q4_wload_vnni(fmt, w + (i + j) * rb + sb * s, nbk, iq, &lo[j], &hi[j], &z0[j]);
+                q4_wload_vnni(fmt, w + i * rb + j * rs + ss * s, nbk, iq, &lo[j], &hi[j], &z0[j]);
                 if (NT == 1) is[j] = q4_dot_vnni(lo[j], hi[j], at[0] + Q4_ASTEP * s);
             }
         }
@@ -1685,7 +1708,7 @@ static inline void q4_tile_vnni(int fmt, int sf, const uint8_t *w, const uint16_
  * +7%, Q4_1 +12%, q4g +3%; 4096 x 14336 +3%, 8192 x 8192 +4%); 1 quad, or 4 quads in chunks of
  * 4, less so. */
 __attribute__((target(PECCA_Q4_VNNI), noinline))
-static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
+static int q4_mv_chunked_vnni(int fmt, int sf, int quad, const uint8_t *w, const uint16_t *sc,
                               const int8_t *zp, long K, long G, const uint8_t *a, float *out,
                               long r0, long r1, long pf1) {
     float *st = NULL;
@@ -1693,6 +1716,7 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
         return 0;
     long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
     long bb = q4_block_bytes(fmt), sb = 4 * bb, rb = nb * bb, ns = (nb + 3) / 4;
+    const long rs = quad ? 64 : rb, ss = quad ? 256 : sb;  /* as in q4_tile_vnni */
     const __m512i iq = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_q1 : q4_idx_q0);
     const __m512i ir = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_r1 : q4_idx_r0);
     const __m512i ibc = _mm512_loadu_si512(q4_idx_bc);
@@ -1732,7 +1756,7 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
                     PECCA_Q4_UNROLL
                     for (int j = 0; j < 4; j++) {
                         z0[j] = _mm512_setzero_si512();
-                        q4_wload_vnni(fmt, wq + j * rb + sb * s, nbk, iq, &lo[j], &hi[j], &z0[j]);
+                        q4_wload_vnni(fmt, wq + j * rs + ss * s, nbk, iq, &lo[j], &hi[j], &z0[j]);
                         is[j] = q4_dot_vnni(lo[j], hi[j], a + Q4_ASTEP * s);
                     }
                     /* a chunk's first step loads its group's scale, which the tile kept from an
@@ -1751,15 +1775,15 @@ static int q4_mv_chunked_vnni(int fmt, int sf, const uint8_t *w, const uint16_t 
 }
 
 __attribute__((target(PECCA_Q4_VNNI), always_inline))
-static inline void q4_gemm_vnni(int fmt, int sf, const uint8_t *w, const uint16_t *sc,
+static inline void q4_gemm_vnni(int fmt, int sf, int quad, const uint8_t *w, const uint16_t *sc,
                                 const int8_t *zp, long K, long G, const uint8_t *act, long ab,
                                 long T, float *out, long ldo, long r0, long r1, long pf1,
                                 float *st) {
 #define Q4_TILE(i, t, NR, NT, pf, pfd) \
-    q4_tile_vnni(fmt, sf, w, sc, zp, K, G, act, ab, out, ldo, i, t, NR, NT, pf, pfd, st)
+    q4_tile_vnni(fmt, sf, quad, w, sc, zp, K, G, act, ab, out, ldo, i, t, NR, NT, pf, pfd, st)
     if (T == 1) {  /* 4 rows at a time, the next ones prefetched Q4_PF_QUADS quads ahead */
         long i = r0;
-        if (K >= Q4_MV_CHUNK_K && q4_mv_chunked_vnni(fmt, sf, w, sc, zp, K, G, act, out, r0,
+        if (K >= Q4_MV_CHUNK_K && q4_mv_chunked_vnni(fmt, sf, quad, w, sc, zp, K, G, act, out, r0,
                                                      r0 + (r1 - r0) / 4 * 4, pf1))
             i = r0 + (r1 - r0) / 4 * 4;
         const int pf = (r1 - r0) * (K / Q4_QK) * q4_block_bytes(fmt) >= PECCA_STREAM_BYTES ? 1 + Q4_PF_EXTRA : 1;
@@ -1787,15 +1811,17 @@ static inline void q4_gemm_vnni(int fmt, int sf, const uint8_t *w, const uint16_
 }
 
 __attribute__((target(PECCA_Q4_VNNI)))
-static void q4_int8_rows_vnni(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
+static void q4_int8_rows_vnni(int fmt, int quad, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                               long K, long G, const uint8_t *act, long ab, long T, float *out,
                               long ldo, long r0, long r1, long pf1, float *st) {
     long bpg = K / Q4_QK / G;
-    if (fmt == Q4_FMT_0) q4_gemm_vnni(Q4_FMT_0, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
-    else if (fmt == Q4_FMT_1) q4_gemm_vnni(Q4_FMT_1, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
-    else if (bpg % 4 == 0) q4_gemm_vnni(Q4_FMT_G, Q4_SF_W, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
-    else if (bpg == 1) q4_gemm_vnni(Q4_FMT_G, Q4_SF_1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
-    else q4_gemm_vnni(Q4_FMT_G, Q4_SF_X, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st);
+#define Q4_GEMM(F, SF, Q) q4_gemm_vnni(F, SF, Q, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st)
+    if (fmt == Q4_FMT_0) Q4_GEMM(Q4_FMT_0, Q4_SF_X, 0);
+    else if (fmt == Q4_FMT_1) Q4_GEMM(Q4_FMT_1, Q4_SF_X, 0);
+    else if (bpg % 4 == 0) { if (quad) Q4_GEMM(Q4_FMT_G, Q4_SF_W, 1); else Q4_GEMM(Q4_FMT_G, Q4_SF_W, 0); }
+    else if (bpg == 1) { if (quad) Q4_GEMM(Q4_FMT_G, Q4_SF_1, 1); else Q4_GEMM(Q4_FMT_G, Q4_SF_1, 0); }
+    else { if (quad) Q4_GEMM(Q4_FMT_G, Q4_SF_X, 1); else Q4_GEMM(Q4_FMT_G, Q4_SF_X, 0); }
+#undef Q4_GEMM
 }
 #endif /* PECCA_X86 */
 
@@ -1823,18 +1849,24 @@ static float *q4_thread_scratch(int nt, long G, long *stride) {
 static void q4_int8_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                          long K, long G, const uint8_t *act, long ab, long T, float *out,
                          long ldo, long r0, long r1, long pf1, float *scratch) {
+    int quad = (fmt & Q4_FMT_QUADS) != 0;
+    fmt &= ~Q4_FMT_QUADS;
 #if PECCA_X86
     int level = q8_kernel_level();
-    if (level == 2) { q4_int8_rows_vnni(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, scratch); return; }
-    if (level == 1) { q4_int8_rows_avx2(fmt, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1); return; }
+    if (level == 2) { q4_int8_rows_vnni(fmt, quad, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, scratch); return; }
+    if (level == 1) { q4_int8_rows_avx2(fmt, quad, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1); return; }
 #endif
-    q4_rows_portable(fmt, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+    q4_rows_portable(fmt, quad, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
 }
 
 /* As q4_int8_rows with tokens prepared by q4_prepare_f32 (ab in bytes). q4g: any gs. */
 static void q4_f32_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                         long K, long G, const uint8_t *act, long ab, long T, float *out,
                         long ldo, long r0, long r1) {
+    if (fmt & Q4_FMT_QUADS) {  /* the float path (a check of the int8 one) reads quads portably */
+        q4_rows_portable(fmt & ~Q4_FMT_QUADS, 1, 1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+        return;
+    }
 #if PECCA_X86
     int level = pecca_simd_level();
     if (level == PECCA_SIMD_AVX512 && (fmt != Q4_FMT_G || (K / G) % Q4_QK == 0)) {
@@ -1846,7 +1878,7 @@ static void q4_f32_rows(int fmt, const uint8_t *w, const uint16_t *sc, const int
         return;
     }
 #endif
-    q4_rows_portable(fmt, 1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
+    q4_rows_portable(fmt, 0, 1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1);
 }
 
 /* gptq: columns [8 u0, 8 u1) of out (T, ldo) for tokens x (T, K) with xsum and xk (T, G) and

@@ -118,7 +118,7 @@ def read(path: str) -> LoadedModel:
     tensors = {t.name: t for t in reader.tensors}  # names unique, byte ranges checked by gguf_file
     size = os.path.getsize(path)
     config = read_config(path, meta, tensors)
-    weights = read_weights(path, config, tensors)
+    weights = read_weights(path, config, tensors, q4g_quads(path, meta))
     from pecca.tokenizers.gguf_vocab import tokenizer_from_gguf
 
     tokenizer = tokenizer_from_gguf(path, meta)
@@ -260,7 +260,8 @@ def _embedding(path, t, shape):
                                 "GGUF weights")
 
 
-def read_weights(path, c: ModelConfig, tensors) -> Weights:
+def read_weights(path, c: ModelConfig, tensors, quads: bool = False) -> Weights:
+    """quads: the file stores its q4g matrices that fit the quad layout in it (q4g_quads)."""
     def need(name):
         t = tensors.get(name)
         if t is None:
@@ -269,7 +270,7 @@ def read_weights(path, c: ModelConfig, tensors) -> Weights:
 
     def lin(base, shape):  # pecca's GPTQ tensors, else a .weight of any type
         if base + ".gptq_qs" in tensors:
-            return _q4g_linear(path, tensors, base, shape)
+            return _q4g_linear(path, tensors, base, shape, quads)
         return _linear(path, need(base + ".weight"), shape)
 
     d, h, kv, V = c.dim, c.hidden_dim, c.kv_dim, c.vocab_size
@@ -300,8 +301,27 @@ Q4G_PARTS = {"qs": ("I32", lambda n, k, g, s: (s, n, k // s // 8) if s > 1 else 
              "perm": ("I32", lambda n, k, g, s: (k,))}
 
 
-def _q4g_linear(path, tensors, base, shape):
-    """Q4GLinear over a module's gptq_qs / gptq_scales / gptq_zeros (/ gptq_perm), checked."""
+# how a file lays out its q4g codes (pecca._kernels.q4): "quads" (export.gptq writes every matrix
+# that q4g_quads_fit in it) or "rows" (the key absent: files written before the quad layout)
+Q4G_LAYOUT = "pecca.gptq.layout"
+
+
+def q4g_quads_fit(n: int, k: int, s: int) -> bool:
+    """Whether a q4g matrix of n rows, k inputs and s column slices can take the quad layout."""
+    return n % 4 == 0 and (k // s) % 128 == 0
+
+
+def q4g_quads(path, meta: Metadata) -> bool:
+    """Whether the file's q4g matrices that fit the quad layout are stored in it."""
+    layout = meta.string(Q4G_LAYOUT, "rows")
+    if layout not in ("rows", "quads"):
+        raise ModelFormatError(f"{path}: {Q4G_LAYOUT} is {layout!r}, expected 'rows' or 'quads'")
+    return layout == "quads"
+
+
+def _q4g_linear(path, tensors, base, shape, quads=False):
+    """Q4GLinear over a module's gptq_qs / gptq_scales / gptq_zeros (/ gptq_perm), checked;
+    quads: the file's q4g_quads."""
     from pecca.weights import Q4GLinear
 
     n, k = shape
@@ -324,7 +344,8 @@ def _q4g_linear(path, tensors, base, shape):
                                    f"expected {kind} {list(want)}")
         parts[part] = t.data
     try:
-        return Q4GLinear(parts["qs"].view(np.uint8), parts["scales"], parts["zeros"], parts.get("perm"))
+        return Q4GLinear(parts["qs"].view(np.uint8), parts["scales"], parts["zeros"], parts.get("perm"),
+                         quads=quads and q4g_quads_fit(n, k, s))
     except ValueError as e:
         raise ModelFormatError(f"{path}: {base}: {e}") from None
 

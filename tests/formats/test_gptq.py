@@ -9,8 +9,8 @@ import pytest
 
 import pecca
 from export import export, open_source
-from export.gptq import (Q4G_BLOCK, column_slices, dequantize, dequantize_q4g, repack, slice_columns,
-                         unpack_codes, unpack_zeros)
+from export.gptq import (Q4G_BLOCK, column_slices, dequantize, dequantize_q4g, from_quads, repack, slice_columns,
+                         to_quads, unpack_codes, unpack_zeros)
 from gptq_helpers import (HAVE_KERNELS, STORIES, assert_routes_agree, bench_script, checkpoints, set_float_act,
                           use_numpy_linears)
 from pecca.errors import ModelFormatError, UnsupportedModelError
@@ -323,7 +323,11 @@ def test_gguf_metadata_and_info(variant, tmp_path):
     assert names["token_embd.weight"].tensor_type.name == "F16"  # the default for GPTQ's others
     meta = {k: r.fields[k].contents() for k in r.fields if k.startswith("pecca.gptq")}
     assert meta == {"pecca.gptq.bits": 4, "pecca.gptq.group_size": 32, "pecca.gptq.desc_act": True,
-                    "pecca.gptq.sym": False, "pecca.gptq.source_format": "gptq"}
+                    "pecca.gptq.sym": False, "pecca.gptq.source_format": "gptq",
+                    "pecca.gptq.layout": "quads"}
+    # every matrix here has rows of 64 or 192 inputs, not whole steps of 128: all in rows
+    layer = pecca.load(str(out)).loaded.weights.layers[0]
+    assert not any(getattr(layer, n).quads for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
     for path in (out, src):
         info = pecca.load(str(path)).info()
         assert info["precision"] == "gptq4"
@@ -446,3 +450,54 @@ def test_random_checkpoints_gguf_equals_directory(tmp_path, group_size, fmt, hid
         for m in (a, b):
             set_float_act(m, True)
             assert np.abs(m.model.logits_all(ids) - la).max() <= 1e-3 * ref
+
+
+def test_to_quads_and_back():
+    """to_quads puts a quad's 4 rows' 64 bytes of each step side by side (2-D and sliced 3-D);
+    from_quads undoes it; dequantize_q4g reads either layout."""
+    rng = np.random.default_rng(3)
+    qs = rng.integers(0, 256, (2, 8, 128), dtype=np.uint8)  # 2 slices, 8 rows, 256 inputs
+    qq = to_quads(qs)
+    assert qq.shape == qs.shape and qq.flags.c_contiguous
+    # slice 1, rows 4..7 (quad 1), step 1: row 6's bytes 64..127 are the quad's third 64 bytes
+    assert np.array_equal(qq[1, 4:8].reshape(-1)[256 + 2 * 64:256 + 3 * 64], qs[1, 6, 64:128])
+    assert np.array_equal(from_quads(qq), qs) and np.array_equal(from_quads(to_quads(qs[0])), qs[0])
+    scales = rng.standard_normal((2, 8, 2)).astype(np.float16)
+    zeros = rng.integers(0, 16, (2, 8, 2)).astype(np.int8)
+    assert np.array_equal(dequantize_q4g(qq, scales, zeros, None, quads=True),
+                          dequantize_q4g(qs, scales, zeros, None))
+
+
+def test_quad_layout_export_and_read(tmp_path):
+    """A checkpoint whose every matrix fits the quad layout: the export writes them in it
+    (pecca.gptq.layout = "quads"), pecca reads them so, and the logits equal those of the same
+    matrices in the row layout bit for bit; a layout it does not know is refused."""
+    import gguf
+
+    if not HAVE_KERNELS:
+        pytest.skip("no 4-bit kernels")
+    from pecca.weights import Q4GLinear
+
+    src, out = tmp_path / "ck", tmp_path / "m.gguf"
+    bench_script().make_checkpoint(src, layers=1, dim=128, hidden=384, heads=4, kv_heads=2, vocab=300,
+                                   group_size=128, act_order=True, sym=False)
+    export(str(src), str(out))
+    assert gguf.GGUFReader(str(out)).fields["pecca.gptq.layout"].contents() == "quads"
+    m = pecca.load(str(out))
+    names = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    layer = m.loaded.weights.layers[0]
+    assert all(getattr(layer, n).quads for n in names)
+    quads = m.model.forward(7, 0).copy()
+    for n in names:  # the same matrices in rows
+        q = getattr(layer, n)
+        setattr(layer, n, Q4GLinear(from_quads(q.qs), q.scales, q.zeros, q.perm))
+    # (position 0 again: its cache entry is overwritten, so the pass is the same one)
+    assert np.array_equal(m.model.forward(7, 0), quads)
+
+    data = bytearray(out.read_bytes())
+    at = data.find(b"quads")
+    data[at:at + 5] = b"qu4ds"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="pecca.gptq.layout is 'qu4ds'"):
+        pecca.load(str(bad))

@@ -267,13 +267,13 @@ def run_acts(mv_f, mm_f, w, mag, perm, m, xs, rng, float_acts):
         run_both(mv, mm, n, random_x(k, rng), xs, check)
 
 
-def run_q4g(qs, sb, zeros, perm, w, mag, m, xs, rng, float_acts, slices=1):
-    """run_acts for a q4g matrix in `slices` column slices."""
+def run_q4g(qs, sb, zeros, perm, w, mag, m, xs, rng, float_acts, slices=1, quads=False):
+    """run_acts for a q4g matrix in `slices` column slices (quads: in the quad layout)."""
     def mv(x, out, nt, float_act):
-        q4.matvec_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices)
+        q4.matvec_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices, quads)
 
     def mm(x, out, nt, float_act):
-        q4.matmul_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices)
+        q4.matmul_q4g(qs, sb, zeros, perm, x, out, nt, float_act, slices, quads)
 
     run_acts(mv, mm, w, mag, perm, m, xs, rng, float_acts)
 
@@ -357,6 +357,79 @@ def test_matvec_q4g_many_column_slices(simd, split, k, gs, s, act_order):
                            [a[2] for a in sliced], perm, x, outs, nt, slices=s)
         for r, o in zip(ref, outs):
             np.testing.assert_array_equal(o, r)
+
+
+# (N, K, gs, slices) that fit the quad layout (N % 4 == 0, K / slices % 128 == 0): one step, one
+# quad; whole-K groups; 4096 (7B's q/k/v/o rows); K >= 8192 unsliced (the VNNI matvec's chunked
+# form, a last chunk of one step); 7B's ffn_down in 2 slices of 5504; 4 slices; 3 slices of
+# 128 with one group per row repeated
+Q4G_QUADS = [(4, 128, 32, 1), (8, 256, -1, 1), (264, 4096, 128, 1), (12, 8320, 128, 1),
+             (264, 11008, 128, 2), (40, 8192, 64, 4), (16, 384, -1, 3)]
+
+
+@pytest.mark.parametrize("n,k,gs,s", Q4G_QUADS)
+def test_q4g_quads(simd, split, n, k, gs, s):
+    """The quad layout (export.gptq.to_quads) of a matrix: every product, matvec and matmul at 1
+    and 2 threads, equals the row layout's bit for bit on the int8 path, and the float path
+    (portable for quads) meets the float64 references."""
+    from export.gptq import to_quads
+
+    rng = np.random.default_rng(n + k + gs + s)
+    gs = k if gs == -1 else gs
+    xs = token_batches(k, rng)[:2]
+    for sym, act in [(False, False), (True, True), (False, True)]:
+        qs, scales, zeros, perm, w, mag = random_q4g(n, k, gs, rng, sym, act)
+        sq, ssc, sz = slice_q4g(qs, scales, zeros, s) if s > 1 else (qs, scales, zeros)
+        qq = to_quads(sq.reshape(s, n, -1)).reshape(sq.shape)
+        assert np.array_equal(qq, sq) == (k // s == 128)  # one step a row: the same bytes
+        sb = ssc.view(np.uint16)
+        for nt in (1, 2):
+            a, b = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+            x = random_x(k, rng)
+            q4.matvec_q4g(sq, sb, sz, perm, x, a, nt, False, s)
+            q4.matvec_q4g(qq, sb, sz, perm, x, b, nt, False, s, True)
+            np.testing.assert_array_equal(b, a)
+            for xt in xs:
+                a2, b2 = (np.full((xt.shape[0], n), np.nan, np.float32) for _ in range(2))
+                q4.matmul_q4g(sq, sb, sz, perm, xt, a2, nt, False, s)
+                q4.matmul_q4g(qq, sb, sz, perm, xt, b2, nt, False, s, True)
+                np.testing.assert_array_equal(b2, a2)
+        m = k // 32 + k // gs + s
+        run_q4g(qq, sb, sz, perm, w, mag, m, xs, rng, [False, True], s, quads=True)
+
+
+def test_matvec_q4g_many_quads(simd, split):
+    """q, k, v in the quad layout in one call: the bits of the row layout's one call each."""
+    from export.gptq import to_quads
+
+    rng = np.random.default_rng(5)
+    k, rows = 4096, (264, 8, 32)
+    mats = [random_q4g(n, k, 128, rng, False, True) for n in rows]
+    perm, x = mats[0][3], random_x(k, rng)
+    for nt in (1, 2):
+        ref = [np.full(n, np.nan, np.float32) for n in rows]
+        for (qs, sc, z, *_), r in zip(mats, ref):
+            q4.matvec_q4g(qs, sc.view(np.uint16), z, perm, x, r, nt)
+        outs = [np.full(n, np.nan, np.float32) for n in rows]
+        q4.matvec_q4g_many([to_quads(mt[0]) for mt in mats], [mt[1].view(np.uint16) for mt in mats],
+                           [mt[2] for mt in mats], perm, x, outs, nt, quads=True)
+        for r, o in zip(ref, outs):
+            np.testing.assert_array_equal(o, r)
+
+
+def test_q4g_quads_bad_shapes():
+    """The quad layout needs rows in multiples of 4 and slices of a multiple of 128 inputs: a
+    clear error otherwise (kernel and Linear), never a read past the rows."""
+    rng = np.random.default_rng(6)
+    for n, k, s in [(6, 256, 1), (8, 192, 1), (8, 320, 2)]:
+        qs, scales, zeros, perm, _, _ = random_q4g(n, k, 32, rng, False, False)
+        sq, ssc, sz = slice_q4g(qs, scales, zeros, s) if s > 1 else (qs, scales, zeros)
+        with pytest.raises(ValueError, match="quad layout"):
+            q4.matvec_q4g(sq, ssc.view(np.uint16), sz, None, random_x(k, rng), np.zeros(n, np.float32),
+                          1, False, s, True)
+        with pytest.raises(ValueError, match="quad layout"):
+            Q4GLinear(sq.reshape(s, n, -1) if s > 1 else sq, ssc.reshape(s, n, -1) if s > 1 else ssc,
+                      sz.reshape(s, n, -1) if s > 1 else sz, quads=True)
 
 
 def test_q4g_column_slices_bad_shapes():
