@@ -6,6 +6,8 @@
  *    of input 32b+16+j (Q4_0's order). scales f16 (N, G), zeros int8 (N, G) (true zero points
  *    0..15), optional perm int32 (K,): input i of the product is x[perm[i]]. gs = K / G;
  *    W[n, perm[i]] = scales[n, i/gs] * (code(n, i) - zeros[n, i/gs]).
+ *    Or in the quad layout (fmt | Q4_FMT_QUADS; N % 4 == 0, K % 128 == 0): the same bytes with
+ *    each quad of rows' 64 bytes of step s side by side (q4g_row, q4g_block_off below).
  *  Q4_0 (GGUF): per 32-block 18 bytes: f16 d, 16 bytes of nibbles (same order); w = d * (q - 8).
  *  Q4_1 (GGUF): per 32-block 20 bytes: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m.
  *  gptq (native HF): qweight int32 (K/8, N): code of input 8r+k, column j is
