@@ -742,7 +742,7 @@ static inline void q4_mv_avx2(int fmt, int sf, int quad, const uint8_t *w, const
     __m256 swp0 = _mm256_setzero_ps(), swp1 = _mm256_setzero_ps();
     for (long s = 0; 2 * s < nb; s++) {
         const int two = 2 * s + 1 < nb;
-        const long o = quad ? 256 * (s >> 1) + 32 * (s & 1) : 2 * bb * s;  /* a row's step s */
+        const long o = quad ? q4g_block_off(1, 2 * s) : 2 * bb * s;  /* a row's step s */
         if (pf) prefetch_lines(next + NR * 2 * bb * s, lines);
         if (fmt == Q4_FMT_G) q8_groups_next(bpg, &g, &k, &ga, &gb);
         __m256 sx = _mm256_loadu_ps(sx4 + 8 * s), xs2 = _mm256_setzero_ps();
@@ -1635,7 +1635,7 @@ static inline void q4_tile_vnni(int fmt, int sf, int quad, const uint8_t *w, con
                                 int pfd, float *st) {
     long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
     long bb = q4_block_bytes(fmt), sb = 4 * bb, rb = nb * bb;
-    const long rs = quad ? 64 : rb, ss = quad ? 256 : sb;  /* row i + j: i rb + j rs; step s: + s ss */
+    const long rs = quad ? 64 : rb, ss = quad ? q4g_step_stride(1) : sb;  /* row i + j: i rb + j rs; step s: + s ss */
     const __m512i iq = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_q1 : q4_idx_q0);
     const __m512i ir = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_r1 : q4_idx_r0);
     const __m512i ibc = _mm512_loadu_si512(q4_idx_bc);
@@ -1718,7 +1718,7 @@ static int q4_mv_chunked_vnni(int fmt, int sf, int quad, const uint8_t *w, const
         return 0;
     long nb = K / Q4_QK, Kp = q4_padded(K), bpg = fmt == Q4_FMT_G ? nb / G : 1;
     long bb = q4_block_bytes(fmt), sb = 4 * bb, rb = nb * bb, ns = (nb + 3) / 4;
-    const long rs = quad ? 64 : rb, ss = quad ? 256 : sb;  /* as in q4_tile_vnni */
+    const long rs = quad ? 64 : rb, ss = quad ? q4g_step_stride(1) : sb;  /* as in q4_tile_vnni */
     const __m512i iq = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_q1 : q4_idx_q0);
     const __m512i ir = _mm512_loadu_si512(fmt == Q4_FMT_1 ? q4_idx_r1 : q4_idx_r0);
     const __m512i ibc = _mm512_loadu_si512(q4_idx_bc);
