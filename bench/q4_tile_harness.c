@@ -11,6 +11,7 @@
  *     q4g: of 128); T tokens;
  *     NMAT matrices swept in turn (enough of them to exceed the L3: the matrices come from DRAM)
  *   env NTH=2: split the rows over 2 OpenMP threads, as the extension does.
+ *   env QUADS=1: read q4g's bytes in the quad layout (export.gptq.to_quads) instead of rows.
  * A candidate: copy q4_tile_vnni / q4_gemm_vnni / q4_int8_rows_vnni into a header, rename the
  * entry point cand_rows (same arguments, pf1 included: the rows the kernel may prefetch up to),
  * change what is to be tried, then
