@@ -279,7 +279,7 @@ class GGUFSource:
 
         part = {p: self.tensors[f"{base}.gptq_{p}"].data for p in ("qs", "scales", "zeros", "perm")
                 if f"{base}.gptq_{p}" in self.tensors}
-        from pecca.formats.gguf import q4g_quads_fit
+        from pecca.weights import q4g_quads_fit
 
         qs = part["qs"].view(np.uint8)
         s = qs.shape[0] if qs.ndim == 3 else 1

@@ -42,10 +42,11 @@ import numpy as np
 from export.gguf import out_type, tensor_plan
 from export.hf import HFSource
 from pecca.errors import UnsupportedModelError
-from pecca.formats.gguf import Q4G_LAYOUT, Q4G_PARTS, q4g_quads_fit
+from pecca.formats.gguf import Q4G_LAYOUT, Q4G_PARTS
 from pecca.formats.gptq import GPTQCheckpoint, GPTQTensors, linear_shapes, q_k_heads
 from pecca.formats.hf import HF_NAMES, unpermute
 from pecca.formats.tensors import RawTensor, release_pages
+from pecca.weights import q4g_quads_fit
 
 Q4G_BLOCK = 32
 K_SLICE_FROM = 8192  # rows of at least this many inputs are written in column slices

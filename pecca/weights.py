@@ -222,6 +222,11 @@ def _check_permutation(owner: str, what: str, p: np.ndarray, n: int) -> None:
         raise ValueError(f"{owner}: {what} is not a permutation of 0..{n - 1}")
 
 
+def q4g_quads_fit(n: int, k: int, s: int) -> bool:
+    """Whether a q4g matrix of n rows, k inputs and s column slices can take the quad layout."""
+    return n % 4 == 0 and (k // s) % 128 == 0
+
+
 class Q4GLinear:
     """y = W x with W in pecca's 4-bit GPTQ layout (q4g): ``qs`` uint8 (out_features,
     in_features / 2), per row and block of 32 inputs 16 bytes of nibbles (low nibble of byte j:
@@ -261,7 +266,7 @@ class Q4GLinear:
         if perm is not None:
             _check_array(name, "perm", perm, np.int32, (k,))
             _check_permutation(name, "perm", perm, k)
-        if quads and (n % 4 or (2 * ks) % 128):
+        if quads and not q4g_quads_fit(n, k, s):
             raise ValueError(f"{name}: the quad layout needs out_features % 4 == 0 and inputs per "
                              f"slice % 128 == 0; got {n} and {2 * ks}")
         # the kernels take a sliced matrix as its slices' rows one after another (2-D views)

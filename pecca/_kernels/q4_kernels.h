@@ -161,6 +161,10 @@ static inline const uint8_t *q4g_row(const uint8_t *w, long r, long rb, int quad
 
 static inline long q4g_block_off(int quad, long b) { return (b >> 2) * q4g_step_stride(quad) + (b & 3) * 16; }
 
+/* the dispatchers' call of the product (their Q4_GEMM) for either layout, the layout a
+ * constant in each (the inlined kernels then have no layout test in their loops) */
+#define Q4_GEMM_LAYOUTS(F, SF) do { if (quad) Q4_GEMM(F, SF, 1); else Q4_GEMM(F, SF, 0); } while (0)
+
 static inline uint16_t q4_u16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, sizeof h);
@@ -949,12 +953,12 @@ __attribute__((target(PECCA_Q4_AVX2)))
 static void q4_int8_rows_avx2(int fmt, int quad, const uint8_t *w, const uint16_t *sc, const int8_t *zp,
                               long K, long G, const uint8_t *act, long ab, long T, float *out,
                               long ldo, long r0, long r1, long pf1) {
-    if (fmt == Q4_FMT_0) q4_gemm_avx2(Q4_FMT_0, Q4_SF_X, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
-    else if (fmt == Q4_FMT_1) q4_gemm_avx2(Q4_FMT_1, Q4_SF_X, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
-    else if ((K / Q4_QK / G) % 2 == 0) {
-        if (quad) q4_gemm_avx2(Q4_FMT_G, Q4_SF_W, 1, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
-        else q4_gemm_avx2(Q4_FMT_G, Q4_SF_W, 0, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
-    } else q4_gemm_avx2(Q4_FMT_G, Q4_SF_X, quad, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1);
+#define Q4_GEMM(F, SF, Q) q4_gemm_avx2(F, SF, Q, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1)
+    if (fmt == Q4_FMT_0) Q4_GEMM(Q4_FMT_0, Q4_SF_X, 0);
+    else if (fmt == Q4_FMT_1) Q4_GEMM(Q4_FMT_1, Q4_SF_X, 0);
+    else if ((K / Q4_QK / G) % 2 == 0) Q4_GEMM_LAYOUTS(Q4_FMT_G, Q4_SF_W);
+    else Q4_GEMM_LAYOUTS(Q4_FMT_G, Q4_SF_X);
+#undef Q4_GEMM
 }
 
 /* float path, q4g row: acc - s_g z_g X_g for the groups g < G rounded down to 8 (lane g % 8),
@@ -1820,9 +1824,9 @@ static void q4_int8_rows_vnni(int fmt, int quad, const uint8_t *w, const uint16_
 #define Q4_GEMM(F, SF, Q) q4_gemm_vnni(F, SF, Q, w, sc, zp, K, G, act, ab, T, out, ldo, r0, r1, pf1, st)
     if (fmt == Q4_FMT_0) Q4_GEMM(Q4_FMT_0, Q4_SF_X, 0);
     else if (fmt == Q4_FMT_1) Q4_GEMM(Q4_FMT_1, Q4_SF_X, 0);
-    else if (bpg % 4 == 0) { if (quad) Q4_GEMM(Q4_FMT_G, Q4_SF_W, 1); else Q4_GEMM(Q4_FMT_G, Q4_SF_W, 0); }
-    else if (bpg == 1) { if (quad) Q4_GEMM(Q4_FMT_G, Q4_SF_1, 1); else Q4_GEMM(Q4_FMT_G, Q4_SF_1, 0); }
-    else { if (quad) Q4_GEMM(Q4_FMT_G, Q4_SF_X, 1); else Q4_GEMM(Q4_FMT_G, Q4_SF_X, 0); }
+    else if (bpg % 4 == 0) Q4_GEMM_LAYOUTS(Q4_FMT_G, Q4_SF_W);
+    else if (bpg == 1) Q4_GEMM_LAYOUTS(Q4_FMT_G, Q4_SF_1);
+    else Q4_GEMM_LAYOUTS(Q4_FMT_G, Q4_SF_X);
 #undef Q4_GEMM
 }
 #endif /* PECCA_X86 */

@@ -22,7 +22,7 @@ from pecca.formats import LoadedModel
 from pecca.formats.gguf_file import GGUFFile, Undecodable, open_gguf
 from pecca.formats.llama2c import LIMITS
 from pecca.quant import BLOCK_BYTES, BLOCK_VALUES, BlockRows
-from pecca.weights import F32Linear, LayerWeights, Weights
+from pecca.weights import F32Linear, LayerWeights, Weights, q4g_quads_fit
 
 GGUF_MAGIC = b"GGUF"
 INT32_MAX = (1 << 31) - 1
@@ -304,11 +304,6 @@ Q4G_PARTS = {"qs": ("I32", lambda n, k, g, s: (s, n, k // s // 8) if s > 1 else 
 # how a file lays out its q4g codes (pecca._kernels.q4): "quads" (export.gptq writes every matrix
 # that q4g_quads_fit in it) or "rows" (the key absent: files written before the quad layout)
 Q4G_LAYOUT = "pecca.gptq.layout"
-
-
-def q4g_quads_fit(n: int, k: int, s: int) -> bool:
-    """Whether a q4g matrix of n rows, k inputs and s column slices can take the quad layout."""
-    return n % 4 == 0 and (k // s) % 128 == 0
 
 
 def q4g_quads(path, meta: Metadata) -> bool:

@@ -299,8 +299,9 @@ def test_q4g(simd, n, k, gs):
 
 
 def slice_q4g(qs, scales, zeros, s):
-    """A q4g matrix as s column slices in the kernels' 2-D form: slice j's N rows (its inputs
-    j K/s .. (j + 1) K/s - 1) after slice j - 1's; one group per row is repeated in each slice."""
+    """A q4g matrix as s column slices in the kernels' 2-D form (s = 1: a copy of it): slice j's
+    N rows (its inputs j K/s .. (j + 1) K/s - 1) after slice j - 1's; one group per row is
+    repeated in each slice."""
     n = qs.shape[0]
 
     def split(a):
@@ -379,7 +380,7 @@ def test_q4g_quads(simd, split, n, k, gs, s):
     xs = token_batches(k, rng)[:2]
     for sym, act in [(False, False), (True, True), (False, True)]:
         qs, scales, zeros, perm, w, mag = random_q4g(n, k, gs, rng, sym, act)
-        sq, ssc, sz = slice_q4g(qs, scales, zeros, s) if s > 1 else (qs, scales, zeros)
+        sq, ssc, sz = slice_q4g(qs, scales, zeros, s)
         qq = to_quads(sq.reshape(s, n, -1)).reshape(sq.shape)
         assert np.array_equal(qq, sq) == (k // s == 128)  # one step a row: the same bytes
         sb = ssc.view(np.uint16)
@@ -423,7 +424,7 @@ def test_q4g_quads_bad_shapes():
     rng = np.random.default_rng(6)
     for n, k, s in [(6, 256, 1), (8, 192, 1), (8, 320, 2)]:
         qs, scales, zeros, perm, _, _ = random_q4g(n, k, 32, rng, False, False)
-        sq, ssc, sz = slice_q4g(qs, scales, zeros, s) if s > 1 else (qs, scales, zeros)
+        sq, ssc, sz = slice_q4g(qs, scales, zeros, s)
         with pytest.raises(ValueError, match="quad layout"):
             q4.matvec_q4g(sq, ssc.view(np.uint16), sz, None, random_x(k, rng), np.zeros(n, np.float32),
                           1, False, s, True)
